@@ -1,0 +1,593 @@
+"""Latent-attribution scoring of Best-of-N candidates (METHOD.md section 3).
+
+For a prompt ``p`` and candidate responses ``r_1..r_N``, per candidate:
+
+- ``latent_sim[L]``: cosine between the fine-tuned and the base model's ``hidden_states[L]``
+  (transformers' convention: 0 = the embeddings fed to the first layer, ``n_layers`` = after the
+  final norm) at the last real token of ``p + r_i``, both computed on the same token ids;
+- ``kl``: mean over response tokens of KL(fine-tuned || base) of the next-token distributions
+  that predict them (positions ``len(p)-1 .. len(p)+len(r_i)-2``);
+- ``perplexity``: exp of the mean negative log-likelihood of the response tokens under the
+  fine-tuned model (same positions);
+- ``self_certainty``: mean over the same positions of KL(uniform || p_fine-tuned);
+- token metrics are ``None`` for an empty response.
+
+How it is computed (and why it is fast):
+
+- each prompt is run once per view (fine-tuned, base); its KV cache is kept, unpadded, and
+  shared by its N candidates, so only response tokens are computed per candidate;
+- a view runs only as deep as needed: with latent similarity alone the forward pass stops
+  (by a hook) right after the deepest requested layer, and the LM head is never run; token
+  metrics apply the LM head only to the real positions that predict response tokens;
+- candidates of all prompts are sorted by length and batched under a token budget; prompt
+  caches are re-padded on the left per batch and responses padded on the right, and the last
+  *real* token of every row is gathered from the attention mask, never a padding position;
+- ``torch.inference_mode``, the model's dtype; no Python loops over tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Iterable, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from actors.models import ModelBundle, ModelSpec, load_models
+
+METRICS = ("latent_sim", "kl", "perplexity", "self_certainty")
+TOKEN_METRICS = ("kl", "perplexity", "self_certainty")
+
+Prompt = str | list[dict[str, str]] | list[int]
+Response = str | list[int]
+
+
+class ScorerConfig(BaseModel):
+    """What to score and how.
+
+    ``layers``: hidden-state indices for latent similarity (0..n_layers).
+    ``metrics``: any of latent_sim, kl, perplexity, self_certainty.
+    ``batch_tokens``: budget of new tokens per forward batch (rows x padded length).
+    ``response_prefix``: text appended to the templated prompt, e.g. ``<think>``.
+    ``system_prompt``: optional system message (default: the chat template's own).
+    ``lm_head_chunk``: positions per LM-head chunk (bounds the memory of the logits).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layers: tuple[int, ...] = (12,)
+    metrics: tuple[str, ...] = ("latent_sim",)
+    batch_tokens: int = Field(default=4096, gt=0)
+    max_batch_rows: int = Field(default=64, gt=0)
+    response_prefix: str | None = None
+    system_prompt: str | None = None
+    lm_head_chunk: int = Field(default=512, gt=0)
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError(f"metrics: expected at least one of {', '.join(METRICS)}")
+        unknown = [m for m in value if m not in METRICS]
+        if unknown:
+            raise ValueError(f"metrics: unknown {unknown}; expected any of {', '.join(METRICS)}")
+        return tuple(dict.fromkeys(value))
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_sorted(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(layer < 0 for layer in value):
+            raise ValueError(f"layers: expected hidden-state indices >= 0, got {list(value)}")
+        return tuple(sorted(set(value)))
+
+
+class _EarlyExit(Exception):
+    """Raised by a hook once everything a pass needs has been captured."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What one view's forward pass must capture: hidden-state indices and the final norm."""
+
+    capture: tuple[int, ...]
+    need_final: bool
+    num_layers: int
+
+    @property
+    def depth(self) -> int:
+        """Decoder layers that must run (also the depth of the KV cache kept)."""
+        if self.need_final or self.num_layers in self.capture:
+            return self.num_layers
+        return max(self.capture, default=0)
+
+    @property
+    def empty(self) -> bool:
+        return not self.capture and not self.need_final
+
+
+@dataclasses.dataclass
+class _PromptState:
+    """One prompt's state in one view: KV cache (depth, 2, heads, len, dim), last-token states."""
+
+    kv: Any | None
+    last_hidden: dict[int, Any]
+    last_final: Any | None
+
+
+def decoder_parts(model: Any) -> tuple[Any, Any, Any]:
+    """(decoder layers, final norm, LM head) of a causal LM, a ``PeftModel`` unwrapped."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else getattr(inner, "model", None)
+    layers = getattr(decoder, "layers", None)
+    norm = getattr(decoder, "norm", None)
+    if layers is None or norm is None:
+        raise NotImplementedError(
+            f"{type(inner).__name__}: scoring needs a decoder with `layers` and a final `norm` "
+            "(Llama, Qwen2/3, Mistral, Gemma, Phi-3 and similar architectures)"
+        )
+    return layers, norm, model.get_output_embeddings()
+
+
+def last_real_index(attention_mask: Any) -> Any:
+    """Index of the last position whose mask is 1, per row, for any padding side."""
+    width = attention_mask.shape[-1]
+    return width - 1 - attention_mask.flip(-1).int().argmax(-1)
+
+
+def _output_tensor(output: Any) -> Any:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class AttributionScorer:
+    """Scores Best-of-N candidates of a fine-tuned model against its base (see module doc).
+
+    ``models``: a ``ModelBundle`` with a fine-tuned model (adapter or full copy).
+    ``config``: a ``ScorerConfig``. ``score*`` methods return, per prompt, a dict with
+    ``latent_sim`` (``{layer: [N floats]}``) and any requested token metric (``[N float|None]``).
+    """
+
+    def __init__(self, models: ModelBundle, config: ScorerConfig | None = None) -> None:
+        import torch
+
+        if not models.has_finetuned:
+            raise ValueError("scoring needs a fine-tuned model: give an adapter or a finetuned model with the base")
+        self.models = models
+        self.config = config or ScorerConfig()
+        self.tokenizer = models.tokenizer
+        self.num_layers = models.num_layers
+        too_deep = [layer for layer in self.config.layers if layer > self.num_layers]
+        if too_deep:
+            raise ValueError(
+                f"layers: {too_deep} out of range; this model has hidden states 0..{self.num_layers}"
+            )
+        metrics = self.config.metrics
+        latent = self.config.layers if "latent_sim" in metrics else ()
+        if "latent_sim" in metrics and not latent:
+            raise ValueError("layers: latent_sim needs at least one layer")
+        token = any(metric in metrics for metric in TOKEN_METRICS)
+        self.plans = {
+            "finetuned": _Plan(latent, token, self.num_layers),
+            "base": _Plan(latent, "kl" in metrics, self.num_layers),
+        }
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self.device = torch.device(models.device)
+        text_config = models.model.config.get_text_config()
+        self.max_positions = getattr(text_config, "max_position_embeddings", None)
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        self._head_checked = False
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec | dict, config: ScorerConfig | dict | None = None) -> "AttributionScorer":
+        """Load the models of ``spec`` and build a scorer."""
+        spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
+        config = config if isinstance(config, ScorerConfig) or config is None else ScorerConfig(**config)
+        return cls(load_models(spec), config)
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Prompt token ids: the chat template for one user turn (or the given messages) with
+        ``add_generation_prompt=True``, then the response prefix. Token ids pass through."""
+        if isinstance(prompt, list) and all(isinstance(token, int) for token in prompt):
+            return list(prompt)
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            messages = list(prompt)
+        else:
+            raise TypeError(f"prompt: expected a string, a list of chat messages or token ids, got {type(prompt).__name__}")
+        if self.config.system_prompt is not None and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": self.config.system_prompt}] + messages
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template; pass prompts as token ids instead")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text += self.config.response_prefix or ""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_response(self, response: Response) -> list[int]:
+        """Response token ids: text tokenized with ``add_special_tokens=False``; ids pass through."""
+        if isinstance(response, str):
+            return list(self.tokenizer(response, add_special_tokens=False)["input_ids"]) if response else []
+        if isinstance(response, (list, tuple)) and all(isinstance(token, int) for token in response):
+            return list(response)
+        raise TypeError(f"response: expected a string or a list of token ids, got {type(response).__name__}")
+
+    # ------------------------------------------------------------------ public API
+
+    def score(self, prompt: Prompt, responses: Sequence[Response]) -> dict[str, Any]:
+        """Scores of the N ``responses`` to one ``prompt``."""
+        return self.score_batch([prompt], [responses])[0]
+
+    def score_batch(self, prompts: Sequence[Prompt], responses: Sequence[Sequence[Response]]) -> list[dict[str, Any]]:
+        """Scores for several prompts, each with its own list of candidate responses."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} response lists")
+        prompt_ids = [self.encode_prompt(prompt) for prompt in prompts]
+        response_ids = [[self.encode_response(r) for r in candidates] for candidates in responses]
+        return self.score_ids(prompt_ids, response_ids)
+
+    def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[Sequence[int]]]) -> list[dict[str, Any]]:
+        """Scores on exact token ids: ``prompt_ids[j]`` and its candidates ``response_ids[j][i]``."""
+        import torch
+
+        for j, (prompt, candidates) in enumerate(zip(prompt_ids, response_ids)):
+            if not prompt:
+                raise ValueError(f"prompt {j}: empty prompt token ids")
+            for i, candidate in enumerate(candidates):
+                total = len(prompt) + len(candidate)
+                if self.max_positions and total > self.max_positions:
+                    raise ValueError(
+                        f"prompt {j}, response {i}: {total} tokens exceed the model's {self.max_positions} positions"
+                    )
+        with torch.inference_mode():
+            states: dict[str, list[_PromptState]] = {}
+            rows: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
+            for view, plan in self.plans.items():
+                if plan.empty:
+                    continue
+                with self._view(view) as module:
+                    states[view] = self._prompt_pass(module, plan, prompt_ids)
+                    rows[view] = self._candidate_pass(module, plan, prompt_ids, response_ids, states[view])
+            token_metrics = self._token_metrics(prompt_ids, response_ids, states, rows)
+        return self._assemble(prompt_ids, response_ids, states, rows, token_metrics)
+
+    # ------------------------------------------------------------------ forward passes
+
+    @contextlib.contextmanager
+    def _view(self, view: str):
+        context = self.models.finetuned_view() if view == "finetuned" else self.models.base_view()
+        with context as module:
+            yield module
+
+    def _forward(self, module: Any, plan: _Plan, **inputs: Any) -> tuple[dict[int, Any], Any | None]:
+        """Run ``module`` with hooks that record the plan's hidden states, stopping early."""
+        layers, norm, _ = decoder_parts(module)
+        captured: dict[int, Any] = {}
+        final: list[Any] = []
+        handles = []
+
+        def record(index: int, stop: bool):
+            def hook(_module, _args, output):
+                captured[index] = _output_tensor(output)
+                if stop:
+                    raise _EarlyExit
+            return hook
+
+        def record_input(index: int, stop: bool):
+            def hook(_module, args, kwargs):
+                captured[index] = args[0] if args else kwargs["hidden_states"]
+                if stop:
+                    raise _EarlyExit
+            return hook
+
+        depth = plan.depth
+        try:
+            for index in plan.capture:
+                if index == 0:
+                    handles.append(layers[0].register_forward_pre_hook(record_input(0, depth == 0), with_kwargs=True))
+                elif index < self.num_layers:
+                    handles.append(layers[index - 1].register_forward_hook(record(index, index == depth and not plan.need_final)))
+
+            def on_norm(_module, _args, output):
+                tensor = _output_tensor(output)
+                if self.num_layers in plan.capture:
+                    captured[self.num_layers] = tensor
+                if plan.need_final:
+                    final.append(tensor)
+                raise _EarlyExit
+
+            if depth == self.num_layers:
+                handles.append(norm.register_forward_hook(on_norm))
+            try:
+                module(**inputs, use_cache=True)
+            except _EarlyExit:
+                pass
+            else:  # pragma: no cover - a hook always stops the pass
+                raise RuntimeError("the scoring pass ran to the end without reaching its stop hook")
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured, (final[0] if final else None)
+
+    def _new_cache(self, module: Any) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=module.config)
+
+    def _prompt_pass(self, module: Any, plan: _Plan, prompt_ids: Sequence[Sequence[int]]) -> list[_PromptState]:
+        """Run every prompt once (left-padded batches); keep its unpadded KV cache and last-token states."""
+        import torch
+
+        order = sorted(range(len(prompt_ids)), key=lambda j: len(prompt_ids[j]), reverse=True)
+        states: list[_PromptState | None] = [None] * len(prompt_ids)
+        for batch in self._batches(order, [len(p) for p in prompt_ids]):
+            width = max(len(prompt_ids[j]) for j in batch)
+            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, j in enumerate(batch):
+                length = len(prompt_ids[j])
+                input_ids[row, width - length:] = torch.tensor(prompt_ids[j], dtype=torch.long)
+                mask[row, width - length:] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = self._new_cache(module)
+            captured, final = self._forward(
+                module, plan,
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device), past_key_values=cache,
+            )
+            last = last_real_index(mask.to(self.device))
+            rows = torch.arange(len(batch), device=self.device)
+            kv_all = None
+            if plan.depth > 0:
+                kv_all = torch.stack([
+                    torch.stack([cache.layers[layer].keys, cache.layers[layer].values]) for layer in range(plan.depth)
+                ])  # (depth, 2, batch, heads, width, head_dim)
+            for row, j in enumerate(batch):
+                length = len(prompt_ids[j])
+                states[j] = _PromptState(
+                    kv=None if kv_all is None else kv_all[:, :, row, :, width - length:].clone(),
+                    last_hidden={index: captured[index][rows[row], last[row]].clone() for index in plan.capture},
+                    last_final=None if final is None else final[rows[row], last[row]].clone(),
+                )
+        return states  # type: ignore[return-value]
+
+    def _candidate_pass(
+        self,
+        module: Any,
+        plan: _Plan,
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[Sequence[int]]],
+        states: list[_PromptState],
+    ) -> dict[tuple[int, int], dict[str, Any]]:
+        """Run every non-empty response on its prompt's shared cache; return per (prompt, candidate)
+        the last-token hidden states and, when needed, the final-norm states that predict tokens 1.."""
+        import torch
+
+        items = [(j, i) for j, candidates in enumerate(response_ids) for i, ids in enumerate(candidates) if ids]
+        items.sort(key=lambda item: len(response_ids[item[0]][item[1]]), reverse=True)
+        lengths = {item: len(response_ids[item[0]][item[1]]) for item in items}
+        results: dict[tuple[int, int], dict[str, Any]] = {}
+        for batch in self._batches(items, [lengths[item] for item in items]):
+            width = max(lengths[item] for item in batch)
+            prompt_width = max(len(prompt_ids[j]) for j, _ in batch) if plan.depth > 0 else 0
+            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            response_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            prompt_mask = torch.zeros((len(batch), prompt_width), dtype=torch.long)
+            positions = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (j, i) in enumerate(batch):
+                ids = response_ids[j][i]
+                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                response_mask[row, : len(ids)] = 1
+                positions[row] = len(prompt_ids[j]) + torch.arange(width)
+                if prompt_width:
+                    prompt_mask[row, prompt_width - len(prompt_ids[j]):] = 1
+            inputs: dict[str, Any] = {"input_ids": input_ids.to(self.device), "position_ids": positions.to(self.device)}
+            if plan.depth > 0:
+                first = states[batch[0][0]].kv
+                depth, _, heads, _, head_dim = first.shape
+                buffer = first.new_zeros((depth, 2, len(batch), heads, prompt_width, head_dim))
+                for row, (j, _) in enumerate(batch):
+                    buffer[:, :, row, :, prompt_width - len(prompt_ids[j]):] = states[j].kv
+                cache = self._new_cache(module)
+                for layer in range(depth):
+                    cache.update(buffer[layer, 0], buffer[layer, 1], layer)
+                inputs["past_key_values"] = cache
+                inputs["attention_mask"] = torch.cat([prompt_mask, response_mask], dim=1).to(self.device)
+            else:
+                inputs["attention_mask"] = response_mask.to(self.device)
+            captured, final = self._forward(module, plan, **inputs)
+            response_mask = response_mask.to(self.device)
+            last = last_real_index(response_mask)
+            rows = torch.arange(len(batch), device=self.device)
+            gathered = {index: captured[index][rows, last] for index in plan.capture}
+            predicting = None
+            if final is not None:
+                # positions 0..len-2 of the response predict its tokens 1..len-1
+                predicting = response_mask.clone()
+                predicting[rows, last] = 0
+            for row, item in enumerate(batch):
+                entry: dict[str, Any] = {"last_hidden": {index: gathered[index][row].clone() for index in plan.capture}}
+                if final is not None:
+                    entry["final"] = final[row][predicting[row].bool()].clone()
+                results[item] = entry
+        return results
+
+    def _batches(self, order: Sequence[Any], lengths: Sequence[int]) -> Iterable[list[Any]]:
+        """Greedy batches of ``order`` (sorted longest first) with rows x longest <= batch_tokens."""
+        batch: list[Any] = []
+        width = 0
+        for item, length in zip(order, lengths):
+            new_width = max(width, length)
+            if batch and (new_width * (len(batch) + 1) > self.config.batch_tokens or len(batch) >= self.config.max_batch_rows):
+                yield batch
+                batch, new_width = [], length
+            batch.append(item)
+            width = new_width
+        if batch:
+            yield batch
+
+    # ------------------------------------------------------------------ token metrics
+
+    def _head(self, view: str, hidden: Any) -> Any:
+        """Log-probabilities (float32) of the LM head of ``view`` on final-norm states."""
+        import torch
+
+        with self._view(view) as module:
+            logits = decoder_parts(module)[2](hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return torch.log_softmax(logits, dim=-1)
+
+    def _check_head(self) -> None:
+        """Once: our LM-head path must reproduce the model's own logits (catches scaled heads)."""
+        import torch
+
+        if self._head_checked:
+            return
+        probe = torch.tensor([[self.pad_id] * 3], device=self.device)
+        with self._view("finetuned") as module:
+            reference = torch.log_softmax(module(input_ids=probe).logits[0, -1].float(), dim=-1)
+            _, final = self._forward(module, _Plan((), True, self.num_layers), input_ids=probe)
+        ours = self._head("finetuned", final[0, -1])
+        if not torch.allclose(ours, reference, atol=1e-3, rtol=1e-3):
+            raise NotImplementedError(
+                f"{type(self.models.model).__name__}: its logits are not lm_head(final norm); token metrics unsupported"
+            )
+        self._head_checked = True
+
+    def _token_metrics(self, prompt_ids, response_ids, states, rows) -> dict[tuple[int, int], dict[str, float]]:
+        import torch
+
+        metrics = [m for m in self.config.metrics if m in TOKEN_METRICS]
+        if not metrics:
+            return {}
+        self._check_head()
+        items = [(j, i) for j, candidates in enumerate(response_ids) for i, ids in enumerate(candidates) if ids]
+        if not items:
+            return {}
+
+        def stacked(view: str) -> Any:
+            parts = []
+            for j, i in items:
+                parts.append(states[view][j].last_final.unsqueeze(0))
+                parts.append(rows[view][(j, i)]["final"])
+            return torch.cat(parts)
+
+        finetuned = stacked("finetuned")
+        base = stacked("base") if "kl" in metrics else None
+        targets = torch.tensor([t for j, i in items for t in response_ids[j][i]], device=self.device)
+        segment = torch.repeat_interleave(
+            torch.arange(len(items), device=self.device),
+            torch.tensor([len(response_ids[j][i]) for j, i in items], device=self.device),
+        )
+        sums = {metric: torch.zeros(len(items), dtype=torch.float64, device=self.device) for metric in metrics}
+        chunk = self.config.lm_head_chunk
+        for start in range(0, targets.shape[0], chunk):
+            stop = start + chunk
+            logp = self._head("finetuned", finetuned[start:stop])
+            part = {}
+            if "perplexity" in metrics:
+                part["perplexity"] = -logp.gather(-1, targets[start:stop, None]).squeeze(-1)
+            if "self_certainty" in metrics:
+                part["self_certainty"] = -math.log(logp.shape[-1]) - logp.mean(-1, dtype=torch.float64)
+            if "kl" in metrics:
+                logq = self._head("base", base[start:stop])
+                part["kl"] = (logp.exp() * (logp - logq)).sum(-1, dtype=torch.float64)
+            for metric, values in part.items():
+                sums[metric].index_add_(0, segment[start:stop], values.double())
+        counts = torch.tensor([len(response_ids[j][i]) for j, i in items], dtype=torch.float64, device=self.device)
+        out: dict[tuple[int, int], dict[str, float]] = {item: {} for item in items}
+        for metric in metrics:
+            means = (sums[metric] / counts).tolist()
+            for item, value in zip(items, means):
+                out[item][metric] = math.exp(value) if metric == "perplexity" else value
+        return out
+
+    # ------------------------------------------------------------------ output
+
+    def _assemble(self, prompt_ids, response_ids, states, rows, token_metrics) -> list[dict[str, Any]]:
+        import torch
+
+        results = []
+        for j, candidates in enumerate(response_ids):
+            result: dict[str, Any] = {}
+            if "latent_sim" in self.config.metrics:
+                result["latent_sim"] = {}
+                for layer in self.config.layers:
+                    values = []
+                    for i, ids in enumerate(candidates):
+                        if ids:
+                            a = rows["finetuned"][(j, i)]["last_hidden"][layer]
+                            b = rows["base"][(j, i)]["last_hidden"][layer]
+                        else:  # an empty response ends at the prompt's last token
+                            a = states["finetuned"][j].last_hidden[layer]
+                            b = states["base"][j].last_hidden[layer]
+                        values.append(float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)))
+                    result["latent_sim"][layer] = values
+            for metric in self.config.metrics:
+                if metric in TOKEN_METRICS:
+                    result[metric] = [token_metrics[(j, i)][metric] if ids else None for i, ids in enumerate(candidates)]
+            results.append(result)
+        return results
+
+
+class ScorerWorker:
+    """Plain wrapper that loads a scorer from a spec; a Ray actor class and a ``map_batches`` callable.
+
+    ``__call__`` takes a batch with a prompt column and a responses column (lists of strings or
+    token-id lists) and adds ``latent_sim_<L>`` columns and one column per token metric, each a
+    list of N values per row.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec | dict,
+        config: ScorerConfig | dict | None = None,
+        prompt_column: str = "prompt",
+        responses_column: str = "responses",
+        torch_threads: int | None = None,
+    ) -> None:
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        self.scorer = AttributionScorer.from_spec(spec, config)
+        self.prompt_column = prompt_column
+        self.responses_column = responses_column
+
+    def score_batch(self, prompts: Sequence[Prompt], responses: Sequence[Sequence[Response]]) -> list[dict[str, Any]]:
+        """See ``AttributionScorer.score_batch``."""
+        return self.scorer.score_batch(prompts, responses)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        prompts = [_plain(p) for p in batch[self.prompt_column]]
+        responses = [[_plain(r) for r in candidates] for candidates in batch[self.responses_column]]
+        scores = self.scorer.score_batch(prompts, responses)
+        out = {key: list(values) for key, values in batch.items()}
+        config = self.scorer.config
+        if "latent_sim" in config.metrics:
+            for layer in config.layers:
+                out[f"latent_sim_{layer}"] = [row["latent_sim"][layer] for row in scores]
+        for metric in config.metrics:
+            if metric in TOKEN_METRICS:
+                out[metric] = [row[metric] for row in scores]
+        return out
+
+
+def _plain(value: Any) -> Any:
+    """numpy arrays and scalars from Ray Data batches -> plain Python lists and ints."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def scorer_actor(num_cpus: float = 1, num_gpus: float = 0) -> Any:
+    """``ScorerWorker`` as a Ray actor class with the given resources."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(ScorerWorker)

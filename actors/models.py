@@ -481,3 +481,37 @@ def load_models(spec: ModelSpec) -> ModelBundle:
                 )
         return ModelBundle(spec, tokenizer, finetuned, base, device)
     return ModelBundle(spec, tokenizer, base, None, device)
+
+
+def write_random_adapter(
+    base: str,
+    out_dir: str | Path,
+    rank: int = 16,
+    alpha: int = 32,
+    std: float = 0.02,
+    seed: int = 0,
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+) -> Path:
+    """Write a LoRA adapter with random, nonzero weights for ``base`` (and its tokenizer) to ``out_dir``.
+
+    Not a trained model: it perturbs the base so that fine-tuned and base views differ, which is
+    what scoring, serving and benchmarks need before a distilled adapter exists. ``lora_B`` is
+    drawn from N(0, std) (peft's default init makes it zero, i.e. no change at all).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = load_causal_lm(base, torch.float32, "cpu")
+    tokenizer = load_tokenizer(base)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules))
+    )
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, std)
+    peft_model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir

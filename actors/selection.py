@@ -1,0 +1,83 @@
+"""Best-of-N selection rules: pure functions from a list of N scores to the chosen index.
+
+Every rule ignores missing scores (``None`` or NaN, e.g. token metrics of an empty
+response); ties go to the lowest index; when no candidate has a score the first is chosen.
+
+| rule             | picks                       | why                                       |
+|------------------|-----------------------------|-------------------------------------------|
+| ``latent_sim``   | argmin latent similarity    | furthest from the base model (the paper)  |
+| ``kl``           | argmax KL(fine-tuned||base) | furthest from the base in distribution    |
+| ``perplexity``   | argmin perplexity           | most likely under the fine-tuned model    |
+| ``self_certainty`` | argmax self-certainty     | most confident (Kang et al. 2025)         |
+| ``random``       | seeded uniform choice       | baseline                                  |
+| ``first``        | index 0                     | single sampling                           |
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from typing import Callable, Sequence
+
+Scores = Sequence[float | None]
+
+
+def _valid(scores: Scores) -> list[tuple[int, float]]:
+    return [(i, float(s)) for i, s in enumerate(scores) if s is not None and not math.isnan(float(s))]
+
+
+def argmin_index(scores: Scores) -> int:
+    """Index of the smallest score; ties -> lowest index; no valid score -> 0."""
+    valid = _valid(scores)
+    return min(valid, key=lambda pair: (pair[1], pair[0]))[0] if valid else 0
+
+
+def argmax_index(scores: Scores) -> int:
+    """Index of the largest score; ties -> lowest index; no valid score -> 0."""
+    valid = _valid(scores)
+    return min(valid, key=lambda pair: (-pair[1], pair[0]))[0] if valid else 0
+
+
+def random_index(n: int, seed: int, key: str | int = "") -> int:
+    """A uniform index in [0, n) that depends only on (seed, key), not on call order."""
+    if n <= 0:
+        raise ValueError(f"n: expected at least one candidate, got {n}")
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big")).randrange(n)
+
+
+def first_index(n: int) -> int:
+    """Single sampling: the first candidate."""
+    if n <= 0:
+        raise ValueError(f"n: expected at least one candidate, got {n}")
+    return 0
+
+
+SCORE_RULES: dict[str, Callable[[Scores], int]] = {
+    "latent_sim": argmin_index,
+    "kl": argmax_index,
+    "perplexity": argmin_index,
+    "self_certainty": argmax_index,
+}
+
+
+def select_best_of_n(rule: str, scores: Scores | None = None, n: int | None = None, seed: int = 0, key: str | int = "") -> int:
+    """Index chosen by ``rule`` (a key of ``SCORE_RULES``, ``random`` or ``first``).
+
+    Score rules need ``scores``; ``random`` and ``first`` need ``n`` (or take ``len(scores)``).
+    """
+    if rule in SCORE_RULES:
+        if scores is None:
+            raise ValueError(f"rule {rule!r} needs scores")
+        if len(scores) == 0:
+            raise ValueError(f"rule {rule!r}: expected at least one candidate score")
+        return SCORE_RULES[rule](scores)
+    count = n if n is not None else (len(scores) if scores is not None else None)
+    if count is None:
+        raise ValueError(f"rule {rule!r} needs n or scores")
+    if rule == "random":
+        return random_index(count, seed, key)
+    if rule == "first":
+        return first_index(count)
+    raise ValueError(f"rule: unknown {rule!r}; expected one of {', '.join([*SCORE_RULES, 'random', 'first'])}")

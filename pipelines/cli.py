@@ -1,0 +1,77 @@
+"""The ``dabon`` command.
+
+    dabon score --adapter DIR --input IN.jsonl --output OUT.jsonl --layers 6,12
+    dabon random-adapter --out runs/demo/adapter
+
+``dabon <command> --help`` describes each command's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from pydantic import ValidationError
+
+from actors.models import EMBEDDED_ALIAS, ModelLoadError, write_random_adapter
+from pipelines import score
+
+
+def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command; known errors (bad input, models that cannot load) print one line, exit 2."""
+    try:
+        return run(args)
+    except (score.InputError, ModelLoadError, ValidationError, ValueError, NotImplementedError) as err:
+        message = str(err)
+        if isinstance(err, ValidationError):
+            message = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
+        print(f"dabon: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _random_adapter(args: argparse.Namespace) -> int:
+    path = write_random_adapter(args.base, args.out, rank=args.rank, std=args.std, seed=args.seed)
+    print(f"wrote a random (untrained) LoRA adapter for {args.base} to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dabon`` argument parser with one sub-command per pipeline."""
+    parser = argparse.ArgumentParser(
+        prog="dabon",
+        description="Deliberative alignment + latent-attribution Best-of-N: distil, evaluate and serve on Ray.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    score_parser = commands.add_parser(
+        "score", help="latent-attribution scores for given responses (JSONL in, JSONL out)",
+        description=score.__doc__.split("\n\n")[0],
+    )
+    score.add_arguments(score_parser)
+    score_parser.set_defaults(run=score.run)
+
+    adapter_parser = commands.add_parser(
+        "random-adapter",
+        help="write a random, untrained LoRA adapter (to try scoring before you have a distilled one)",
+        description="Write a LoRA adapter with random nonzero weights for a base model. It is not trained: "
+        "its scores say nothing about safety; use it to exercise scoring and serving.",
+    )
+    adapter_parser.add_argument("--base", default=EMBEDDED_ALIAS, help=f"base model (default: {EMBEDDED_ALIAS})")
+    adapter_parser.add_argument("--out", required=True, type=Path, help="directory to write the adapter to")
+    adapter_parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    adapter_parser.add_argument("--std", type=float, default=0.02, help="std of the random lora_B weights (default 0.02)")
+    adapter_parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    adapter_parser.set_defaults(run=_random_adapter)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dabon`` console script."""
+    args = build_parser().parse_args(argv)
+    return run_guarded(args.run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -143,7 +143,7 @@ def embedded_gguf_path(alias: str = EMBEDDED_ALIAS) -> Path:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or os.sep + os.sep in name
+    return name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf")
 
 
 def resolve_model(name: str) -> ResolvedModel:
@@ -174,7 +174,8 @@ def hub_offline() -> bool:
 def _hub_error(name: str, err: Exception) -> ModelLoadError:
     if hub_offline():
         return ModelLoadError(
-            f"model {name!r} is a Hub id, but HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache; "
+            f"model {name!r} is no existing path, so it was taken as a Hub id, but HF_HUB_OFFLINE=1 and it is "
+            "not in the local Hugging Face cache; "
             f"pass a local model directory or .gguf file instead (or the alias {EMBEDDED_ALIAS!r})"
         )
     return ModelLoadError(f"model {name!r} could not be fetched from the Hugging Face Hub: {err}")

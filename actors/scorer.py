@@ -34,13 +34,11 @@ from typing import Any, Iterable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from actors.chat import Prompt, Response, prompt_token_ids, response_token_ids
 from actors.models import ModelBundle, ModelSpec, load_models
 
 METRICS = ("latent_sim", "kl", "perplexity", "self_certainty")
 TOKEN_METRICS = ("kl", "perplexity", "self_certainty")
-
-Prompt = str | list[dict[str, str]] | list[int]
-Response = str | list[int]
 
 
 class ScorerConfig(BaseModel):
@@ -49,6 +47,9 @@ class ScorerConfig(BaseModel):
     ``layers``: hidden-state indices for latent similarity (0..n_layers).
     ``metrics``: any of latent_sim, kl, perplexity, self_certainty.
     ``batch_tokens``: budget of new tokens per forward batch (rows x padded length).
+    ``max_batch_rows``: most rows in one forward batch.
+    ``max_padding``: most share of a batch's cells that may be padding (padding is wasted compute;
+    candidates are sorted by length, so this only splits batches of very different lengths).
     ``response_prefix``: text appended to the templated prompt, e.g. ``<think>``.
     ``system_prompt``: optional system message (default: the chat template's own).
     ``lm_head_chunk``: positions per LM-head chunk (bounds the memory of the logits).
@@ -60,6 +61,7 @@ class ScorerConfig(BaseModel):
     metrics: tuple[str, ...] = ("latent_sim",)
     batch_tokens: int = Field(default=4096, gt=0)
     max_batch_rows: int = Field(default=64, gt=0)
+    max_padding: float = Field(default=0.25, ge=0.0, lt=1.0)
     response_prefix: str | None = None
     system_prompt: str | None = None
     lm_head_chunk: int = Field(default=512, gt=0)
@@ -189,31 +191,12 @@ class AttributionScorer:
     # ------------------------------------------------------------------ encoding
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Prompt token ids: the chat template for one user turn (or the given messages) with
-        ``add_generation_prompt=True``, then the response prefix. Token ids pass through."""
-        if isinstance(prompt, list) and all(isinstance(token, int) for token in prompt):
-            return list(prompt)
-        if isinstance(prompt, str):
-            messages = [{"role": "user", "content": prompt}]
-        elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-            messages = list(prompt)
-        else:
-            raise TypeError(f"prompt: expected a string, a list of chat messages or token ids, got {type(prompt).__name__}")
-        if self.config.system_prompt is not None and messages[0].get("role") != "system":
-            messages = [{"role": "system", "content": self.config.system_prompt}] + messages
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template; pass prompts as token ids instead")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        text += self.config.response_prefix or ""
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Prompt token ids (``actors.chat.prompt_token_ids`` with this scorer's system prompt and prefix)."""
+        return prompt_token_ids(self.tokenizer, prompt, self.config.system_prompt, self.config.response_prefix)
 
     def encode_response(self, response: Response) -> list[int]:
-        """Response token ids: text tokenized with ``add_special_tokens=False``; ids pass through."""
-        if isinstance(response, str):
-            return list(self.tokenizer(response, add_special_tokens=False)["input_ids"]) if response else []
-        if isinstance(response, (list, tuple)) and all(isinstance(token, int) for token in response):
-            return list(response)
-        raise TypeError(f"response: expected a string or a list of token ids, got {type(response).__name__}")
+        """Response token ids (``actors.chat.response_token_ids``)."""
+        return response_token_ids(self.tokenizer, response)
 
     # ------------------------------------------------------------------ public API
 
@@ -323,7 +306,7 @@ class AttributionScorer:
 
         order = sorted(range(len(prompt_ids)), key=lambda j: len(prompt_ids[j]), reverse=True)
         states: list[_PromptState | None] = [None] * len(prompt_ids)
-        for batch in self._batches(order, [len(p) for p in prompt_ids]):
+        for batch in self._batches(order, [len(prompt_ids[j]) for j in order]):
             width = max(len(prompt_ids[j]) for j in batch)
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -416,16 +399,22 @@ class AttributionScorer:
         return results
 
     def _batches(self, order: Sequence[Any], lengths: Sequence[int]) -> Iterable[list[Any]]:
-        """Greedy batches of ``order`` (sorted longest first) with rows x longest <= batch_tokens."""
+        """Greedy batches of ``order`` (sorted longest first): rows x longest <= batch_tokens,
+        at most max_batch_rows rows, and at most a max_padding share of padded cells."""
         batch: list[Any] = []
-        width = 0
+        width = real = 0
         for item, length in zip(order, lengths):
-            new_width = max(width, length)
-            if batch and (new_width * (len(batch) + 1) > self.config.batch_tokens or len(batch) >= self.config.max_batch_rows):
+            new_width, new_real = max(width, length), real + length
+            cells = new_width * (len(batch) + 1)
+            if batch and (
+                cells > self.config.batch_tokens
+                or len(batch) >= self.config.max_batch_rows
+                or cells - new_real > self.config.max_padding * cells
+            ):
                 yield batch
-                batch, new_width = [], length
+                batch, new_width, new_real = [], length, length
             batch.append(item)
-            width = new_width
+            width, real = new_width, new_real
         if batch:
             yield batch
 
@@ -538,8 +527,8 @@ class ScorerWorker:
     """Plain wrapper that loads a scorer from a spec; a Ray actor class and a ``map_batches`` callable.
 
     ``__call__`` takes a batch with a prompt column and a responses column (lists of strings or
-    token-id lists) and adds ``latent_sim_<L>`` columns and one column per token metric, each a
-    list of N values per row.
+    token-id lists; ``prompt_ids`` / ``response_ids`` columns, when present, are used instead) and
+    adds ``latent_sim_<L>`` columns and one column per token metric, each a list of N values per row.
     """
 
     def __init__(
@@ -563,8 +552,13 @@ class ScorerWorker:
         return self.scorer.score_batch(prompts, responses)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        prompts = [_plain(p) for p in batch[self.prompt_column]]
-        responses = [[_plain(r) for r in candidates] for candidates in batch[self.responses_column]]
+        # exact token ids (e.g. from the sampler) take precedence over text
+        if "prompt_ids" in batch:
+            prompts = [_plain(p) for p in batch["prompt_ids"]]
+        else:
+            prompts = [_plain(p) for p in batch[self.prompt_column]]
+        column = "response_ids" if "response_ids" in batch else self.responses_column
+        responses = [[_plain(r) for r in candidates] for candidates in batch[column]]
         scores = self.scorer.score_batch(prompts, responses)
         out = {key: list(values) for key, values in batch.items()}
         config = self.scorer.config

@@ -153,11 +153,14 @@ def test_latent_only_stops_at_the_deepest_layer_and_runs_each_prompt_once(adapte
             hook.remove()
     assert calls["layer1"] > 0
     assert calls == {"layer1": calls["layer1"], "layer2": 0, "norm": 0, "head": 0}
-    # two views x (one prompt pass + one candidate batch); the candidate batch carries only response tokens
+    # per view: the prompt runs once; then each candidate once, carrying only its response tokens
+    shapes = [tuple(s) for s in tokens_into_first_layer]
     longest = max(len(r) for r in responses)
-    assert sorted(tuple(s) for s in tokens_into_first_layer) == sorted(
-        [(1, len(prompt)), (1, len(prompt)), (3, longest), (3, longest)]
-    )
+    assert longest < len(prompt)
+    assert shapes.count((1, len(prompt))) == 2
+    candidate_passes = [s for s in shapes if s != (1, len(prompt))]
+    assert all(width <= longest for _, width in candidate_passes)
+    assert sum(rows for rows, _ in candidate_passes) == 2 * len(responses)
 
 
 def test_token_metrics_use_the_head_only_on_predicting_positions(adapter_bundle):

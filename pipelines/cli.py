@@ -1,6 +1,8 @@
 """The ``dabon`` command.
 
     dabon score --adapter DIR --input IN.jsonl --output OUT.jsonl --layers 6,12
+    dabon evaluate --config recipes/quickstart-eval.yaml [--n 4 --layers 6,12 ...]
+    dabon report RUN_DIR
     dabon random-adapter --out runs/demo/adapter
 
 ``dabon <command> --help`` describes each command's options.
@@ -16,14 +18,15 @@ from typing import Callable
 from pydantic import ValidationError
 
 from actors.models import EMBEDDED_ALIAS, ModelLoadError, write_random_adapter
-from pipelines import score
+from pipelines import evaluate, report, score
+from pipelines.config import ConfigError
 
 
 def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command; known errors (bad input, models that cannot load) print one line, exit 2."""
     try:
         return run(args)
-    except (score.InputError, ModelLoadError, ValidationError, ValueError, NotImplementedError) as err:
+    except (score.InputError, ConfigError, ModelLoadError, ValidationError, ValueError, NotImplementedError) as err:
         message = str(err)
         if isinstance(err, ValidationError):
             message = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
@@ -51,6 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_arguments(score_parser)
     score_parser.set_defaults(run=score.run)
+
+    evaluate_parser = commands.add_parser(
+        "evaluate", help="sample N answers per benchmark prompt, judge, score, and report (Ray Data)",
+        description=evaluate.__doc__.split("\n\n")[0],
+    )
+    evaluate.add_arguments(evaluate_parser)
+    evaluate_parser.set_defaults(run=evaluate.run)
+
+    report_parser = commands.add_parser(
+        "report", help="rebuild metrics.json, report.md and plots from a run's stored shards",
+        description=report.__doc__.split("\n\n")[0],
+    )
+    report.add_arguments(report_parser)
+    report_parser.set_defaults(run=report.run)
 
     adapter_parser = commands.add_parser(
         "random-adapter",

@@ -1,0 +1,818 @@
+"""Benchmark prompts in one record shape, from the Hugging Face Hub or from local files.
+
+Every loader returns a list of plain dicts (``PromptRecord.to_dict()``)::
+
+    {"prompt_id": "strongreject-0007",  # stable across runs (resume relies on it), unique per benchmark
+     "benchmark": "strongreject",
+     "prompt": "...",                   # exactly what the model is asked
+     "kind": "harmful",                 # harmful | benign | math | multiple_choice
+     "reference": None,                 # GSM8K: normalised final number; MMLU: the letter A-D
+     "categories": ["..."]}
+
+Usage::
+
+    from pipelines.data import BenchmarkSpec, load_benchmark
+    records = load_benchmark(BenchmarkSpec(name="gsm8k", path="../shared/data/gsm8k_test.jsonl", limit=50))
+
+Benchmarks (``BENCHMARKS``) and where they come from when no ``path`` is given:
+
+============== ===================================================== ======= ==========================
+name           Hub dataset (config, split)                           rows    prompt_id
+============== ===================================================== ======= ==========================
+strongreject   ``walledai/StrongREJECT`` (split train)               313     ``strongreject-0000``
+dan            ``TrustAIRLab/in-the-wild-jailbreak-prompts``         1405    ``dan-0000``
+               (config jailbreak_2023_12_25, split train)
+wildjailbreak  ``allenai/wildjailbreak`` (config eval, split train;  2000    ``wildjailbreak-0000``
+               a TSV, gated: accept its terms on the Hub)            (+210)
+gsm8k          ``openai/gsm8k`` (config main, split test)            1319    ``gsm8k-0000``
+mmlu           ``cais/mmlu`` (one config per subject, split test)    966     ``mmlu-anatomy-0000``
+star1          ``UCSC-VLAA/STAR-1`` (split train)                    1000    ``star1-<id>``
+file           a local JSON/JSONL/CSV/TSV/Parquet file (``path``)    -       ``<id_column>`` or
+                                                                             ``<file stem>-0000``
+============== ===================================================== ======= ==========================
+
+Index-based ids count rows in source order *before* any filtering or ``limit``, so a row keeps its
+id whichever subset is loaded. Local copies use the Hub's column names (``path: FILE``); a few
+well-known alternatives are accepted too (StrongREJECT's original CSV calls the prompt
+``forbidden_prompt``). Formats go by extension: ``.json`` (a list of objects), ``.jsonl``,
+``.csv``, ``.tsv``, ``.parquet``.
+
+Per-benchmark rules:
+
+- **WildJailbreak**: only ``adversarial_harmful`` rows (the 2000 the paper used) unless
+  ``include_benign: true`` adds the 210 ``adversarial_benign`` ones (kind ``benign``).
+- **DAN**: when the file has a ``jailbreak`` column (the full 15,140-prompt JailbreakHub file),
+  only rows marked jailbreak are kept.
+- **STAR-1**: all 1000 prompts belong to harm categories (Illicit / Criminal Behavior, Privacy,
+  Harassment, Intellectual Property, Misinformation, Violence, Self-Harm, Sexual / Adult), so
+  every row is ``harmful``; a row labelled ``benign`` is an error rather than a silent guess.
+  Split rule (``../shared/data/README.md``): a row whose ``id`` (a string of digits) is divisible
+  by 5 is **dev** (213 of the 1000), every other row is **train**. The default path is
+  ``$DABON_STAR1`` (see ``star1_default_path``). ``star1_split`` defaults to ``dev`` so that
+  training prompts never reach a development evaluation by accident.
+- **MMLU**: ``subjects`` (default ``PAPER_MMLU_SUBJECTS``, 966 questions); a local ``path`` is
+  either one file with a ``subject`` column, or a directory holding ``<subject>.<ext>`` or
+  ``<subject>/<split>-*.parquet`` (the layout of a ``cais/mmlu`` snapshot) per subject.
+
+``limit`` keeps the first ``limit`` records in source order (after the filters above; MMLU in
+the order of ``subjects``). With ``sample_seed`` it keeps a seeded random sample of ``limit``
+records instead, still returned in source order; both are deterministic.
+
+Offline (``HF_HUB_OFFLINE=1`` or no connection), a Hub benchmark that is not in the local HF
+cache raises ``DataLoadError`` naming the local-path option. ``datasets`` is imported only when a
+Hub dataset is actually read; nothing here touches the network at import time.
+
+Scoring helpers for the report: ``extract_final_number`` / ``gsm8k_correct`` (GSM8K) and
+``extract_choice_letter`` (MMLU).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from actors.settings import get_logger
+
+logger = get_logger(__name__)
+
+Kind = Literal["harmful", "benign", "math", "multiple_choice"]
+
+GSM8K_INSTRUCTION = (
+    "Solve the problem step by step. End your response with "
+    '"The final answer is N", where N is the final number.'
+)
+MMLU_INSTRUCTION = (
+    "Answer with the letter of the correct choice. End your response with "
+    '"Answer: X", where X is A, B, C or D.'
+)
+MMLU_LETTERS = ("A", "B", "C", "D")
+
+# The paper's 8 MMLU subjects (966 test questions together).
+PAPER_MMLU_SUBJECTS: tuple[str, ...] = (
+    "abstract_algebra", "computer_security", "business_ethics", "high_school_chemistry",
+    "college_physics", "anatomy", "machine_learning", "econometrics",
+)
+
+# The 57 subject configs of cais/mmlu; checked here so that a typo fails before any download.
+MMLU_SUBJECTS: frozenset[str] = frozenset({
+    "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge",
+    "college_biology", "college_chemistry", "college_computer_science", "college_mathematics",
+    "college_medicine", "college_physics", "computer_security", "conceptual_physics", "econometrics",
+    "electrical_engineering", "elementary_mathematics", "formal_logic", "global_facts",
+    "high_school_biology", "high_school_chemistry", "high_school_computer_science",
+    "high_school_european_history", "high_school_geography", "high_school_government_and_politics",
+    "high_school_macroeconomics", "high_school_mathematics", "high_school_microeconomics",
+    "high_school_physics", "high_school_psychology", "high_school_statistics",
+    "high_school_us_history", "high_school_world_history", "human_aging", "human_sexuality",
+    "international_law", "jurisprudence", "logical_fallacies", "machine_learning", "management",
+    "marketing", "medical_genetics", "miscellaneous", "moral_disputes", "moral_scenarios", "nutrition",
+    "philosophy", "prehistory", "professional_accounting", "professional_law", "professional_medicine",
+    "professional_psychology", "public_relations", "security_studies", "sociology",
+    "us_foreign_policy", "virology", "world_religions",
+})
+
+LOCAL_FORMATS = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+
+
+class DataLoadError(ValueError):
+    """Data that cannot be loaded: unreachable Hub data set, missing column, empty prompt, repeated id."""
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where a benchmark lives on the Hub, and the keyword arguments ``load_dataset`` needs for it."""
+
+    hub_id: str
+    config: str | None
+    split: str
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+HUB_SOURCES: dict[str, HubSource] = {
+    "strongreject": HubSource("walledai/StrongREJECT", None, "train"),
+    "dan": HubSource("TrustAIRLab/in-the-wild-jailbreak-prompts", "jailbreak_2023_12_25", "train"),
+    # The eval config is a TSV; pandas would turn the text "NA" into a missing value without these.
+    "wildjailbreak": HubSource("allenai/wildjailbreak", "eval", "train",
+                               {"delimiter": "\t", "keep_default_na": False}),
+    "gsm8k": HubSource("openai/gsm8k", "main", "test"),
+    "mmlu": HubSource("cais/mmlu", None, "test"),  # the config is the subject
+    "star1": HubSource("UCSC-VLAA/STAR-1", None, "train"),
+}
+
+# Benchmarks whose prompt sits in one text column that ``prompt_column`` may rename.
+_SINGLE_COLUMN = {"strongreject", "dan", "wildjailbreak", "star1", "file"}
+
+
+# ----------------------------------------------------------------------------------------
+# Records and specs
+# ----------------------------------------------------------------------------------------
+
+
+class PromptRecord(BaseModel):
+    """One prompt of one benchmark, the shape every loader returns (as ``to_dict()``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt_id: str = Field(min_length=1)
+    benchmark: str = Field(min_length=1)
+    prompt: str = Field(min_length=1)
+    kind: Kind
+    reference: str | None = None
+    categories: list[str] = []
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a plain dict (what Ray Data rows and Parquet shards hold)."""
+        return self.model_dump()
+
+
+class BenchmarkSpec(BaseModel):
+    """Which benchmark to load and from where.
+
+    ``name``: a key of ``BENCHMARKS``. ``path``: a local file (or, for MMLU, a directory) used
+    instead of the Hub. ``hub_id`` / ``split``: override the Hub dataset id / split of
+    ``HUB_SOURCES``. ``subjects``: MMLU subjects (spaces or underscores). ``prompt_column``:
+    column holding the prompt (the file loader, or a renamed column of a single-column
+    benchmark). ``id_column``: the file loader's id column (default: ``<stem>-<row>``).
+    ``kind``: the file loader's kind (default harmful). ``limit`` / ``sample_seed``: the first
+    ``limit`` records, or a seeded sample of them. ``star1_split``: dev | train | all.
+    ``include_benign``: WildJailbreak's 210 adversarial benign prompts as well.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    path: Path | None = None
+    hub_id: str | None = None
+    split: str | None = None
+    subjects: list[str] | None = None
+    prompt_column: str | None = None
+    id_column: str | None = None
+    kind: Kind | None = None
+    limit: int | None = Field(default=None, ge=1)
+    sample_seed: int | None = None
+    star1_split: Literal["dev", "train", "all"] | None = None
+    include_benign: bool = False
+
+    @field_validator("subjects")
+    @classmethod
+    def _known_subjects(cls, subjects: list[str] | None) -> list[str] | None:
+        if subjects is None:
+            return None
+        if not subjects:
+            raise ValueError("expected at least one MMLU subject")
+        normalised = [re.sub(r"[\s\-]+", "_", s.strip().lower()) for s in subjects]
+        for given, subject in zip(subjects, normalised):
+            if subject not in MMLU_SUBJECTS:
+                close = difflib.get_close_matches(subject, sorted(MMLU_SUBJECTS), n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ValueError(f"unknown MMLU subject {given!r}{hint}")
+        if len(set(normalised)) != len(normalised):
+            raise ValueError("a subject is listed twice")
+        return normalised
+
+    @model_validator(mode="after")
+    def _fields_fit_benchmark(self) -> "BenchmarkSpec":
+        if self.name not in BENCHMARKS:
+            raise ValueError(f"name: unknown benchmark {self.name!r}; expected one of {', '.join(BENCHMARKS)}")
+        # A field that the chosen loader would ignore is an error, not a silent no-op.
+        only_for = {
+            "subjects": ({"mmlu"}, self.subjects is not None),
+            "star1_split": ({"star1"}, self.star1_split is not None),
+            "include_benign": ({"wildjailbreak"}, self.include_benign),
+            "id_column": ({"file"}, self.id_column is not None),
+            "kind": ({"file"}, self.kind is not None),
+            "prompt_column": (_SINGLE_COLUMN, self.prompt_column is not None),
+            "hub_id": (set(HUB_SOURCES), self.hub_id is not None),
+            "split": (set(HUB_SOURCES), self.split is not None),
+        }
+        for field_name, (names, is_set) in only_for.items():
+            if is_set and self.name not in names:
+                users = ", ".join(sorted(names))
+                raise ValueError(f"{field_name}: not used by benchmark {self.name!r} (only by {users})")
+        if self.name == "file" and self.path is None:
+            raise ValueError("path: the file benchmark needs a local file (JSON, JSONL, CSV, TSV or Parquet)")
+        if self.sample_seed is not None and self.limit is None:
+            raise ValueError("sample_seed: only used together with limit")
+        return self
+
+
+# ----------------------------------------------------------------------------------------
+# Local files and the Hub
+# ----------------------------------------------------------------------------------------
+
+
+def star1_default_path() -> Path | None:
+    """``$DABON_STAR1`` as a path, or ``None`` when unset (then STAR-1 comes from the Hub)."""
+    value = os.environ.get("DABON_STAR1")
+    return Path(value).expanduser() if value else None
+
+
+def hub_offline() -> str | None:
+    """``"HF_HUB_OFFLINE=1"`` (or ``HF_DATASETS_OFFLINE=...``) when the environment forbids the Hub, else ``None``."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        value = os.environ.get(name, "").strip()
+        if value.lower() in {"1", "true", "yes", "on"}:
+            return f"{name}={value}"
+    return None
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a local JSON (a list of objects), JSONL, CSV, TSV or Parquet file, in file order.
+
+    CSV/TSV cells stay strings (an empty cell is ``""``, never a missing value).
+    Raises ``DataLoadError`` for a missing file, an unknown extension or a malformed row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataLoadError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if suffix == ".jsonl":
+        rows = []
+        with path.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataLoadError(f"{path}, line {line_number}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataLoadError(f"{path}, line {line_number}: expected a JSON object")
+                rows.append(row)
+        return rows
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataLoadError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+        if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+            raise DataLoadError(f"{path}: expected a JSON list of objects")
+        return data
+    if suffix in {".csv", ".tsv"}:
+        # Jailbreak prompts can exceed csv's default 128 KiB field limit; restore it afterwards.
+        old_limit = csv.field_size_limit()
+        csv.field_size_limit(2**31 - 1)
+        try:
+            with path.open(encoding="utf-8-sig", newline="") as handle:
+                return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+        finally:
+            csv.field_size_limit(old_limit)
+    raise DataLoadError(f"{path}: unknown format {suffix!r}; expected one of {', '.join(LOCAL_FORMATS)}")
+
+
+def _local_option(benchmark: str) -> str:
+    if benchmark == "mmlu":
+        return ("pass path: DIR (one <subject>.parquet/.jsonl per subject) or path: FILE "
+                "(a file with a subject column) in the benchmark spec")
+    option = "pass path: FILE in the benchmark spec (or --prompts FILE for a plain prompt file)"
+    if benchmark == "star1":
+        option += ", or set DABON_STAR1=FILE"
+    return option
+
+
+def read_hub_rows(benchmark: str, source: HubSource, config: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a Hub dataset through ``datasets.load_dataset`` (the local HF cache when offline).
+
+    ``config`` overrides ``source.config`` (MMLU's subject). Raises ``DataLoadError`` that names
+    the local-path option when the Hub cannot be reached or ``datasets`` is not installed.
+    """
+    config = config if config is not None else source.config
+    where = source.hub_id + (f" (config {config}, split {source.split})" if config else f" (split {source.split})")
+    try:
+        import datasets
+    except ImportError:
+        raise DataLoadError(
+            f"benchmark {benchmark!r} needs the Hub dataset {where}, and the datasets package is not "
+            f"installed; pip install datasets, or download it where you have access and {_local_option(benchmark)}"
+        ) from None
+    try:
+        dataset = datasets.load_dataset(source.hub_id, config, split=source.split, **source.load_kwargs)
+    except Exception as err:  # datasets raises many types; each becomes one clear message
+        names = [cls.__name__ for cls in type(err).__mro__]
+        unreachable = any(key in name for name in names for key in ("Connect", "Timeout", "Offline"))
+        offline = hub_offline()
+        if offline or unreachable:
+            reason = offline or f"{type(err).__name__}: {err}"
+            raise DataLoadError(
+                f"benchmark {benchmark!r} needs the Hub dataset {where}, which cannot be reached ({reason}); "
+                f"download it where you have access and {_local_option(benchmark)}"
+            ) from err
+        raise DataLoadError(
+            f"benchmark {benchmark!r}: loading the Hub dataset {where} failed ({type(err).__name__}: {err}); "
+            f"for a gated data set accept its terms on the Hub and log in, or {_local_option(benchmark)}"
+        ) from err
+    logger.info("benchmark %s: %d rows from the Hub dataset %s", benchmark, len(dataset), where)
+    return [dict(row) for row in dataset]
+
+
+def _rows_for(spec: BenchmarkSpec, default_path: Path | None = None) -> tuple[list[dict[str, Any]], str]:
+    """(rows, where they came from) from ``spec.path``, ``default_path`` or the Hub."""
+    path = spec.path or default_path
+    if path is not None:
+        if Path(path).is_dir():
+            raise DataLoadError(f"benchmark {spec.name!r}: {path} is a directory; "
+                                f"expected a file ({', '.join(LOCAL_FORMATS)})")
+        rows, where = read_rows(path), str(path)
+        logger.info("benchmark %s: %d rows from %s", spec.name, len(rows), path)
+    else:
+        source = _hub_source(spec)
+        rows, where = read_hub_rows(spec.name, source), source.hub_id
+    if not rows:
+        raise DataLoadError(f"benchmark {spec.name!r}: {where} has no rows")
+    return rows, where
+
+
+def _hub_source(spec: BenchmarkSpec) -> HubSource:
+    source = HUB_SOURCES[spec.name]
+    return HubSource(spec.hub_id or source.hub_id, source.config, spec.split or source.split, source.load_kwargs)
+
+
+def _pick_column(rows: list[dict[str, Any]], candidates: tuple[str, ...], where: str) -> str:
+    """The first of ``candidates`` present in the rows; an error names them and the columns that exist."""
+    columns = sorted({key for row in rows[:1000] for key in row})
+    for candidate in candidates:
+        if candidate in columns:
+            return candidate
+    wanted = " or ".join(repr(c) for c in candidates)
+    raise DataLoadError(f"{where}: column {wanted} is missing; the columns are {columns}")
+
+
+def _text(row: dict[str, Any], column: str, where: str, index: int) -> str:
+    """The non-empty string in ``row[column]``; an error names the row otherwise."""
+    value = row.get(column)
+    if not isinstance(value, str) or not value.strip():
+        raise DataLoadError(f"{where}, row {index + 1}: column {column!r} is empty or not text ({value!r})")
+    return value
+
+
+def _as_categories(value: Any) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(item) for item in value if item is not None and str(item) != ""]
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in {"true", "1", "yes"}
+    return bool(value)
+
+
+def _finish(records: list[PromptRecord], spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """Refuse repeated ids, apply ``limit`` / ``sample_seed``, return plain dicts."""
+    seen: dict[str, int] = {}
+    for position, record in enumerate(records):
+        if record.prompt_id in seen:
+            raise DataLoadError(
+                f"benchmark {record.benchmark!r}: prompt_id {record.prompt_id!r} appears twice "
+                f"(records {seen[record.prompt_id] + 1} and {position + 1})"
+            )
+        seen[record.prompt_id] = position
+    if spec.limit is not None and spec.limit < len(records):
+        if spec.sample_seed is None:
+            records = records[: spec.limit]
+        else:
+            keep = sorted(random.Random(spec.sample_seed).sample(range(len(records)), spec.limit))
+            records = [records[i] for i in keep]
+    return [record.to_dict() for record in records]
+
+
+# ----------------------------------------------------------------------------------------
+# Loaders
+# ----------------------------------------------------------------------------------------
+
+
+def load_strongreject(spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """StrongREJECT's 313 forbidden prompts: kind harmful, categories ``[category]``."""
+    rows, where = _rows_for(spec)
+    column = _pick_column(rows, (spec.prompt_column,) if spec.prompt_column else ("prompt", "forbidden_prompt"), where)
+    records = [
+        PromptRecord(prompt_id=f"strongreject-{i:04d}", benchmark="strongreject", prompt=_text(row, column, where, i),
+                     kind="harmful", categories=_as_categories(row.get("category")))
+        for i, row in enumerate(rows)
+    ]
+    return _finish(records, spec)
+
+
+def load_dan(spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """The 1405 in-the-wild jailbreak prompts of Shen et al.: kind harmful, categories ``[community]``.
+
+    A file with a ``jailbreak`` column (all 15,140 JailbreakHub prompts) keeps the jailbreak rows.
+    """
+    rows, where = _rows_for(spec)
+    column = _pick_column(rows, (spec.prompt_column or "prompt",), where)
+    records = []
+    for i, row in enumerate(rows):
+        if "jailbreak" in row and not _truthy(row["jailbreak"]):
+            continue
+        records.append(PromptRecord(prompt_id=f"dan-{i:04d}", benchmark="dan", prompt=_text(row, column, where, i),
+                                    kind="harmful", categories=_as_categories(row.get("community"))))
+    return _finish(records, spec)
+
+
+def load_wildjailbreak(spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """WildJailbreak's eval set: the 2000 adversarial harmful prompts (+210 benign with ``include_benign``).
+
+    The type comes from ``data_type`` (adversarial_harmful / adversarial_benign), else from
+    ``label`` (1 harmful, 0 benign). Categories: ``tactics`` when the file has them.
+    """
+    rows, where = _rows_for(spec)
+    column = _pick_column(rows, (spec.prompt_column or "adversarial",), where)
+    type_column = _pick_column(rows, ("data_type", "label"), where)
+    records = []
+    for i, row in enumerate(rows):
+        value = str(row.get(type_column, "")).strip().lower()
+        if value in {"adversarial_harmful", "1"}:
+            kind: Kind = "harmful"
+        elif value in {"adversarial_benign", "0"}:
+            kind = "benign"
+        else:
+            raise DataLoadError(f"{where}, row {i + 1}: {type_column} {row.get(type_column)!r} is neither "
+                                "adversarial_harmful/1 nor adversarial_benign/0")
+        if kind == "benign" and not spec.include_benign:
+            continue
+        records.append(PromptRecord(prompt_id=f"wildjailbreak-{i:04d}", benchmark="wildjailbreak",
+                                    prompt=_text(row, column, where, i), kind=kind,
+                                    categories=_as_categories(row.get("tactics"))))
+    return _finish(records, spec)
+
+
+def load_gsm8k(spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """GSM8K test: the question plus ``GSM8K_INSTRUCTION``; reference = the number after ``####``, normalised."""
+    rows, where = _rows_for(spec)
+    question_column = _pick_column(rows, ("question",), where)
+    answer_column = _pick_column(rows, ("answer",), where)
+    records = []
+    for i, row in enumerate(rows):
+        answer = _text(row, answer_column, where, i)
+        reference = normalise_number(answer.rsplit("####", 1)[-1]) if "####" in answer else None
+        if reference is None:
+            raise DataLoadError(f"{where}, row {i + 1}: the answer does not end with '#### <number>'")
+        question = _text(row, question_column, where, i).strip()
+        records.append(PromptRecord(prompt_id=f"gsm8k-{i:04d}", benchmark="gsm8k",
+                                    prompt=f"{question}\n\n{GSM8K_INSTRUCTION}", kind="math", reference=reference))
+    return _finish(records, spec)
+
+
+def format_mmlu_prompt(question: str, choices: list[str]) -> str:
+    """The MMLU prompt: question, lettered choices ``A. ...`` to ``D. ...``, then ``MMLU_INSTRUCTION``."""
+    lines = "\n".join(f"{letter}. {str(choice).strip()}" for letter, choice in zip(MMLU_LETTERS, choices))
+    return f"{question.strip()}\n\n{lines}\n\n{MMLU_INSTRUCTION}"
+
+
+def _mmlu_answer_letter(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return MMLU_LETTERS[value] if 0 <= value < 4 else None
+    text = str(value).strip().upper()
+    if text in MMLU_LETTERS:
+        return text
+    return MMLU_LETTERS[int(text)] if text.isdigit() and int(text) < 4 else None
+
+
+def _mmlu_subject_rows(spec: BenchmarkSpec, subjects: list[str]) -> dict[str, tuple[list[dict[str, Any]], str]]:
+    """Rows per subject from a directory, a file with a ``subject`` column, or the Hub."""
+    source = _hub_source(spec)
+    if spec.path is None:
+        return {s: (read_hub_rows("mmlu", source, config=s), f"{source.hub_id}/{s}") for s in subjects}
+    path = Path(spec.path)
+    if path.is_dir():
+        found = {}
+        for subject in subjects:
+            # One flat file per subject, else the shards of a snapshot (<subject>/test-00000-of-00001.parquet).
+            flat = [path / f"{subject}{ext}" for ext in LOCAL_FORMATS if (path / f"{subject}{ext}").is_file()]
+            files = flat[:1] or sorted((path / subject).glob(f"{source.split}-*.parquet"))
+            if not files:
+                raise DataLoadError(f"{path}: no file for MMLU subject {subject!r} (expected "
+                                    f"{subject}.parquet/.jsonl/.json/.csv or {subject}/{source.split}-*.parquet)")
+            found[subject] = ([row for file in files for row in read_rows(file)], str(files[0]))
+        return found
+    rows = read_rows(path)
+    column = _pick_column(rows, ("subject",), str(path))
+    by_subject: dict[str, list[dict[str, Any]]] = {s: [] for s in subjects}
+    for row in rows:
+        if row.get(column) in by_subject:
+            by_subject[row[column]].append(row)
+    for subject, subject_rows in by_subject.items():
+        if not subject_rows:
+            raise DataLoadError(f"{path}: no rows with subject {subject!r}")
+    return {s: (by_subject[s], f"{path} (subject {s})") for s in subjects}
+
+
+def load_mmlu(spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """MMLU test questions of ``subjects`` (default the paper's 8): kind multiple_choice, reference the letter.
+
+    Rows need ``question``, ``choices`` (a list of 4 strings) and ``answer`` (0-3 or A-D).
+    """
+    subjects = spec.subjects or list(PAPER_MMLU_SUBJECTS)
+    records = []
+    for subject, (rows, where) in _mmlu_subject_rows(spec, subjects).items():
+        question_column = _pick_column(rows, ("question",), where)
+        choices_column = _pick_column(rows, ("choices",), where)
+        answer_column = _pick_column(rows, ("answer",), where)
+        for i, row in enumerate(rows):
+            choices = row.get(choices_column)
+            if not isinstance(choices, (list, tuple)) or len(choices) != 4:
+                raise DataLoadError(f"{where}, row {i + 1}: {choices_column!r} must be a list of 4 choices "
+                                    f"(JSON, JSONL or Parquet; a CSV cell cannot hold a list), got {choices!r}")
+            letter = _mmlu_answer_letter(row.get(answer_column))
+            if letter is None:
+                raise DataLoadError(f"{where}, row {i + 1}: answer {row.get(answer_column)!r} is not 0-3 or A-D")
+            records.append(PromptRecord(
+                prompt_id=f"mmlu-{subject}-{i:04d}", benchmark="mmlu",
+                prompt=format_mmlu_prompt(_text(row, question_column, where, i), list(choices)),
+                kind="multiple_choice", reference=letter, categories=[subject],
+            ))
+    return _finish(records, spec)
+
+
+def star1_is_dev(star1_id: Any) -> bool:
+    """The dev split rule: the id, a string of digits, is divisible by 5 as an integer."""
+    text = str(star1_id).strip()
+    if not text.isdigit():
+        raise ValueError(f"STAR-1 id {star1_id!r} is not a string of digits")
+    return int(text) % 5 == 0
+
+
+def _star1_records(spec: BenchmarkSpec) -> tuple[list[tuple[PromptRecord, dict[str, Any], int]], str]:
+    """((record, source row, row index) of the chosen STAR-1 split in file order, where the rows came from)."""
+    rows, where = _rows_for(spec, default_path=star1_default_path())
+    column = _pick_column(rows, (spec.prompt_column or "question",), where)
+    _pick_column(rows, ("id",), where)
+    split = spec.star1_split or "dev"
+    chosen = []
+    for i, row in enumerate(rows):
+        try:
+            dev = star1_is_dev(row.get("id"))
+        except ValueError as err:
+            raise DataLoadError(f"{where}, row {i + 1}: {err}") from None
+        if not (split == "all" or dev == (split == "dev")):
+            continue
+        categories = _as_categories(row.get("category"))
+        if any(c.strip().lower() == "benign" for c in categories):
+            raise DataLoadError(f"{where}, row {i + 1}: category 'benign'; the star1 loader treats every prompt "
+                                "as harmful, so load benign prompts with the file benchmark and kind: benign")
+        record = PromptRecord(prompt_id=f"star1-{str(row['id']).strip()}", benchmark="star1",
+                              prompt=_text(row, column, where, i), kind="harmful", categories=categories)
+        chosen.append((record, row, i))
+    return chosen, where
+
+
+def load_star1(spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """STAR-1 questions of ``star1_split`` (default dev): kind harmful, categories from ``category``."""
+    chosen, _ = _star1_records(spec)
+    return _finish([record for record, _, _ in chosen], spec)
+
+
+def load_star1_responses(spec: BenchmarkSpec) -> dict[str, str]:
+    """STAR-1's teacher traces (``response``) keyed by the ``prompt_id`` that ``load_star1`` gives.
+
+    Same split, ``limit`` and ``sample_seed`` as ``load_star1(spec)``; for distillation without a
+    live teacher.
+    """
+    chosen, where = _star1_records(spec)
+    source = {record.prompt_id: (row, i) for record, row, i in chosen}
+    responses = {}
+    for record in _finish([record for record, _, _ in chosen], spec):
+        row, index = source[record["prompt_id"]]
+        responses[record["prompt_id"]] = _text(row, "response", where, index)
+    return responses
+
+
+def load_prompt_file(spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """Any local file with a prompt column (``prompt_column``, default ``prompt``).
+
+    ``benchmark`` is the file name without extension (characters outside ``[A-Za-z0-9_.-]``
+    become ``_``); ``prompt_id`` is the ``id_column`` value as a string, else ``<stem>-<row>``;
+    ``kind`` is ``spec.kind`` (default harmful).
+    """
+    path = Path(spec.path)  # the spec validator guarantees a path
+    benchmark = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem) or "file"
+    rows = read_rows(path)
+    if not rows:
+        raise DataLoadError(f"benchmark 'file': {path} has no rows")
+    column = _pick_column(rows, (spec.prompt_column or "prompt",), str(path))
+    id_column = _pick_column(rows, (spec.id_column,), str(path)) if spec.id_column else None
+    records = []
+    for i, row in enumerate(rows):
+        if id_column is not None:
+            value = row.get(id_column)
+            if value is None or str(value).strip() == "":
+                raise DataLoadError(f"{path}, row {i + 1}: column {id_column!r} is empty")
+            prompt_id = str(value).strip()
+        else:
+            prompt_id = f"{benchmark}-{i:04d}"
+        records.append(PromptRecord(prompt_id=prompt_id, benchmark=benchmark, prompt=_text(row, column, str(path), i),
+                                    kind=spec.kind or "harmful"))
+    return _finish(records, spec)
+
+
+BENCHMARKS: dict[str, Callable[[BenchmarkSpec], list[dict[str, Any]]]] = {
+    "strongreject": load_strongreject,
+    "dan": load_dan,
+    "wildjailbreak": load_wildjailbreak,
+    "gsm8k": load_gsm8k,
+    "mmlu": load_mmlu,
+    "star1": load_star1,
+    "file": load_prompt_file,
+}
+
+
+def load_benchmark(spec: BenchmarkSpec | Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The records of one benchmark spec (a ``BenchmarkSpec`` or a mapping of its fields).
+
+    Raises ``DataLoadError`` (a ``ValueError``) for data that cannot be loaded and pydantic's
+    ``ValidationError`` for a malformed spec.
+    """
+    if not isinstance(spec, BenchmarkSpec):
+        spec = BenchmarkSpec.model_validate(dict(spec))
+    return BENCHMARKS[spec.name](spec)
+
+
+# ----------------------------------------------------------------------------------------
+# Scoring helpers (pure functions; the report module uses them)
+# ----------------------------------------------------------------------------------------
+
+# A number: optional minus (touching the digits, and not after a digit or word: "10-5" and "7 - 2"
+# are subtraction), optional
+# $, digits with optional thousands commas, optional decimals; or a bare ".5".
+_NUMBER = re.compile(
+    r"(?<![\w.,])(?P<neg>-)?(?:\$\s?)?(?P<neg2>-)?(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+)
+# Markup that states the final answer outright; the number right after the last one wins.
+_FINAL_MARKER = re.compile(r"\\boxed\{|####|final answer", re.IGNORECASE)
+
+
+def normalise_number(text: str | None) -> str | None:
+    """A number as a canonical string: commas, ``$`` and spaces dropped, no trailing zeros.
+
+    ``"1,234"`` -> ``"1234"``, ``"18.00"`` -> ``"18"``, ``"0.50"`` -> ``"0.5"``, ``"-0"`` -> ``"0"``;
+    ``None`` when ``text`` is not a single number.
+    """
+    if text is None:
+        return None
+    cleaned = re.sub(r"[\s,$]", "", str(text)).rstrip(".")
+    if not re.fullmatch(r"-?(?:\d+(?:\.\d*)?|\.\d+)", cleaned):
+        return None
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        return None
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def _numbers(text: str) -> list[str]:
+    found = []
+    for match in _NUMBER.finditer(text):
+        negative = bool(match.group("neg")) != bool(match.group("neg2"))
+        value = normalise_number(match.group("num"))
+        if value is not None:
+            found.append(normalise_number(f"-{value}") if negative else value)
+    return found
+
+
+def extract_final_number(text: str | None) -> str | None:
+    """The final numeric answer in a model's response, normalised (``normalise_number``), or ``None``.
+
+    Only the part after the last ``</think>`` counts when it holds a number. If that part states
+    the answer with ``\\boxed{...}``, ``#### N`` or "final answer", the first number after the
+    last such marker wins; otherwise the last number in it. Handles thousands commas, ``$``,
+    negative (``-5``, ``-$5``, ``$-5``) and decimal (``3.5``, ``.5``) numbers; a minus right after
+    a digit is subtraction, not a sign (``10-5`` gives 5).
+    """
+    if not text:
+        return None
+    if "</think>" in text:
+        after = text.rsplit("</think>", 1)[1]
+        if _numbers(after):
+            text = after
+    markers = list(_FINAL_MARKER.finditer(text))
+    if markers:
+        numbers = _numbers(text[markers[-1].end():])
+        if numbers:
+            return numbers[0]
+    numbers = _numbers(text)
+    return numbers[-1] if numbers else None
+
+
+def gsm8k_correct(response: str | None, reference: str) -> bool:
+    """Whether the final number of ``response`` equals ``reference`` (both normalised, compared as numbers).
+
+    Raises ``ValueError`` when ``reference`` is not a number (a data bug, not a wrong answer).
+    """
+    expected = normalise_number(reference)
+    if expected is None:
+        raise ValueError(f"GSM8K reference {reference!r} is not a number")
+    answer = extract_final_number(response)
+    return answer is not None and Decimal(answer) == Decimal(expected)
+
+
+# "Answer: C", "the answer is (b)", "The correct option is D", "answer: **B**", "\boxed{A}".
+_STATED_LETTER = re.compile(
+    r"(?:\banswer\s*(?:is\s*:?|:|=)?|\b(?:option|choice)\s*(?:is\s*:?|:|=))\s*(?:\\boxed\{)?[*_]*\s*[(\[]?\s*"
+    r"(?P<letter>[A-Da-d])(?![A-Za-z0-9])",
+    re.IGNORECASE,
+)
+# "A or B", "A, C", "B/D" right after a stated letter: a hedge, not an answer.
+_HEDGE = re.compile(r"\s*[)\]]?\s*(?:,|/|\bor\b|\band\b)\s*[(\[]?\s*[A-Da-d](?![A-Za-z0-9])", re.IGNORECASE)
+_BOXED_LETTER = re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*(?P<letter>[A-Da-d])\s*\}")
+# The whole response is a letter: "B", "(b)", "C.", "**D**".
+_ONLY_LETTER = re.compile(r"\s*[*_]*[(\[]?\s*(?P<letter>[A-Da-d])\s*[)\]]?[.:]?[*_]*\s*")
+# The response starts with a capital letter and punctuation: "B. 42", "(C) Paris", "A: ...".
+_LEADING_LETTER = re.compile(r"\s*[*_]*(?:\((?P<p>[A-D])\)|(?P<letter>[A-D])[.:)])")
+_PAREN_LETTER = re.compile(r"\((?P<letter>[A-D])\)")
+
+
+def extract_choice_letter(text: str | None) -> str | None:
+    """The MMLU choice (``"A"``-``"D"``) a response gives, or ``None`` when absent or ambiguous.
+
+    Only the part after the last ``</think>`` counts when there is one. In order:
+    1. statements such as "Answer: C", "The answer is (B)", "the correct option is d",
+       "\\boxed{A}": one distinct letter wins; two different letters, or a hedge such as
+       "A or B", are ambiguous (``None``);
+       a lowercase letter followed by a word ("the answer is a bit...") is the article, not a choice;
+    2. a response that is only a letter ("B", "(b)", "C.");
+    3. a response that starts with a capital letter and punctuation ("B. 42", "(C) Paris");
+    4. exactly one distinct parenthesised capital letter anywhere ("... so (D).").
+    """
+    if not text:
+        return None
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    stated = set()
+    for pattern in (_STATED_LETTER, _BOXED_LETTER):
+        for match in pattern.finditer(text):
+            letter = match.group("letter")
+            if letter.islower() and re.match(r"\s+[A-Za-z]", text[match.end():]):
+                continue
+            if _HEDGE.match(text, match.end()):
+                return None
+            stated.add(letter.upper())
+    if stated:
+        return stated.pop() if len(stated) == 1 else None
+    match = _ONLY_LETTER.fullmatch(text)
+    if match:
+        return match.group("letter").upper()
+    match = _LEADING_LETTER.match(text)
+    if match:
+        return match.group("p") or match.group("letter")
+    in_parens = {m.group("letter") for m in _PAREN_LETTER.finditer(text)}
+    return in_parens.pop() if len(in_parens) == 1 else None

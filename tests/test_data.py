@@ -1,0 +1,354 @@
+"""Benchmark loaders (pipelines/data.py) on tiny made-up fixtures, plus the real local copies when present."""
+
+from __future__ import annotations
+
+import json
+import os
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from pipelines.data import (
+    BENCHMARKS,
+    GSM8K_INSTRUCTION,
+    MMLU_INSTRUCTION,
+    PAPER_MMLU_SUBJECTS,
+    BenchmarkSpec,
+    DataLoadError,
+    extract_choice_letter,
+    extract_final_number,
+    gsm8k_correct,
+    load_benchmark,
+    load_star1_responses,
+    normalise_number,
+    read_rows,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_STAR1 = Path(os.environ.get("DABON_STAR1") or SHARED_DATA / "STAR-1.json")
+REAL_GSM8K = SHARED_DATA / "gsm8k_test.jsonl"
+
+RECORD_KEYS = {"prompt_id", "benchmark", "prompt", "kind", "reference", "categories"}
+
+
+def write_parquet(rows: list[dict], path: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# Generic prompt files
+# ----------------------------------------------------------------------------------------
+
+
+def test_prompt_file_formats_give_the_same_records(tmp_path):
+    rows = read_rows(FIXTURES / "prompts.jsonl")
+    copies = {
+        "jsonl": FIXTURES / "prompts.jsonl",
+        "csv": FIXTURES / "prompts.csv",
+        "json": tmp_path / "prompts.json",
+        "parquet": write_parquet(rows, tmp_path / "prompts.parquet"),
+    }
+    copies["json"].write_text(json.dumps(rows))
+    loaded = {fmt: load_benchmark({"name": "file", "path": str(path), "prompt_column": "text", "id_column": "uid"})
+              for fmt, path in copies.items()}
+    expected = loaded["jsonl"]
+    assert [r["prompt_id"] for r in expected] == ["q-1", "q-2", "q-3", "q-4", "q-5"]
+    assert expected[2]["prompt"] == 'Made-up test prompt three, with a comma, and "quotes".'
+    assert expected[3]["prompt"] == "Made-up test prompt four:\nit spans two lines."
+    assert expected[4]["prompt"].endswith(": NA")  # CSV cells stay text, "NA" is not a missing value
+    assert all(set(r) == RECORD_KEYS for r in expected)
+    assert {(r["benchmark"], r["kind"], r["reference"]) for r in expected} == {("prompts", "harmful", None)}
+    for fmt, records in loaded.items():
+        assert records == expected, fmt
+
+
+def test_prompt_file_ids_without_id_column_and_kind():
+    records = load_benchmark({"name": "file", "path": str(FIXTURES / "prompts.csv"), "prompt_column": "text",
+                              "kind": "benign"})
+    assert [r["prompt_id"] for r in records] == [f"prompts-{i:04d}" for i in range(5)]
+    assert {r["kind"] for r in records} == {"benign"}
+
+
+def test_limit_takes_the_first_rows_and_sample_seed_a_stable_sample():
+    spec = {"name": "file", "path": str(FIXTURES / "prompts.jsonl"), "prompt_column": "text", "id_column": "uid"}
+    assert [r["prompt_id"] for r in load_benchmark({**spec, "limit": 2})] == ["q-1", "q-2"]
+    assert len(load_benchmark({**spec, "limit": 50})) == 5
+    sample = [r["prompt_id"] for r in load_benchmark({**spec, "limit": 3, "sample_seed": 7})]
+    assert sample == [r["prompt_id"] for r in load_benchmark({**spec, "limit": 3, "sample_seed": 7})]
+    assert len(sample) == 3 and sample == sorted(sample)  # kept in source order
+    samples = {tuple(r["prompt_id"] for r in load_benchmark({**spec, "limit": 3, "sample_seed": seed}))
+               for seed in range(6)}
+    assert len(samples) > 1  # the seed matters
+
+
+def test_missing_column_names_the_column_and_the_columns_that_exist():
+    with pytest.raises(DataLoadError) as err:
+        load_benchmark({"name": "file", "path": str(FIXTURES / "prompts.jsonl")})
+    assert "'prompt'" in str(err.value) and "['text', 'uid']" in str(err.value)
+
+
+def test_empty_prompt_names_the_row(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "fine"}\n{"prompt": "  "}\n')
+    with pytest.raises(DataLoadError, match=r"row 2: column 'prompt' is empty"):
+        load_benchmark({"name": "file", "path": str(path)})
+
+
+def test_duplicate_ids_are_an_error(tmp_path):
+    path = tmp_path / "dup.csv"
+    path.write_text("id,prompt\n1,first\n2,second\n1,third\n")
+    with pytest.raises(DataLoadError, match=r"prompt_id '1' appears twice \(records 1 and 3\)"):
+        load_benchmark({"name": "file", "path": str(path), "id_column": "id"})
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(DataLoadError, match="no such file"):
+        read_rows(tmp_path / "absent.jsonl")
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(DataLoadError, match="unknown format '.txt'"):
+        read_rows(tmp_path / "x.txt")
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(DataLoadError, match="line 2: not valid JSON"):
+        read_rows(tmp_path / "broken.jsonl")
+
+
+# ----------------------------------------------------------------------------------------
+# Specs
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"name": "nope"}, "name: unknown benchmark 'nope'"),
+        ({"name": "gsm8k", "colour": "red"}, "colour"),
+        ({"name": "gsm8k", "subjects": ["anatomy"]}, "subjects: not used by benchmark 'gsm8k'"),
+        ({"name": "dan", "star1_split": "dev"}, "star1_split: not used by benchmark 'dan'"),
+        ({"name": "star1", "include_benign": True}, "include_benign: not used by benchmark 'star1'"),
+        ({"name": "mmlu", "prompt_column": "q"}, "prompt_column: not used by benchmark 'mmlu'"),
+        ({"name": "file"}, "path: the file benchmark needs a local file"),
+        ({"name": "file", "path": "x.jsonl", "hub_id": "a/b"}, "hub_id: not used by benchmark 'file'"),
+        ({"name": "gsm8k", "limit": 0}, "limit"),
+        ({"name": "gsm8k", "sample_seed": 1}, "sample_seed: only used together with limit"),
+        ({"name": "star1", "star1_split": "test"}, "star1_split"),
+        ({"name": "mmlu", "subjects": ["anatomyy"]}, "unknown MMLU subject 'anatomyy'; did you mean anatomy"),
+    ],
+)
+def test_spec_errors_name_the_field(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        BenchmarkSpec(**fields)
+
+
+def test_registry_and_subject_names():
+    assert set(BENCHMARKS) == {"strongreject", "dan", "wildjailbreak", "gsm8k", "mmlu", "star1", "file"}
+    spec = BenchmarkSpec(name="mmlu", subjects=["Abstract Algebra", "high-school chemistry"])
+    assert spec.subjects == ["abstract_algebra", "high_school_chemistry"]
+
+
+def test_offline_hub_error_names_the_local_path_option(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataLoadError) as err:
+        load_benchmark({"name": "strongreject"})
+    message = str(err.value)
+    assert "walledai/StrongREJECT" in message and "path: FILE" in message and "--prompts FILE" in message
+    monkeypatch.delenv("DABON_STAR1", raising=False)
+    with pytest.raises(DataLoadError, match="DABON_STAR1=FILE"):
+        load_benchmark({"name": "star1"})
+    with pytest.raises(DataLoadError, match="path: DIR"):
+        load_benchmark({"name": "mmlu", "subjects": ["anatomy"]})
+
+
+# ----------------------------------------------------------------------------------------
+# Benchmarks from local copies
+# ----------------------------------------------------------------------------------------
+
+
+def test_strongreject_local_csv():
+    records = load_benchmark({"name": "strongreject", "path": str(FIXTURES / "strongreject.csv")})
+    assert [r["prompt_id"] for r in records] == ["strongreject-0000", "strongreject-0001", "strongreject-0002"]
+    assert records[1]["categories"] == ["Non-violent crimes"]
+    assert {r["kind"] for r in records} == {"harmful"}
+
+
+def test_dan_keeps_jailbreak_rows_with_stable_ids():
+    records = load_benchmark({"name": "dan", "path": str(FIXTURES / "dan.jsonl")})
+    assert [r["prompt_id"] for r in records] == ["dan-0000", "dan-0002"]
+    assert [r["categories"] for r in records] == [["Advanced"], ["DAN"]]
+
+
+def test_wildjailbreak_harmful_by_default_benign_on_request():
+    spec = {"name": "wildjailbreak", "path": str(FIXTURES / "wildjailbreak.tsv")}
+    harmful = load_benchmark(spec)
+    assert [r["prompt_id"] for r in harmful] == ["wildjailbreak-0000", "wildjailbreak-0002", "wildjailbreak-0003"]
+    assert harmful[-1]["prompt"] == "NA"
+    both = load_benchmark({**spec, "include_benign": True})
+    assert [(r["prompt_id"], r["kind"]) for r in both][:2] == [("wildjailbreak-0000", "harmful"),
+                                                               ("wildjailbreak-0001", "benign")]
+
+
+def test_gsm8k_references_are_normalised_numbers():
+    records = load_benchmark({"name": "gsm8k", "path": str(FIXTURES / "gsm8k.jsonl")})
+    assert [r["reference"] for r in records] == ["20", "1234", "-5"]
+    assert records[0]["prompt"].endswith("\n\n" + GSM8K_INSTRUCTION)
+    assert records[0]["prompt"].startswith("A made-up shop")
+    assert {r["kind"] for r in records} == {"math"}
+
+
+def test_mmlu_from_a_file_with_subjects_and_from_a_directory(tmp_path):
+    spec = {"name": "mmlu", "path": str(FIXTURES / "mmlu.jsonl"), "subjects": ["anatomy", "econometrics"]}
+    records = load_benchmark(spec)
+    assert [r["prompt_id"] for r in records] == ["mmlu-anatomy-0000", "mmlu-anatomy-0001", "mmlu-econometrics-0000"]
+    assert [r["reference"] for r in records] == ["B", "C", "A"]
+    assert records[0]["categories"] == ["anatomy"] and records[0]["kind"] == "multiple_choice"
+    assert records[0]["prompt"] == (
+        "Made-up anatomy question: how many hands does a typical person have?\n\n"
+        "A. One\nB. Two\nC. Three\nD. Four\n\n" + MMLU_INSTRUCTION
+    )
+    # The same rows as a cais/mmlu snapshot directory (answers as 0-3) give the same records.
+    rows = [{**r, "answer": "ABCD".index(r["answer"]) if isinstance(r["answer"], str) else r["answer"]}
+            for r in read_rows(FIXTURES / "mmlu.jsonl")]
+    (tmp_path / "anatomy").mkdir()
+    write_parquet([r for r in rows if r["subject"] == "anatomy"], tmp_path / "anatomy" / "test-00000-of-00001.parquet")
+    write_parquet([r for r in rows if r["subject"] == "econometrics"], tmp_path / "econometrics.parquet")
+    assert load_benchmark({**spec, "path": str(tmp_path)}) == records
+    with pytest.raises(DataLoadError, match="no rows with subject 'abstract_algebra'"):
+        load_benchmark({"name": "mmlu", "path": str(FIXTURES / "mmlu.jsonl")})
+    assert len(PAPER_MMLU_SUBJECTS) == 8
+
+
+def test_star1_dev_train_split_and_teacher_responses(monkeypatch):
+    monkeypatch.setenv("DABON_STAR1", str(FIXTURES / "star1.json"))  # the default path
+    dev = load_benchmark({"name": "star1"})
+    assert [r["prompt_id"] for r in dev] == ["star1-10", "star1-35", "star1-100"]
+    train = load_benchmark({"name": "star1", "star1_split": "train"})
+    assert [r["prompt_id"] for r in train] == ["star1-12", "star1-7", "star1-101"]
+    assert len(load_benchmark({"name": "star1", "star1_split": "all"})) == 6
+    assert train[0]["categories"] == ["Privacy / Personal Data", "Harassment / Hate / Discrimination"]
+    assert {r["kind"] for r in dev + train} == {"harmful"}
+    responses = load_star1_responses(BenchmarkSpec(name="star1", limit=2))
+    assert list(responses) == ["star1-10", "star1-35"]
+    assert responses["star1-10"].startswith("<think>")
+
+
+def test_star1_rejects_non_digit_ids(tmp_path):
+    path = tmp_path / "star.json"
+    path.write_text(json.dumps([{"id": "x7", "question": "q", "category": ["Self-Harm"]}]))
+    with pytest.raises(DataLoadError, match="row 1: STAR-1 id 'x7' is not a string of digits"):
+        load_benchmark({"name": "star1", "path": str(path)})
+
+
+def test_records_are_deterministic_across_loads():
+    spec = {"name": "gsm8k", "path": str(FIXTURES / "gsm8k.jsonl")}
+    assert load_benchmark(spec) == load_benchmark(spec)
+
+
+# ----------------------------------------------------------------------------------------
+# Scoring helpers
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("So she makes 9 * 2 = $18 every day.", "18"),
+        ("The final answer is 1,234.", "1234"),
+        ("It costs $18.00 per day", "18"),
+        ("The temperature is -5 degrees", "-5"),
+        ("The balance fell by -$3.50", "-3.5"),
+        ("x = $-5", "-5"),
+        ("10-5 = 5", "5"),
+        ("x = 7 - 2", "2"),
+        ("about .5 of it", "0.5"),
+        ("pi is about 3.14.", "3.14"),
+        ("The final answer is 18 (3 eggs were eaten).", "18"),
+        ("\\boxed{42}. Check: 6 * 7 = 42, done in 1 step", "42"),
+        ("Total: 9 eggs.\n#### 72", "72"),
+        ("<think>maybe 7</think>The final answer is 8", "8"),
+        ("<think>it is 7</think>I am sure.", "7"),
+        ("The final answer is: $1,450,000.", "1450000"),
+        ("no numbers here", None),
+        ("", None),
+    ],
+)
+def test_extract_final_number(text, expected):
+    assert extract_final_number(text) == expected
+
+
+def test_gsm8k_correct():
+    assert gsm8k_correct("... so the final answer is 18.", "18")
+    assert gsm8k_correct("She makes $18.00.", "18")
+    assert gsm8k_correct("They raised $1,234 in total.", "1,234")
+    assert gsm8k_correct("It ends at -5.", "-5")
+    assert gsm8k_correct("Half: 0.50", "0.5")
+    assert not gsm8k_correct("The answer is 12", "18")
+    assert not gsm8k_correct("I do not know", "18")
+    assert not gsm8k_correct(None, "18")
+    with pytest.raises(ValueError, match="not a number"):
+        gsm8k_correct("18", "eighteen")
+    assert normalise_number("18.0") == "18" and normalise_number("-0") == "0" and normalise_number("1e3") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The answer is (B)", "B"),
+        ("B.", "B"),
+        ("Answer: C", "C"),
+        ("answer: c", "C"),
+        ("the answer is b", "B"),
+        ("(d)", "D"),
+        ("B. 42 apples", "B"),
+        ("(C) Paris", "C"),
+        ("**Answer: B**", "B"),
+        ("Answer: **C**", "C"),
+        ("The correct option is d.", "D"),
+        ("\\boxed{A}", "A"),
+        ("A good question. Comparing the options, the answer is D.", "D"),
+        ("Both are wrong, so the right one is (D).", "D"),
+        ("<think>Answer: A? no.</think>Answer: B", "B"),
+        ("The answer is A or B", None),
+        ("Answer: A. Wait, no. Answer: B", None),
+        ("I think (A) or maybe (C)", None),
+        ("the answer is a bit unclear", None),
+        ("Answer: Because it is", None),
+        ("A good question.", None),
+        ("", None),
+    ],
+)
+def test_extract_choice_letter(text, expected):
+    assert extract_choice_letter(text) == expected
+
+
+# ----------------------------------------------------------------------------------------
+# The real local copies (../shared/data), when present
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not REAL_STAR1.is_file(), reason=f"STAR-1 not found at {REAL_STAR1} (set DABON_STAR1)")
+def test_real_star1_dev_split():
+    raw = json.loads(REAL_STAR1.read_text())
+    dev_ids = {f"star1-{row['id']}" for row in raw if int(row["id"]) % 5 == 0}
+    dev = load_benchmark({"name": "star1", "path": str(REAL_STAR1), "star1_split": "dev"})
+    train = load_benchmark({"name": "star1", "path": str(REAL_STAR1), "star1_split": "train"})
+    assert {r["prompt_id"] for r in dev} == dev_ids
+    assert len(dev) == 213 and len(train) == 787  # 213, not 200: ids are not 1..1000
+    assert {r["prompt_id"] for r in dev}.isdisjoint(r["prompt_id"] for r in train)
+    assert all(r["kind"] == "harmful" and r["categories"] for r in dev + train)
+
+
+@pytest.mark.skipif(not REAL_GSM8K.is_file(), reason=f"GSM8K test copy not found at {REAL_GSM8K}")
+def test_real_gsm8k_test():
+    records = load_benchmark({"name": "gsm8k", "path": str(REAL_GSM8K)})
+    assert len(records) == 1319 and len({r["prompt_id"] for r in records}) == 1319
+    for record in records:
+        Decimal(record["reference"])  # every reference parses as a number
+    # The data set's own worked answers score as correct against their references.
+    answers = [json.loads(line)["answer"] for line in REAL_GSM8K.read_text().splitlines() if line.strip()]
+    assert all(gsm8k_correct(answer, record["reference"]) for answer, record in zip(answers, records))

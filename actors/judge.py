@@ -77,7 +77,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Literal, Sequence
 
 from actors.models import ModelBundle, ModelSpec, load_models
-from actors.settings import get_logger
+from actors.rows import to_plain
+from actors.settings import get_logger, secret_from_env
 
 logger = get_logger(__name__)
 
@@ -676,9 +677,7 @@ class OpenAIJudge(Judge):
         if max_retries < 0 or max_concurrency < 1 or timeout_s <= 0 or backoff_s < 0:
             raise ValueError("expected max_retries >= 0, max_concurrency >= 1, timeout_s > 0, backoff_s >= 0")
         if api_key is None and api_key_env:
-            api_key = os.environ.get(api_key_env)
-            if not api_key:
-                raise ValueError(f"api_key_env: environment variable {api_key_env!r} is not set")
+            api_key = secret_from_env(api_key_env)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.mode = mode
@@ -816,14 +815,6 @@ def build_judge(name: str, **options: Any) -> Judge:
     return factory(**options)
 
 
-def _plain(value: Any) -> Any:
-    """numpy arrays and scalars from Ray Data batches -> plain Python lists and scalars."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
 
 class JudgeWorker:
     """Callable class for ``Dataset.map_batches``: judges the N responses of each row.
@@ -854,10 +845,10 @@ class JudgeWorker:
         for column in (self.prompt_column, self.responses_column):
             if column not in batch:
                 raise KeyError(f"judge: the batch has no column {column!r} (columns: {sorted(batch)})")
-        prompts = _plain(batch[self.prompt_column])
-        candidates = [_plain(row) for row in batch[self.responses_column]]
+        prompts = to_plain(batch[self.prompt_column])
+        candidates = [to_plain(row) for row in batch[self.responses_column]]
         verdicts = self.judge.judge_candidates(prompts, candidates)
-        out = {key: _plain(values) for key, values in batch.items()}
+        out = {key: to_plain(values) for key, values in batch.items()}
         out["unsafe"] = [[v.unsafe for v in row] for row in verdicts]
         out["judge_score"] = [[v.score for v in row] for row in verdicts]
         out["judge_raw"] = [[v.raw for v in row] for row in verdicts]

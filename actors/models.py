@@ -34,7 +34,7 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from actors.settings import get_logger, model_cache_dir
+from actors.settings import get_logger, hub_offline, model_cache_dir
 
 logger = get_logger(__name__)
 
@@ -164,11 +164,6 @@ def resolve_model(name: str) -> ResolvedModel:
             f"model {name!r} is neither an existing path, the alias {EMBEDDED_ALIAS!r}, nor a Hub id of the form org/name"
         )
     return ResolvedModel(name, "hub", name)
-
-
-def hub_offline() -> bool:
-    """True when the Hugging Face Hub must not be contacted (``HF_HUB_OFFLINE``)."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
 def _hub_error(name: str, err: Exception) -> ModelLoadError:

@@ -80,8 +80,9 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.chat import Prompt, chat_messages, prompt_token_ids
-from actors.models import ModelBundle, ModelLoadError, ModelSpec, hub_offline, load_models, load_tokenizer, local_model_dir
-from actors.settings import get_logger
+from actors.models import ModelBundle, ModelLoadError, ModelSpec, load_models, load_tokenizer, local_model_dir
+from actors.rows import to_plain
+from actors.settings import get_logger, hub_offline, secret_from_env
 
 logger = get_logger(__name__)
 
@@ -182,16 +183,6 @@ def _chunk_seed(seed: int, chunk: Sequence[Sequence[int]]) -> int:
     digest = hashlib.sha256(json.dumps([seed, [list(ids) for ids in chunk]]).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
-
-def _plain(value: Any) -> Any:
-    """numpy arrays and scalars from Ray Data batches -> plain Python lists, ints and strings."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 # ----------------------------------------------------------------------------------------
@@ -568,7 +559,7 @@ def vllm_processor_preprocess(row: dict[str, Any], sampling_kwargs: dict[str, An
     out = {key: value for key, value in row.items() if key != "prompt"}
     if "prompt" in row:
         out[VLLM_PROMPT_CARRY_COLUMN] = row["prompt"]
-    out.update(tokenized_prompt=[int(t) for t in _plain(row["prompt_ids"])], sampling_params=params)
+    out.update(tokenized_prompt=[int(t) for t in to_plain(row["prompt_ids"])], sampling_params=params)
     if lora_name:
         out["model"] = lora_name
     return out
@@ -580,7 +571,7 @@ def vllm_processor_postprocess(row: dict[str, Any], stop_ids: Sequence[int]) -> 
     The stage returns no finish reason: a sample that ends with a stop id stopped (the id is
     dropped), any other ended at a length limit (``max_tokens`` or the model's context).
     """
-    generated = [int(t) for t in (_plain(row.get("generated_tokens")) or [])]
+    generated = [int(t) for t in (to_plain(row.get("generated_tokens")) or [])]
     stopped = bool(generated) and generated[-1] in set(stop_ids)
     sample = _completion_sample(generated, str(row.get("generated_text") or ""), "stop" if stopped else "length", stop_ids)
     out = {key: value for key, value in row.items() if key not in VLLM_PROCESSOR_COLUMNS and key != VLLM_PROMPT_CARRY_COLUMN}
@@ -594,7 +585,7 @@ def collect_vllm_processor_samples(group: dict[str, Any]) -> dict[str, list[Any]
     """One prompt's sample rows (``groupby(id).map_groups``, numpy format) -> one row with N-lists
     ``responses`` / ``response_ids`` / ``finish_reasons`` in ``sample_index`` order; the other
     columns are taken from the first sample."""
-    rows = {key: _plain(values) for key, values in group.items()}
+    rows = {key: to_plain(values) for key, values in group.items()}
     order = sorted(range(len(rows["sample_index"])), key=lambda i: rows["sample_index"][i])
     per_sample = ("sample_index", "response", "response_ids", "finish_reason")
     out: dict[str, list[Any]] = {key: [values[order[0]]] for key, values in rows.items() if key not in per_sample}
@@ -615,7 +606,7 @@ class PromptEncoder:
         self.prompt_column = prompt_column
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = {key: _plain(values) for key, values in batch.items()}
+        out = {key: to_plain(values) for key, values in batch.items()}
         out["prompt_ids"] = [
             prompt_token_ids(self.tokenizer, prompt, self.config.system_prompt, self.config.response_prefix)
             for prompt in out[self.prompt_column]
@@ -786,9 +777,7 @@ class OpenAIBackend(SamplerBackend):
         self.url = (root if root.endswith("/v1") else root + "/v1") + "/chat/completions"
         self.model = model
         if api_key is None and api_key_env:
-            api_key = os.environ.get(api_key_env)
-            if not api_key:
-                raise ValueError(f"api_key_env: the environment variable {api_key_env!r} is not set or empty")
+            api_key = secret_from_env(api_key_env)
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -934,7 +923,7 @@ class SamplerWorker:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.prompt_column not in batch:
             raise KeyError(f"prompt_column: the batch has no column {self.prompt_column!r} (columns: {sorted(batch)})")
-        out = {key: _plain(values) for key, values in batch.items()}
+        out = {key: to_plain(values) for key, values in batch.items()}
         result = self.sampler.sample_with_ids(out[self.prompt_column])
         if result.prompt_ids is not None:
             out["prompt_ids"] = result.prompt_ids

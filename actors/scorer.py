@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.chat import Prompt, Response, prompt_token_ids, response_token_ids
 from actors.models import ModelBundle, ModelSpec, load_models
+from actors.rows import to_plain
 
 METRICS = ("latent_sim", "kl", "perplexity", "self_certainty")
 TOKEN_METRICS = ("kl", "perplexity", "self_certainty")
@@ -554,11 +555,11 @@ class ScorerWorker:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         # exact token ids (e.g. from the sampler) take precedence over text
         if "prompt_ids" in batch:
-            prompts = [_plain(p) for p in batch["prompt_ids"]]
+            prompts = [to_plain(p) for p in batch["prompt_ids"]]
         else:
-            prompts = [_plain(p) for p in batch[self.prompt_column]]
+            prompts = [to_plain(p) for p in batch[self.prompt_column]]
         column = "response_ids" if "response_ids" in batch else self.responses_column
-        responses = [[_plain(r) for r in candidates] for candidates in batch[column]]
+        responses = [[to_plain(r) for r in candidates] for candidates in batch[column]]
         scores = self.scorer.score_batch(prompts, responses)
         out = {key: list(values) for key, values in batch.items()}
         config = self.scorer.config
@@ -570,14 +571,6 @@ class ScorerWorker:
                 out[metric] = [row[metric] for row in scores]
         return out
 
-
-def _plain(value: Any) -> Any:
-    """numpy arrays and scalars from Ray Data batches -> plain Python lists and ints."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
 
 
 def scorer_actor(num_cpus: float = 1, num_gpus: float = 0) -> Any:

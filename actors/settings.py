@@ -3,6 +3,9 @@
 ``DABON_CACHE_DIR``: where de-quantised GGUF models are kept
 (default ``$XDG_CACHE_HOME/dabon`` or ``~/.cache/dabon``).
 ``DABON_LOG_LEVEL``: log level of dabon's loggers (default ``INFO``).
+``DABON_STAR1``: a local copy of STAR-1 (JSON), used when a recipe gives no path.
+``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``: never contact the Hugging Face Hub.
+API keys are read from the environment variable a config names (``api_key_env``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,37 @@ def cache_dir() -> Path:
 def model_cache_dir() -> Path:
     """Where materialised (de-quantised) models live."""
     return cache_dir() / "models"
+
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def hub_offline_reason() -> str | None:
+    """``"HF_HUB_OFFLINE=1"`` (or ``HF_DATASETS_OFFLINE=...``) when the Hub must not be contacted, else ``None``."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        value = os.environ.get(name, "").strip()
+        if value.lower() in _TRUE:
+            return f"{name}={value}"
+    return None
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face Hub must not be contacted (``HF_HUB_OFFLINE``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in _TRUE
+
+
+def star1_path() -> Path | None:
+    """``$DABON_STAR1``: a local STAR-1 JSON file, or ``None`` when unset."""
+    value = os.environ.get("DABON_STAR1")
+    return Path(value).expanduser() if value else None
+
+
+def secret_from_env(variable: str, option: str = "api_key_env") -> str:
+    """The value of the environment variable named by ``option`` (secrets never go on a command line)."""
+    value = os.environ.get(variable, "")
+    if not value:
+        raise ValueError(f"{option}: the environment variable {variable!r} is not set or empty")
+    return value
 
 
 def get_logger(name: str) -> logging.Logger:

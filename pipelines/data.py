@@ -48,7 +48,7 @@ Per-benchmark rules:
   every row is ``harmful``; a row labelled ``benign`` is an error rather than a silent guess.
   Split rule (``../shared/data/README.md``): a row whose ``id`` (a string of digits) is divisible
   by 5 is **dev** (213 of the 1000), every other row is **train**. The default path is
-  ``$DABON_STAR1`` (see ``star1_default_path``). ``star1_split`` defaults to ``dev`` so that
+  ``$DABON_STAR1`` (see ``actors.settings.star1_path``). ``star1_split`` defaults to ``dev`` so that
   training prompts never reach a development evaluation by accident.
 - **MMLU**: ``subjects`` (default ``PAPER_MMLU_SUBJECTS``, 966 questions); a local ``path`` is
   either one file with a ``subject`` column, or a directory holding ``<subject>.<ext>`` or
@@ -81,7 +81,7 @@ from typing import Any, Callable, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from actors.settings import get_logger
+from actors.settings import get_logger, hub_offline_reason, star1_path
 
 logger = get_logger(__name__)
 
@@ -251,21 +251,6 @@ class BenchmarkSpec(BaseModel):
 # ----------------------------------------------------------------------------------------
 
 
-def star1_default_path() -> Path | None:
-    """``$DABON_STAR1`` as a path, or ``None`` when unset (then STAR-1 comes from the Hub)."""
-    value = os.environ.get("DABON_STAR1")
-    return Path(value).expanduser() if value else None
-
-
-def hub_offline() -> str | None:
-    """``"HF_HUB_OFFLINE=1"`` (or ``HF_DATASETS_OFFLINE=...``) when the environment forbids the Hub, else ``None``."""
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        value = os.environ.get(name, "").strip()
-        if value.lower() in {"1", "true", "yes", "on"}:
-            return f"{name}={value}"
-    return None
-
-
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a local JSON (a list of objects), JSONL, CSV, TSV or Parquet file, in file order.
 
@@ -344,7 +329,7 @@ def read_hub_rows(benchmark: str, source: HubSource, config: str | None = None) 
     except Exception as err:  # datasets raises many types; each becomes one clear message
         names = [cls.__name__ for cls in type(err).__mro__]
         unreachable = any(key in name for name in names for key in ("Connect", "Timeout", "Offline"))
-        offline = hub_offline()
+        offline = hub_offline_reason()
         if offline or unreachable:
             reason = offline or f"{type(err).__name__}: {err}"
             raise DataLoadError(
@@ -592,7 +577,7 @@ def star1_is_dev(star1_id: Any) -> bool:
 
 def _star1_records(spec: BenchmarkSpec) -> tuple[list[tuple[PromptRecord, dict[str, Any], int]], str]:
     """((record, source row, row index) of the chosen STAR-1 split in file order, where the rows came from)."""
-    rows, where = _rows_for(spec, default_path=star1_default_path())
+    rows, where = _rows_for(spec, default_path=star1_path())
     column = _pick_column(rows, (spec.prompt_column or "question",), where)
     _pick_column(rows, ("id",), where)
     split = spec.star1_split or "dev"

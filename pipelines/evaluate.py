@@ -29,6 +29,7 @@ from typing import Any, Iterable, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.models import EMBEDDED_ALIAS, ModelSpec
+from actors.rows import to_plain
 from actors.scorer import ScorerConfig, ScorerWorker
 from actors.settings import get_logger
 from pipelines.config import ConfigError, build_config, read_yaml, save_config
@@ -229,15 +230,6 @@ def write_shard(samples_dir: Path, name: str, rows: list[dict[str, Any]]) -> Pat
     return target
 
 
-def _plain(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
 
 # ----------------------------------------------------------------------------------------
 # The Ray Data pipeline
@@ -390,7 +382,7 @@ def run_evaluation(config: EvalConfig, overwrite: bool = False, progress: bool =
             dataset = build_dataset(config, todo)
             with tqdm(total=len(pending), unit="shard", desc="shards written", disable=not progress) as bar:
                 for row in dataset.iter_rows():
-                    row = _plain(dict(row))
+                    row = to_plain(dict(row))
                     name = row["shard"]
                     collected[name].append(row)
                     if len(collected[name]) == expected[name]:

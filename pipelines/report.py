@@ -60,6 +60,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.selection import select_best_of_n
+from actors.rows import to_plain
 from actors.settings import get_logger
 
 logger = get_logger(__name__)
@@ -156,12 +157,9 @@ def _is_missing(value: Any) -> bool:
 
 def _plain(value: Any) -> Any:
     """Numpy arrays and scalars (as pandas hands them out) -> Python lists and scalars; NaN -> None."""
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
+    value = to_plain(value)
+    if isinstance(value, list):
         return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
     return None if _is_missing(value) else value
 
 

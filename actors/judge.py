@@ -69,7 +69,6 @@ import abc
 import copy
 import dataclasses
 import inspect
-import os
 import random
 import re
 import time

@@ -69,7 +69,6 @@ import email.utils
 import functools
 import hashlib
 import json
-import os
 import random
 import threading
 import time

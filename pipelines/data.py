@@ -71,7 +71,6 @@ from __future__ import annotations
 import csv
 import difflib
 import json
-import os
 import random
 import re
 from dataclasses import dataclass, field

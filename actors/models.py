@@ -443,17 +443,26 @@ class ModelBundle:
             yield self.model
 
 
+def tokenizer_source(spec: ModelSpec) -> str:
+    """Where the tokenizer of ``spec`` lives: an adapter that ships one (it added tokens), else the base."""
+    if spec.adapter and (Path(spec.adapter).expanduser() / "tokenizer_config.json").is_file():
+        return str(Path(spec.adapter).expanduser())
+    return spec.base
+
+
+def load_spec_tokenizer(spec: ModelSpec) -> Any:
+    """The tokenizer ``load_models(spec)`` loads, without loading any weights."""
+    return load_tokenizer(tokenizer_source(spec), spec.trust_remote_code)
+
+
 def load_models(spec: ModelSpec) -> ModelBundle:
     """Load tokenizer and models for a spec (see ``ModelBundle``); errors are ``ModelLoadError``."""
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    tokenizer_source = spec.base
     adapter_dir = Path(spec.adapter).expanduser() if spec.adapter else None
     if adapter_dir is not None and not adapter_dir.is_dir():
         raise ModelLoadError(f"adapter path {spec.adapter!r} does not exist or is not a directory")
-    if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():
-        tokenizer_source = str(adapter_dir)  # an adapter that added tokens ships its tokenizer
-    tokenizer = load_tokenizer(tokenizer_source, spec.trust_remote_code)
+    tokenizer = load_spec_tokenizer(spec)
     base = load_causal_lm(spec.base, dtype, device, spec.trust_remote_code)
     if spec.adapter:
         from peft import PeftModel

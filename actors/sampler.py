@@ -79,7 +79,9 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.chat import Prompt, chat_messages, prompt_token_ids
-from actors.models import ModelBundle, ModelLoadError, ModelSpec, load_models, load_tokenizer, local_model_dir
+from actors.models import (
+    ModelBundle, ModelLoadError, ModelSpec, load_models, load_spec_tokenizer, local_model_dir, tokenizer_source,
+)
 from actors.rows import to_plain
 from actors.settings import get_logger, hub_offline, secret_from_env
 
@@ -422,18 +424,6 @@ def _adapter_rank(adapter_dir: Path) -> int:
     return max(ranks)
 
 
-def _tokenizer_source(spec: ModelSpec) -> str:
-    """Where the tokenizer of ``spec`` lives: an adapter that ships one (added tokens), else the base."""
-    if spec.adapter and (Path(spec.adapter).expanduser() / "tokenizer_config.json").is_file():
-        return str(Path(spec.adapter).expanduser())
-    return spec.base
-
-
-def load_spec_tokenizer(spec: ModelSpec) -> Any:
-    """The tokenizer ``load_models(spec)`` would load, without loading any weights."""
-    return load_tokenizer(_tokenizer_source(spec), spec.trust_remote_code)
-
-
 def vllm_engine_kwargs(spec: ModelSpec, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments of ``vllm.LLM`` for ``spec`` (overrides win).
 
@@ -457,7 +447,7 @@ def vllm_engine_kwargs(spec: ModelSpec, **overrides: Any) -> dict[str, Any]:
         if not fitting:
             raise ModelLoadError(f"adapter {spec.adapter!r} has LoRA rank {rank}; vLLM supports at most {VLLM_LORA_RANKS[-1]}")
         kwargs["max_lora_rank"] = fitting[0]
-        if _tokenizer_source(spec) != spec.base:
+        if tokenizer_source(spec) != spec.base:
             kwargs["tokenizer"] = str(adapter_dir)
     kwargs.update(overrides)
     return kwargs

@@ -65,25 +65,21 @@ import abc
 import concurrent.futures
 import contextlib
 import dataclasses
-import email.utils
 import functools
 import hashlib
 import json
-import random
-import threading
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.chat import Prompt, chat_messages, prompt_token_ids
+from actors.endpoint import ChatEndpoint, EndpointError
 from actors.models import (
     ModelBundle, ModelLoadError, ModelSpec, load_models, load_spec_tokenizer, local_model_dir, tokenizer_source,
 )
 from actors.rows import to_plain
-from actors.settings import get_logger, hub_offline, secret_from_env
+from actors.settings import get_logger, hub_offline
 
 logger = get_logger(__name__)
 
@@ -653,14 +649,6 @@ def build_vllm_processor(
 # ----------------------------------------------------------------------------------------
 
 
-class OpenAIRequestError(RuntimeError):
-    """A chat completion request failed; ``status`` is the HTTP status (``None`` without an answer)."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 def chat_request_body(model: str, messages: list[dict[str, str]], config: SamplingConfig) -> dict[str, Any]:
     """JSON body of ``POST /v1/chat/completions`` for one prompt and N samples.
 
@@ -688,48 +676,17 @@ def parse_chat_response(payload: Any, n: int) -> list[Sample]:
     """``choices[].message.content`` and ``finish_reason`` -> N ``Sample`` (``token_ids=None``)."""
     choices = payload.get("choices") if isinstance(payload, dict) else None
     if not isinstance(choices, list):
-        raise OpenAIRequestError(f"the server's answer has no choices list: {str(payload)[:300]}")
+        raise EndpointError(f"the server's answer has no choices list: {str(payload)[:300]}")
     if len(choices) != n:
-        raise OpenAIRequestError(f"the server returned {len(choices)} choices for n={n} (does it support n?)")
+        raise EndpointError(f"the server returned {len(choices)} choices for n={n} (does it support n?)")
     samples = []
     for choice in sorted(choices, key=lambda c: c.get("index", 0)):
         reason = choice.get("finish_reason")
         if reason not in FINISH_REASONS:
-            raise OpenAIRequestError(f"the server finished a sample with finish_reason={reason!r}; expected 'stop' or 'length'")
+            raise EndpointError(f"the server finished a sample with finish_reason={reason!r}; expected 'stop' or 'length'")
         content = (choice.get("message") or {}).get("content") or ""
         samples.append(Sample(None, content, reason))
     return samples
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta seconds or an HTTP date), ``None`` if absent or unreadable."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-
-
-def _server_message(response: Any) -> str:
-    """The error message of an HTTP error answer (OpenAI, vLLM or FastAPI shape), else its text."""
-    try:
-        payload = response.json()
-    except ValueError:
-        return response.text[:500]
-    if isinstance(payload, dict):
-        error = payload.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        for key in ("message", "detail", "error"):
-            if payload.get(key):
-                return str(payload[key])
-    return str(payload)[:500]
 
 
 class OpenAIBackend(SamplerBackend):
@@ -760,64 +717,16 @@ class OpenAIBackend(SamplerBackend):
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
     ) -> None:
-        if max_concurrency < 1 or max_retries < 0 or timeout_s <= 0:
-            raise ValueError("max_concurrency must be >= 1, max_retries >= 0 and timeout_s > 0")
-        root = base_url.rstrip("/")
-        self.url = (root if root.endswith("/v1") else root + "/v1") + "/chat/completions"
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        self.endpoint = ChatEndpoint(base_url, api_key, api_key_env, timeout_s, max_retries, backoff_s, max_backoff_s)
+        self.url = self.endpoint.url
         self.model = model
-        if api_key is None and api_key_env:
-            api_key = secret_from_env(api_key_env)
-        self._headers = {"Content-Type": "application/json"}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
         self.max_concurrency = max_concurrency
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self._local = threading.local()  # one requests.Session per worker thread
-
-    def _session(self) -> Any:
-        import requests
-
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-        return session
-
-    def _backoff(self, attempt: int) -> float:
-        return min(self.max_backoff_s, self.backoff_s * (2**attempt)) * (1.0 + 0.25 * random.random())
 
     def complete(self, body: dict[str, Any]) -> list[Sample]:
         """One request with retries (see class doc) -> its samples."""
-        import requests
-
-        last_error = ""
-        for attempt in range(self.max_retries + 1):
-            try:
-                response = self._session().post(self.url, json=body, headers=self._headers, timeout=self.timeout_s)
-            except requests.Timeout:
-                last_error, delay, status = f"timed out after {self.timeout_s} s", self._backoff(attempt), None
-            except requests.ConnectionError as err:
-                last_error, delay, status = f"connection error: {err}", self._backoff(attempt), None
-            else:
-                status = response.status_code
-                if status == 200:
-                    try:
-                        payload = response.json()
-                    except ValueError as err:
-                        raise OpenAIRequestError(f"{self.url} answered 200 with a body that is not JSON: {err}", 200) from err
-                    return parse_chat_response(payload, body["n"])
-                message = _server_message(response)
-                if status != 429 and status < 500:
-                    raise OpenAIRequestError(f"{self.url} answered HTTP {status}: {message}", status)
-                last_error = f"HTTP {status}: {message}"
-                waited = retry_after_seconds(response.headers.get("Retry-After"))
-                delay = min(self.max_backoff_s, waited) if waited is not None else self._backoff(attempt)
-            if attempt < self.max_retries:
-                logger.warning("%s: %s; retry %d/%d in %.2f s", self.url, last_error, attempt + 1, self.max_retries, delay)
-                time.sleep(delay)
-        raise OpenAIRequestError(f"{self.url} failed after {self.max_retries + 1} attempts: {last_error}", status)
+        return parse_chat_response(self.endpoint.post(body), body["n"])
 
     def generate(self, prompt_ids, config, messages=None):
         if messages is None:

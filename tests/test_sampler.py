@@ -20,11 +20,11 @@ import pytest
 from pydantic import ValidationError
 
 from actors.chat import prompt_token_ids
+from actors.endpoint import EndpointError, retry_after_seconds
 from actors.models import ModelBundle, ModelSpec, load_models
 from actors.sampler import (
     HFBackend,
     OpenAIBackend,
-    OpenAIRequestError,
     PromptEncoder,
     Sample,
     Sampler,
@@ -38,7 +38,6 @@ from actors.sampler import (
     collect_vllm_processor_samples,
     expand_rows_for_vllm,
     parse_vllm_outputs,
-    retry_after_seconds,
     vllm_engine_kwargs,
     vllm_processor_postprocess,
     vllm_processor_preprocess,
@@ -492,7 +491,7 @@ def test_openai_retries_429_and_5xx_and_respects_retry_after(openai_server, smol
 def test_openai_client_errors_are_not_retried(openai_server):
     openai_server.state["bad"] = 0
     backend = OpenAIBackend(openai_server.url + "/bad", "tiny", max_retries=3)
-    with pytest.raises(OpenAIRequestError, match="HTTP 400: max_tokens is too large for this model") as info:
+    with pytest.raises(EndpointError, match="HTTP 400: max_tokens is too large for this model") as info:
         Sampler(backend, None, SamplingConfig(n=1)).sample(["hi"])
     assert info.value.status == 400 and openai_server.state["bad"] == 1
 
@@ -501,12 +500,12 @@ def test_openai_timeouts_and_connection_errors_are_retried_then_raised(openai_se
     openai_server.state["slow"] = 0
     slow = OpenAIBackend(openai_server.url + "/slow", "tiny", timeout_s=0.2, max_retries=1, backoff_s=0.01)
     started = time.monotonic()
-    with pytest.raises(OpenAIRequestError, match="failed after 2 attempts: timed out after 0.2 s"):
+    with pytest.raises(EndpointError, match="failed after 2 attempts: timed out after 0.2 s"):
         Sampler(slow, None, SamplingConfig(n=1)).sample(["hi"])
     assert time.monotonic() - started < 1.0 and openai_server.state["slow"] == 2
 
     closed = OpenAIBackend(f"http://127.0.0.1:{free_port()}", "tiny", max_retries=1, backoff_s=0.01)
-    with pytest.raises(OpenAIRequestError, match="failed after 2 attempts: connection error"):
+    with pytest.raises(EndpointError, match="failed after 2 attempts: connection error"):
         Sampler(closed, None, SamplingConfig(n=1)).sample(["hi"])
 
 

@@ -8,8 +8,8 @@ Run from the repository root (CPU is fine; default sizes take a few minutes on 2
 What it does, on SmolLM2-135M-Instruct (``smollm2-135m-instruct``):
 
 1. builds (once, then reuses from the temp dir) a random, non-trivial LoRA adapter
-   (r=16, alpha=32, all attention and MLP projections, ``init_lora_weights=False``, fixed
-   seed), unless ``--adapter DIR`` names a real one;
+   (``actors.models.write_random_adapter``: r=16, alpha=32, all attention and MLP projections,
+   fixed seed), unless ``--adapter DIR`` names a real one;
 2. builds the input: ``--prompts`` STAR-1 questions (chat-templated), each with ``--n``
    responses whose token lengths are uniform in [``--min-len``, ``--max-len``] (seeded), made by
    truncating the token ids of STAR-1 response texts (synthetic text when STAR-1 is absent);
@@ -66,26 +66,21 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def default_star1() -> str:
     """``$DABON_STAR1``, else ``../shared/data/STAR-1.json`` relative to the repository root."""
-    return os.environ.get("DABON_STAR1") or str(REPO.parent / "shared" / "data" / "STAR-1.json")
+    from actors.settings import star1_path
+
+    return str(star1_path() or REPO.parent / "shared" / "data" / "STAR-1.json")
 
 
 def build_adapter(base: str, seed: int, directory: Path | None = None) -> Path:
-    """A random LoRA adapter for ``base`` (see module doc), saved once and reused by later runs."""
-    directory = directory or Path(tempfile.gettempdir()) / f"dabon-bench-lora-r16-seed{seed}"
+    """A random LoRA adapter for ``base`` (``write_random_adapter``), saved once and reused by later runs."""
+    from actors.models import write_random_adapter
+
+    directory = directory or Path(tempfile.gettempdir()) / f"dabon-bench-random-lora-r16-seed{seed}"
     if (directory / "adapter_config.json").is_file() and (directory / "adapter_model.safetensors").is_file():
         return directory
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from actors.models import load_causal_lm
-
-    torch.manual_seed(seed)
-    model = load_causal_lm(base, torch.float32, "cpu")
-    config = LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS, init_lora_weights=False)
-    peft_model = get_peft_model(model, config)
     # write into a sibling temp dir and rename, so a crashed run never leaves a half adapter
     staging = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
-    peft_model.save_pretrained(str(staging))
+    write_random_adapter(base, staging, rank=16, alpha=32, seed=seed, target_modules=LORA_TARGETS)
     if directory.exists():
         import shutil
 
@@ -333,10 +328,6 @@ def whole_process(args: argparse.Namespace, adapter: Path, tokenizer: Any, promp
 # ----------------------------------------------------------------------------------------
 
 
-def _argmin(values: Sequence[float]) -> int:
-    return min(range(len(values)), key=values.__getitem__)
-
-
 def _max_abs_diff(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> float:
     return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
 
@@ -366,12 +357,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Build adapter and input, run both sides, print the report (see module doc)."""
     args = parse_args(argv)
     from actors.models import load_tokenizer
+    from actors.selection import argmin_index
 
     if args.adapter:
         adapter, adapter_note = Path(args.adapter), f"given adapter {args.adapter}"
     else:
         adapter = build_adapter(BASE, args.seed)
-        adapter_note = (f"RANDOM LoRA (r=16, alpha=32, 7 projections, init_lora_weights=False, seed {args.seed}) "
+        adapter_note = (f"RANDOM LoRA (write_random_adapter: r=16, alpha=32, 7 projections, seed {args.seed}) "
                         f"at {adapter}: speed is real, similarity values are not meaningful")
     tokenizer = load_tokenizer(BASE)
     questions, responses, source = load_texts(args.star1, args.seed)
@@ -426,8 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"max |ours - paper-style, position -1 (bug)| = {_max_abs_diff(mine, buggy):.3e}  (the padding bug's error)")
     spread = max(max(row) - min(row) for row in mine)
     print(f"largest spread of latent_sim among one prompt's candidates (ours): {spread:.3e}")
-    changed_fixed = sum(_argmin(a) != _argmin(b) for a, b in zip(mine, fixed))
-    changed_buggy = sum(_argmin(a) != _argmin(b) for a, b in zip(mine, buggy))
+    changed_fixed = sum(argmin_index(a) != argmin_index(b) for a, b in zip(mine, fixed))
+    changed_buggy = sum(argmin_index(a) != argmin_index(b) for a, b in zip(mine, buggy))
     print(f"argmin changed: {changed_buggy}/{len(mine)} prompts under the bug; "
           f"{changed_fixed}/{len(mine)} with the true last token")
     return 0

@@ -1,8 +1,11 @@
 """The ``dabon`` command.
 
+    dabon quickstart
+    dabon distill --config recipes/quickstart.yaml [--stages generate,filter,sft,grpo]
     dabon score --adapter DIR --input IN.jsonl --output OUT.jsonl --layers 6,12
     dabon evaluate --config recipes/quickstart-eval.yaml [--n 4 --layers 6,12 ...]
     dabon report RUN_DIR
+    dabon serve [--config serve_app/config.yaml] [--adapter DIR --n 4 --layer 12 --port 8000]
     dabon random-adapter --out runs/demo/adapter
 
 ``dabon <command> --help`` describes each command's options.
@@ -18,7 +21,7 @@ from typing import Callable
 from pydantic import ValidationError
 
 from actors.models import EMBEDDED_ALIAS, ModelLoadError, write_random_adapter
-from pipelines import evaluate, report, score
+from pipelines import distill, evaluate, quickstart, report, score, serve
 from pipelines.config import ConfigError
 
 
@@ -55,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_arguments(score_parser)
     score_parser.set_defaults(run=score.run)
 
+    quickstart_parser = commands.add_parser(
+        "quickstart", help="distil SmolLM2 (CPU recipe), evaluate it with Best-of-N, print the ASR table",
+        description=quickstart.__doc__.split("\n\n")[0],
+    )
+    quickstart.add_arguments(quickstart_parser)
+    quickstart_parser.set_defaults(run=quickstart.run)
+
+    distill_parser = commands.add_parser(
+        "distill", help="teacher traces -> judge filter -> LoRA SFT (Ray Train) -> optional GRPO",
+        description=distill.__doc__.split("\n\n")[0],
+    )
+    distill.add_arguments(distill_parser)
+    distill_parser.set_defaults(run=distill.run)
+
     evaluate_parser = commands.add_parser(
         "evaluate", help="sample N answers per benchmark prompt, judge, score, and report (Ray Data)",
         description=evaluate.__doc__.split("\n\n")[0],
@@ -68,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_arguments(report_parser)
     report_parser.set_defaults(run=report.run)
+
+    serve_parser = commands.add_parser(
+        "serve", help="serve the latent-attribution Best-of-N reranker (Ray Serve, OpenAI-compatible API)",
+        description=serve.__doc__.split("\n\n")[0],
+    )
+    serve.add_arguments(serve_parser)
+    serve_parser.set_defaults(run=serve.run)
 
     adapter_parser = commands.add_parser(
         "random-adapter",

@@ -1,0 +1,238 @@
+"""``dabon serve``: the Best-of-N reranker (``serve_app``) on Ray Serve, on this machine or a cluster.
+
+Launch::
+
+    dabon random-adapter --out runs/demo/adapter          # once, if you have no adapter yet
+    dabon serve --adapter runs/demo/adapter                # http://127.0.0.1:8000, Ctrl-C stops it
+    dabon serve --config serve_app/config.yaml --n 8 --layer 12 --port 8001 \\
+        --set sampling.max_tokens=512 --set deployments.sampler.autoscaling_config.max_replicas=4
+    DABON_API_KEY=... dabon serve --adapter DIR --host 0.0.0.0   # another interface needs a token
+    python -m pipelines.serve ...                          # the same flags
+    dabon serve --address auto ...                          # deploy onto the running cluster instead
+
+Without ``--address`` a local Ray starts (``RAY_AUTH_MODE=disabled`` unless already set; no
+dashboard) and stops with the server. The app config is the ``args`` of one application in a
+Serve config file (default: the packaged ``serve_app/config.yaml``), with the flags and
+``--set KEY=VALUE`` dotted overrides applied on top; ``http_options`` of that file give the
+proxy's timeouts, the flags give host and port. SIGINT or SIGTERM (also while the app is still
+deploying) deletes the app, shuts Serve (and a local Ray) down and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ipaddress
+import math
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from actors.settings import get_logger
+from pipelines.config import ConfigError, apply_override, read_yaml
+
+logger = get_logger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "serve_app" / "config.yaml"
+LOOPBACK_HOSTS = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def select_application(serve_config: dict[str, Any], name: str | None) -> dict[str, Any]:
+    """The application entry named ``name`` (or the only/first one) of a Serve config mapping."""
+    applications = serve_config.get("applications")
+    if not isinstance(applications, list) or not applications:
+        raise ConfigError("the Serve config has no applications list")
+    if name is None:
+        return applications[0]
+    for application in applications:
+        if application.get("name") == name:
+            return application
+    raise ConfigError(f"--app {name!r}: no such application (have {[a.get('name') for a in applications]})")
+
+
+def app_args(application: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The application's ``args`` with the command-line flags and ``--set`` overrides applied."""
+    data = copy.deepcopy(application.get("args") or {})
+    flags = {
+        "model.base": args.base,
+        "sampling.default_n": args.n,
+        "scoring.layer": args.layer,
+    }
+    for dotted, value in flags.items():
+        if value is not None:
+            apply_override(data, f"{dotted}={value}")
+    if args.adapter is not None:
+        model = data.setdefault("model", {})
+        model["adapter"] = args.adapter
+        model.pop("finetuned", None)
+    if args.n is not None:
+        sampling = data.setdefault("sampling", {})
+        sampling["max_n"] = max(int(sampling.get("max_n", 8)), args.n)
+    for override in args.set or []:
+        apply_override(data, override)
+    return data
+
+
+def http_options(serve_config: dict[str, Any], host: str, port: int, request_timeout_s: float) -> dict[str, Any]:
+    """``serve.start`` http options: the file's, with ``host``/``port`` from the flags and a proxy
+    timeout at least 10 s beyond the ingress's own (so the ingress's JSON 504 answers first)."""
+    options = dict(serve_config.get("http_options") or {})
+    options.update(host=host, port=port)
+    proxy_timeout = options.get("request_timeout_s")
+    if proxy_timeout is None or proxy_timeout < request_timeout_s + 10:
+        options["request_timeout_s"] = math.ceil(request_timeout_s + 10)
+    return options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``dabon serve`` options."""
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                        help="Serve config file whose application args configure the app (default: serve_app/config.yaml)")
+    parser.add_argument("--app", default=None, help="application name in --config (default: the first)")
+    parser.add_argument("--base", default=None, help="base model: alias, local dir, .gguf file or Hub id")
+    parser.add_argument("--adapter", default=None, help="peft LoRA adapter directory (the fine-tuned model)")
+    parser.add_argument("--n", type=int, default=None,
+                        help="default number of candidates per request (raises sampling.max_n when larger)")
+    parser.add_argument("--layer", type=int, default=None, help="hidden-state index of the latent similarity")
+    parser.add_argument("--host", default="127.0.0.1", help="interface of Serve's HTTP proxy (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port of Serve's HTTP proxy (default 8000)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="dotted override of the app args, e.g. sampling.max_tokens=512 (repeatable)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to deploy onto (e.g. auto); default: start a local Ray")
+    parser.add_argument("--num-cpus", type=float, default=None,
+                        help="logical CPUs of a local Ray (default: the cores, or what min_replicas need if more)")
+
+
+class StopSignal:
+    """SIGINT/SIGTERM handling of ``dabon serve`` once ``install`` ran (call it right after
+    ``ray.init``, which installs Ray's own SIGTERM handler).
+
+    While the app is still starting (``serving`` false) a signal raises ``KeyboardInterrupt`` in
+    the main thread, so a deployment that would wait forever (e.g. replicas waiting for CPUs) can
+    be stopped; once serving, it only records the signal and ``wait`` returns.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.serving = False
+        self._event = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        """Route SIGINT and SIGTERM to this object (main thread only)."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self.received is None:
+            self.received = signum
+        self._event.set()
+        if not self.serving:
+            raise KeyboardInterrupt
+
+    def wait(self) -> int:
+        """Block until a signal arrived (at once if one already did); return its number."""
+        while not self._event.wait(timeout=1.0):
+            pass
+        return int(self.received or signal.SIGTERM)
+
+    def restore(self) -> None:
+        """Reinstall the handlers that ``install`` replaced."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``dabon serve`` with parsed arguments; blocks until SIGINT/SIGTERM; returns the exit code."""
+    from serve_app.app import absolute_model_paths, build_app, parse_app_config
+    from serve_app.options import required_cpus, resolve_api_token
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port: expected 1..65535, got {args.port}")
+    serve_config = read_yaml(args.config)
+    application = select_application(serve_config, args.app)
+    config = absolute_model_paths(parse_app_config(app_args(application, args)))
+    token = resolve_api_token(config.auth)  # read here only to refuse an open non-loopback port
+    if not is_loopback(args.host) and token is None:
+        raise ValueError(
+            f"--host {args.host}: serving beyond loopback needs bearer auth; set the environment variable "
+            f"{config.auth.token_env or 'named by auth.token_env'} (or auth.token_file) and keep the port behind TLS"
+        )
+    app = build_app(config)  # checks the model names and adapter before Ray starts
+
+    local = args.address is None
+    if local:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    env_vars = {str(k): str(v) for k, v in ((application.get("runtime_env") or {}).get("env_vars") or {}).items()}
+    if local:
+        # local replicas import dabon from this checkout even when it is not installed (on a
+        # cluster, dabon is installed on every node: see cluster.yaml)
+        project_root = str(Path(__file__).resolve().parents[1])
+        env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH")) if p)
+        # every deployment's min_replicas must fit; more logical CPUs than cores would only oversubscribe
+        needed = math.ceil(required_cpus(config, at="min_replicas"))
+        cpus = args.num_cpus if args.num_cpus is not None else max(float(os.cpu_count() or 1), needed)
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
+    else:
+        ray.init(address=args.address, runtime_env={"env_vars": env_vars})
+    name = application.get("name") or "dabon"
+    stop = StopSignal()
+    stop.install()
+    try:
+        serve.start(http_options=http_options(serve_config, args.host, args.port, config.serving.request_timeout_s))
+        try:
+            serve.run(app, name=name, route_prefix=application.get("route_prefix") or "/")
+        except RuntimeError as err:  # a replica failed to start; Serve's message carries its error
+            raise ValueError(f"the app did not start: {str(err).strip().splitlines()[-1]}") from err
+        stop.serving = True
+        logger.info(
+            "serving %s (%s + %s, layer %d) at http://%s:%d/v1 (auth %s); Ctrl-C stops",
+            config.serving.model_name, config.model.base, config.model.adapter or config.model.finetuned,
+            config.scoring.layer, args.host, args.port, "on" if token else "off",
+        )
+        signum = stop.wait()
+        logger.info("received %s: shutting down", signal.Signals(signum).name)
+    except KeyboardInterrupt:  # a stop asked for while deploying: as clean as one after
+        logger.info("interrupted while starting: shutting down")
+    finally:
+        stop.serving = True  # a second signal during shutdown must not interrupt it
+        try:
+            if local:
+                serve.shutdown()
+            else:
+                serve.delete(name)
+        finally:
+            ray.shutdown()
+            stop.restore()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m pipelines.serve``."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.serve", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    from pipelines.cli import run_guarded
+
+    return run_guarded(run, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Every recipe in recipes/ validates against its config model (unknown keys are errors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import load_config
+from pipelines.distill import DistillConfig
+from pipelines.evaluate import EvalConfig
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("name, model", [
+    ("quickstart.yaml", DistillConfig), ("paper.yaml", DistillConfig), ("quickstart-eval.yaml", EvalConfig),
+])
+def test_recipe_validates(name, model):
+    config = load_config(model, RECIPES / name)
+    assert config.name
+
+
+def test_evaluation_prompt_matches_the_distillation_prompt():
+    distill = load_config(DistillConfig, RECIPES / "quickstart.yaml")
+    evaluation = load_config(EvalConfig, RECIPES / "quickstart-eval.yaml")
+    sampling = evaluation.sampling_config
+    assert (sampling.system_prompt, sampling.response_prefix) == (distill.prompt.system_prompt, distill.prompt.response_prefix)
+    assert evaluation.models.base == distill.student.base

@@ -778,6 +778,8 @@ class JudgeWorker:
     prompt column (str) and a responses column (N str per row). Returns every batch column as
     plain lists plus, per row, N-long lists ``unsafe`` (bool), ``judge_score``
     (float or None), ``judge_raw`` (str) and ``judge_categories`` (list of str).
+    ``response_prefix``: text the prompt already ended with (e.g. ``<think>\n``); it is put back in
+    front of each response, so an unclosed reasoning is judged as unfinished, not as an answer.
     """
 
     def __init__(
@@ -787,6 +789,7 @@ class JudgeWorker:
         prompt_column: str = "prompt",
         responses_column: str = "responses",
         torch_threads: int | None = None,
+        response_prefix: str | None = None,
     ) -> None:
         if torch_threads:
             import torch
@@ -795,13 +798,14 @@ class JudgeWorker:
         self.judge = build_judge(judge, **(options or {}))
         self.prompt_column = prompt_column
         self.responses_column = responses_column
+        self.response_prefix = response_prefix or ""
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         for column in (self.prompt_column, self.responses_column):
             if column not in batch:
                 raise KeyError(f"judge: the batch has no column {column!r} (columns: {sorted(batch)})")
         prompts = to_plain(batch[self.prompt_column])
-        candidates = [to_plain(row) for row in batch[self.responses_column]]
+        candidates = [[self.response_prefix + text for text in to_plain(row)] for row in batch[self.responses_column]]
         verdicts = self.judge.judge_candidates(prompts, candidates)
         out = {key: to_plain(values) for key, values in batch.items()}
         out["unsafe"] = [[v.unsafe for v in row] for row in verdicts]

@@ -282,7 +282,9 @@ def build_dataset(config: EvalConfig, records: list[dict[str, Any]]) -> Any:
     )
     dataset = dataset.map_batches(
         JudgeWorker,
-        fn_constructor_kwargs={"judge": config.judge.name, "options": config.judge.options},
+        fn_constructor_kwargs={
+            "judge": config.judge.name, "options": config.judge.options, "response_prefix": sampling.response_prefix,
+        },
         compute=_pool(resources.judge),
         batch_size=resources.judge.batch_size,
         num_cpus=resources.judge.num_cpus,

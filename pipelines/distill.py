@@ -70,6 +70,7 @@ from actors.rows import to_plain
 from actors.settings import get_logger
 from actors.trainer import GRPOSettings, SFTSettings, trace_text
 from pipelines.config import ConfigError, build_config, read_yaml, save_config
+from pipelines.evaluate import init_ray as start_ray
 from pipelines.evaluate import (
     JudgeConfig,
     JudgeResources,
@@ -502,30 +503,8 @@ def read_parquet_rows(paths: Iterable[Path]) -> list[dict[str, Any]]:
 
 
 def init_ray(ray_config: RayConfig) -> bool:
-    """Connect to ``ray.address`` or start a local Ray; True when started here. Worker output
-    reaches the driver, so Ray Train's loss logs and progress show during long training."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    env_vars = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DABON_CACHE_DIR", "DABON_STAR1", "HF_HOME"):
-        if name in os.environ:
-            env_vars[name] = os.environ[name]
-    repo = str(Path(__file__).resolve().parents[1])
-    env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
-    if ray_config.address:
-        ray.init(address=ray_config.address, runtime_env={"env_vars": env_vars})
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, in-process cluster
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(
-            num_cpus=ray_config.num_cpus or max(4, (os.cpu_count() or 2) + 2),
-            include_dashboard=False,
-            object_store_memory=ray_config.object_store_mb * 1024 * 1024,
-            runtime_env={"env_vars": env_vars},
-        )
-    return True
+    """``pipelines.evaluate.init_ray`` with worker output forwarded, so Ray Train's loss logs show."""
+    return start_ray(ray_config, log_to_driver=True)
 
 
 def _pool(resources_config: StageResources) -> Any:

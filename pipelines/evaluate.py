@@ -305,28 +305,32 @@ def build_dataset(config: EvalConfig, records: list[dict[str, Any]]) -> Any:
     return dataset
 
 
-def _init_ray(config: EvalConfig) -> bool:
-    """Connect to ``ray.address`` or start a local Ray in-process; True when we started it."""
+def init_ray(ray_config: RayConfig, log_to_driver: bool = False) -> bool:
+    """Connect to ``ray_config.address`` or start a local Ray in-process; True when started here.
+
+    Workers get the repository on ``PYTHONPATH`` and the offline/cache environment variables.
+    ``log_to_driver``: forward worker output (the distillation shows Ray Train's loss lines).
+    """
     import ray
 
     if ray.is_initialized():
         return False
     env_vars = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    for name in ("HF_HUB_OFFLINE", "DABON_CACHE_DIR", "HF_HOME"):
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DABON_CACHE_DIR", "DABON_STAR1", "HF_HOME"):
         if name in os.environ:
             env_vars[name] = os.environ[name]
     repo = str(Path(__file__).resolve().parents[1])
     env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
-    if config.ray.address:
-        ray.init(address=config.ray.address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+    if ray_config.address:
+        ray.init(address=ray_config.address, runtime_env={"env_vars": env_vars}, log_to_driver=log_to_driver)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, in-process cluster
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(
-            num_cpus=config.ray.num_cpus or max(4, (os.cpu_count() or 2) + 2),
+            num_cpus=ray_config.num_cpus or max(4, (os.cpu_count() or 2) + 2),
             include_dashboard=False,
-            object_store_memory=config.ray.object_store_mb * 1024 * 1024,
-            log_to_driver=False,
+            object_store_memory=ray_config.object_store_mb * 1024 * 1024,
+            log_to_driver=log_to_driver,
             runtime_env={"env_vars": env_vars},
         )
     return True
@@ -370,7 +374,7 @@ def run_evaluation(config: EvalConfig, overwrite: bool = False, progress: bool =
     pending = {name: rows for name, rows in shards.items() if not (samples_dir / name).is_file()}
     logger.info("%d prompts in %d shards; %d shards to do", len(records), len(shards), len(pending))
     if pending:
-        started = _init_ray(config)
+        started = init_ray(config.ray)
         try:
             check_resources(config, ray.cluster_resources())
             from ray.data import DataContext

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from actors.errors import UserError
 from actors.settings import get_logger, hub_offline, model_cache_dir
 
 logger = get_logger(__name__)
@@ -61,7 +62,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A model, tokenizer or adapter could not be resolved or loaded; the message says why."""
 
 
@@ -164,6 +165,23 @@ def resolve_model(name: str) -> ResolvedModel:
             f"model {name!r} is neither an existing path, the alias {EMBEDDED_ALIAS!r}, nor a Hub id of the form org/name"
         )
     return ResolvedModel(name, "hub", name)
+
+
+def check_spec(spec: ModelSpec, key: str = "model") -> None:
+    """Refuse, in the driver and before any Ray worker starts, a spec whose models or adapter
+    cannot be found: names resolve (``resolve_model``) and the adapter directory holds an
+    ``adapter_config.json``. Errors name the config ``key``."""
+    from actors import storage
+
+    for field in ("base", "finetuned"):
+        name = getattr(spec, field)
+        if name:
+            try:
+                resolve_model(name)
+            except ModelLoadError as err:
+                raise ModelLoadError(f"{key}.{field}: {err}") from None
+    if spec.adapter and not storage.is_file(storage.join(spec.adapter, "adapter_config.json")):
+        raise ModelLoadError(f"{key}.adapter: {spec.adapter!r} is not a LoRA adapter directory (no adapter_config.json there)")
 
 
 def _hub_error(name: str, err: Exception) -> ModelLoadError:

@@ -74,6 +74,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.chat import Prompt, chat_messages, prompt_token_ids
+from actors.config import PromptConfig, Strict, typed_options
 from actors.endpoint import ChatEndpoint, EndpointError
 from actors.models import (
     ModelBundle, ModelLoadError, ModelSpec, load_models, load_spec_tokenizer, local_model_dir, tokenizer_source,
@@ -97,10 +98,8 @@ class SamplingConfig(BaseModel):
 
     ``n``: samples per prompt (1..64). ``temperature``: >= 0; 0 is greedy and then ``n`` must be 1.
     ``top_p``: nucleus mass in (0, 1]. ``max_new_tokens``: most generated tokens per sample.
-    ``seed``: >= 0 (see the module doc for what it makes reproducible).
-    ``response_prefix``: text appended to the templated prompt, e.g. ``<think>``.
-    ``system_prompt``: optional system message (default: the chat template's own).
-    ``batch_prompts``: prompts per generate call of the ``hf`` backend (each gives ``n`` rows).
+    ``seed``: >= 0 (see the module doc for what it makes reproducible). The prompt itself (system
+    prompt, response prefix) is a ``PromptConfig``, shared with the judge and the scorer.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -110,9 +109,6 @@ class SamplingConfig(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(default=256, gt=0)
     seed: int = Field(default=0, ge=0)
-    response_prefix: str | None = None
-    system_prompt: str | None = None
-    batch_prompts: int = Field(default=8, gt=0)
 
     @model_validator(mode="after")
     def _greedy_is_single(self) -> "SamplingConfig":
@@ -127,6 +123,56 @@ class SamplingConfig(BaseModel):
     def greedy(self) -> bool:
         """True for greedy decoding (temperature 0)."""
         return self.temperature == 0
+
+
+class HFOptions(Strict):
+    """Options of the ``hf`` backend: ``batch_prompts`` prompts per ``generate`` call (each gives
+    ``n`` rows)."""
+
+    batch_prompts: int = Field(default=8, gt=0)
+
+
+class VLLMOptions(Strict):
+    """Options of the ``vllm`` backend: keyword arguments of the vLLM engine (``vllm.LLM`` /
+    ``EngineArgs``), e.g. ``max_model_len``, ``gpu_memory_utilization``, ``tensor_parallel_size``,
+    ``enforce_eager``. Passed through as given."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class OpenAIOptions(Strict):
+    """Options of the ``openai`` backend (see ``OpenAIBackend``): the server's ``base_url``, the
+    served ``model`` name (default: the model spec's base), ``api_key_env`` (the *name* of the
+    environment variable holding the key), timeouts, retries and concurrency."""
+
+    base_url: str
+    model: str | None = None
+    api_key_env: str | None = None
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    max_concurrency: int = Field(default=4, ge=1)
+    backoff_s: float = Field(default=0.5, ge=0)
+    max_backoff_s: float = Field(default=30.0, ge=0)
+
+
+BACKEND_OPTIONS: dict[str, type[BaseModel]] = {"hf": HFOptions, "vllm": VLLMOptions, "openai": OpenAIOptions}
+
+
+class GeneratorConfig(Strict):
+    """Which sampler backend generates (``hf`` in-process, ``vllm``, ``openai`` endpoint) and its
+    ``options`` (``HFOptions``, ``VLLMOptions`` or ``OpenAIOptions``, by backend)."""
+
+    backend: Literal["hf", "vllm", "openai"] = "hf"
+    options: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _typed_options(self) -> "GeneratorConfig":
+        self.options = typed_options(BACKEND_OPTIONS[self.backend], self.options, "options").model_dump()
+        return self
+
+    def typed(self) -> BaseModel:
+        """``options`` as the backend's options model."""
+        return BACKEND_OPTIONS[self.backend].model_validate(self.options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +236,7 @@ def _chunk_seed(seed: int, chunk: Sequence[Sequence[int]]) -> int:
 class SamplerBackend(abc.ABC):
     """Generates N samples per prompt.
 
-    ``generate(prompt_ids, config, messages)`` takes, per prompt, its token ids (``None`` as a
+    ``generate(prompt_ids, config, messages, prompt)`` takes, per prompt, its token ids (``None`` as a
     whole for backends that do not read ids) and its chat messages (``None`` for backends that do
     not read messages), and returns a list with N ``Sample`` per prompt, in prompt order.
     ``needs_token_ids`` / ``needs_messages`` tell the ``Sampler`` which of the two to build.
@@ -205,8 +251,10 @@ class SamplerBackend(abc.ABC):
         prompt_ids: list[list[int]] | None,
         config: SamplingConfig,
         messages: list[list[dict[str, str]]] | None = None,
+        prompt: PromptConfig | None = None,
     ) -> list[list[Sample]]:
-        """N samples per prompt (see class doc)."""
+        """N samples per prompt (see class doc); ``prompt`` is the prompt config the ids and
+        messages were built with (backends that send messages need its response prefix)."""
 
 
 class Sampler:
@@ -214,25 +262,25 @@ class Sampler:
 
     ``backend``: a ``SamplerBackend``. ``tokenizer``: the model's tokenizer (may be ``None`` only
     for a backend that does not need ids; then no prompt ids are returned). ``config``: a
-    ``SamplingConfig``. Prompts are strings, chat message lists, or token ids (taken as is; not
-    for backends that need messages).
+    ``SamplingConfig``. ``prompt``: the ``PromptConfig`` (system prompt, response prefix).
+    Prompts are strings, chat message lists, or token ids (taken as is; not for backends that
+    need messages).
     """
 
-    def __init__(self, backend: SamplerBackend, tokenizer: Any | None, config: SamplingConfig | dict | None = None) -> None:
+    def __init__(self, backend: SamplerBackend, tokenizer: Any | None, config: SamplingConfig | None = None,
+                 prompt: PromptConfig | None = None) -> None:
         if tokenizer is None and backend.needs_token_ids:
             raise ValueError(f"{type(backend).__name__} generates from token ids: give the model's tokenizer")
         self.backend = backend
         self.tokenizer = tokenizer
-        self.config = config if isinstance(config, SamplingConfig) else SamplingConfig(**(config or {}))
+        self.config = config or SamplingConfig()
+        self.prompt = prompt or PromptConfig()
 
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
-        """Prompt token ids: chat template + system prompt + response prefix of this config."""
+        """Prompt token ids: chat template + system prompt + response prefix of this sampler's prompt config."""
         if self.tokenizer is None:
             raise ValueError("this sampler has no tokenizer, so it cannot build prompt ids")
-        return [
-            prompt_token_ids(self.tokenizer, prompt, self.config.system_prompt, self.config.response_prefix)
-            for prompt in prompts
-        ]
+        return [prompt_token_ids(self.tokenizer, prompt, self.prompt) for prompt in prompts]
 
     def sample_with_ids(self, prompts: Sequence[Prompt]) -> SamplingResult:
         """Prompt ids and N samples per prompt (see ``SamplingResult``)."""
@@ -243,12 +291,12 @@ class Sampler:
             messages = []
             for prompt in prompts:
                 try:
-                    messages.append(chat_messages(prompt, self.config.system_prompt))  # type: ignore[arg-type]
+                    messages.append(chat_messages(prompt, self.prompt.system_prompt))  # type: ignore[arg-type]
                 except TypeError as err:
                     raise TypeError(f"{type(self.backend).__name__} sends chat messages: {err}") from err
         if not prompts:
             return SamplingResult(prompt_ids, [])
-        samples = self.backend.generate(prompt_ids, self.config, messages=messages)
+        samples = self.backend.generate(prompt_ids, self.config, messages=messages, prompt=self.prompt)
         if len(samples) != len(prompts) or any(len(row) != self.config.n for row in samples):
             raise RuntimeError(
                 f"{type(self.backend).__name__} returned {[len(row) for row in samples]} samples for "
@@ -268,11 +316,14 @@ class Sampler:
 
 class HFBackend(SamplerBackend):
     """transformers ``generate`` on the fine-tuned view of a ``ModelBundle`` (the model itself when
-    the bundle names only a base), prompts in chunks of ``config.batch_prompts`` with left padding
+    the bundle names only a base), prompts in chunks of ``batch_prompts`` with left padding
     and an attention mask, under ``torch.inference_mode``. Seeding: see the module doc."""
 
-    def __init__(self, bundle: ModelBundle) -> None:
+    def __init__(self, bundle: ModelBundle, batch_prompts: int = 8) -> None:
+        if batch_prompts < 1:
+            raise ValueError("batch_prompts: expected >= 1")
         self.bundle = bundle
+        self.batch_prompts = batch_prompts
         self.tokenizer = bundle.tokenizer
         self.stop_ids = stop_token_ids(self.tokenizer, getattr(bundle.model, "generation_config", None))
         pad = self.tokenizer.pad_token_id
@@ -306,12 +357,12 @@ class HFBackend(SamplerBackend):
             **options,
         )
 
-    def generate(self, prompt_ids, config, messages=None):
+    def generate(self, prompt_ids, config, messages=None, prompt=None):
         if prompt_ids is None:
             raise ValueError("the hf backend generates from prompt token ids; got none")
         results: list[list[Sample]] = []
-        for start in range(0, len(prompt_ids), config.batch_prompts):
-            results.extend(self._generate_chunk(prompt_ids[start : start + config.batch_prompts], config))
+        for start in range(0, len(prompt_ids), self.batch_prompts):
+            results.extend(self._generate_chunk(prompt_ids[start : start + self.batch_prompts], config))
         return results
 
     def _generate_chunk(self, chunk: Sequence[Sequence[int]], config: SamplingConfig) -> list[list[Sample]]:
@@ -504,7 +555,7 @@ class VLLMBackend(SamplerBackend):
             lora_request = LoRARequest(VLLM_ADAPTER_NAME, 1, str(Path(spec.adapter).expanduser().resolve()))
         return cls(engine, stop_ids, lora_request=lora_request)
 
-    def generate(self, prompt_ids, config, messages=None):
+    def generate(self, prompt_ids, config, messages=None, prompt=None):
         if prompt_ids is None:
             raise ValueError("the vllm backend generates from prompt token ids; got none")
         # vLLM schedules and batches itself, so all prompts go in one call (batch_prompts is for hf)
@@ -581,27 +632,23 @@ def collect_vllm_processor_samples(group: dict[str, Any]) -> dict[str, list[Any]
 
 
 class PromptEncoder:
-    """``map_batches`` callable that adds ``prompt_ids`` (``actors.chat`` with the config's system
-    prompt and response prefix) to a batch with a prompt column; loads only the tokenizer."""
+    """``map_batches`` callable that adds ``prompt_ids`` (``actors.chat`` with the prompt config)
+    to a batch with a prompt column; loads only the tokenizer."""
 
-    def __init__(self, spec: ModelSpec | dict, sampling: SamplingConfig | dict | None = None, prompt_column: str = "prompt") -> None:
-        spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
-        self.config = sampling if isinstance(sampling, SamplingConfig) else SamplingConfig(**(sampling or {}))
+    def __init__(self, spec: ModelSpec, prompt: PromptConfig | None = None, prompt_column: str = "prompt") -> None:
+        self.prompt = prompt or PromptConfig()
         self.tokenizer = load_spec_tokenizer(spec)
         self.prompt_column = prompt_column
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = {key: to_plain(values) for key, values in batch.items()}
-        out["prompt_ids"] = [
-            prompt_token_ids(self.tokenizer, prompt, self.config.system_prompt, self.config.response_prefix)
-            for prompt in out[self.prompt_column]
-        ]
+        out["prompt_ids"] = [prompt_token_ids(self.tokenizer, prompt, self.prompt) for prompt in out[self.prompt_column]]
         return out
 
 
 def build_vllm_processor(
-    spec: ModelSpec | dict,
-    config: SamplingConfig | dict,
+    spec: ModelSpec,
+    config: SamplingConfig,
     *,
     stop_ids: Iterable[int] | None = None,
     batch_size: int = 32,
@@ -618,8 +665,6 @@ def build_vllm_processor(
     """
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
-    config = config if isinstance(config, SamplingConfig) else SamplingConfig(**config)
     kwargs = vllm_engine_kwargs(spec, **(engine_kwargs or {}))
     model_source = kwargs.pop("model")
     if stop_ids is None:
@@ -649,7 +694,8 @@ def build_vllm_processor(
 # ----------------------------------------------------------------------------------------
 
 
-def chat_request_body(model: str, messages: list[dict[str, str]], config: SamplingConfig) -> dict[str, Any]:
+def chat_request_body(model: str, messages: list[dict[str, str]], config: SamplingConfig,
+                      prompt: PromptConfig | None = None) -> dict[str, Any]:
     """JSON body of ``POST /v1/chat/completions`` for one prompt and N samples.
 
     A response prefix becomes a final assistant message that the server continues (vLLM's
@@ -665,8 +711,9 @@ def chat_request_body(model: str, messages: list[dict[str, str]], config: Sampli
         "max_tokens": config.max_new_tokens,
         "seed": config.seed,
     }
-    if config.response_prefix:
-        body["messages"] = list(messages) + [{"role": "assistant", "content": config.response_prefix}]
+    prefix = (prompt or PromptConfig()).response_prefix
+    if prefix:
+        body["messages"] = list(messages) + [{"role": "assistant", "content": prefix}]
         body["continue_final_message"] = True
         body["add_generation_prompt"] = False
     return body
@@ -728,10 +775,10 @@ class OpenAIBackend(SamplerBackend):
         """One request with retries (see class doc) -> its samples."""
         return parse_chat_response(self.endpoint.post(body), body["n"])
 
-    def generate(self, prompt_ids, config, messages=None):
+    def generate(self, prompt_ids, config, messages=None, prompt=None):
         if messages is None:
             raise ValueError("the openai backend sends chat messages; got none")
-        bodies = [chat_request_body(self.model, prompt_messages, config) for prompt_messages in messages]
+        bodies = [chat_request_body(self.model, prompt_messages, config, prompt) for prompt_messages in messages]
         if not bodies:
             return []
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(bodies)))
@@ -748,47 +795,42 @@ class OpenAIBackend(SamplerBackend):
 # ----------------------------------------------------------------------------------------
 
 
-def _hf_backend(spec: ModelSpec, options: dict[str, Any]) -> tuple[SamplerBackend, Any]:
+def _hf_backend(spec: ModelSpec, options: HFOptions) -> tuple[SamplerBackend, Any]:
     bundle = load_models(spec)
-    return HFBackend(bundle, **options), bundle.tokenizer
+    return HFBackend(bundle, batch_prompts=options.batch_prompts), bundle.tokenizer
 
 
-def _vllm_backend(spec: ModelSpec, options: dict[str, Any]) -> tuple[SamplerBackend, Any]:
+def _vllm_backend(spec: ModelSpec, options: VLLMOptions) -> tuple[SamplerBackend, Any]:
     tokenizer = load_spec_tokenizer(spec)
-    return VLLMBackend.from_spec(spec, tokenizer=tokenizer, **options), tokenizer
+    return VLLMBackend.from_spec(spec, tokenizer=tokenizer, **options.model_dump()), tokenizer
 
 
-def _openai_backend(spec: ModelSpec, options: dict[str, Any]) -> tuple[SamplerBackend, Any]:
-    options = {"model": spec.base, **options}
+def _openai_backend(spec: ModelSpec, options: OpenAIOptions) -> tuple[SamplerBackend, Any]:
     try:
         tokenizer = load_spec_tokenizer(spec)
     except (ModelLoadError, OSError) as err:
         logger.warning("openai backend: no local tokenizer for %r, so no prompt_ids column (%s)", spec.base, err)
         tokenizer = None
-    return OpenAIBackend(**options), tokenizer
+    arguments = options.model_dump()
+    arguments["model"] = options.model or spec.base
+    return OpenAIBackend(**arguments), tokenizer
 
 
-BACKENDS: dict[str, Callable[[ModelSpec, dict[str, Any]], tuple[SamplerBackend, Any]]] = {
+BACKENDS: dict[str, Callable[[ModelSpec, Any], tuple[SamplerBackend, Any]]] = {
     "hf": _hf_backend,
     "vllm": _vllm_backend,
     "openai": _openai_backend,
 }
 
 
-def build_backend(name: str, spec: ModelSpec | dict, options: dict[str, Any] | None = None) -> tuple[SamplerBackend, Any]:
-    """(backend, tokenizer or ``None``) for a backend name in ``BACKENDS`` and a model spec.
-
-    ``options`` go to the backend: ``vllm`` engine kwargs; ``openai`` constructor arguments
-    (``base_url``, ``model`` (default: the spec's base), ``api_key_env``, ...); none for ``hf``.
-    """
-    if name not in BACKENDS:
-        raise ValueError(f"backend: unknown {name!r}; expected one of {', '.join(BACKENDS)}")
-    spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
-    return BACKENDS[name](spec, dict(options or {}))
+def build_backend(spec: ModelSpec, generator: GeneratorConfig | None = None) -> tuple[SamplerBackend, Any]:
+    """(backend, tokenizer or ``None``) for a ``GeneratorConfig`` (default: ``hf``) and a model spec."""
+    generator = generator or GeneratorConfig()
+    return BACKENDS[generator.backend](spec, generator.typed())
 
 
 class SamplerWorker:
-    """Plain wrapper that builds a sampler from a spec; a ``map_batches`` callable and a Ray actor class.
+    """Builds a sampler from config; a ``map_batches`` callable class.
 
     ``__call__`` takes a batch with a prompt column (strings, chat messages or token ids) and
     returns its columns as plain lists plus, per row: ``prompt_ids`` (omitted when no tokenizer
@@ -798,10 +840,10 @@ class SamplerWorker:
 
     def __init__(
         self,
-        spec: ModelSpec | dict,
-        sampling: SamplingConfig | dict | None = None,
-        backend: str = "hf",
-        backend_options: dict[str, Any] | None = None,
+        spec: ModelSpec,
+        sampling: SamplingConfig | None = None,
+        prompt: PromptConfig | None = None,
+        generator: GeneratorConfig | None = None,
         prompt_column: str = "prompt",
         torch_threads: int | None = None,
     ) -> None:
@@ -809,14 +851,9 @@ class SamplerWorker:
             import torch
 
             torch.set_num_threads(torch_threads)
-        config = sampling if isinstance(sampling, SamplingConfig) else SamplingConfig(**(sampling or {}))
-        sampler_backend, tokenizer = build_backend(backend, spec, backend_options)
-        self.sampler = Sampler(sampler_backend, tokenizer, config)
+        sampler_backend, tokenizer = build_backend(spec, generator)
+        self.sampler = Sampler(sampler_backend, tokenizer, sampling, prompt)
         self.prompt_column = prompt_column
-
-    def sample_with_ids(self, prompts: Sequence[Prompt]) -> SamplingResult:
-        """See ``Sampler.sample_with_ids``."""
-        return self.sampler.sample_with_ids(prompts)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.prompt_column not in batch:
@@ -830,10 +867,3 @@ class SamplerWorker:
             out["response_ids"] = [[sample.token_ids for sample in row] for row in result.samples]
         out["finish_reasons"] = [[sample.finish_reason for sample in row] for row in result.samples]
         return out
-
-
-def sampler_actor(num_cpus: float = 1, num_gpus: float = 0) -> Any:
-    """``SamplerWorker`` as a Ray actor class with the given resources."""
-    import ray
-
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(SamplerWorker)

@@ -35,8 +35,11 @@ from typing import Any, Iterable, Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.chat import Prompt, Response, prompt_token_ids, response_token_ids
+from actors.config import PromptConfig
+from actors.errors import UserError
 from actors.models import ModelBundle, ModelSpec, load_models
 from actors.rows import to_plain
+from actors.selection import argmin_index
 
 METRICS = ("latent_sim", "kl", "perplexity", "self_certainty")
 TOKEN_METRICS = ("kl", "perplexity", "self_certainty")
@@ -51,9 +54,8 @@ class ScorerConfig(BaseModel):
     ``max_batch_rows``: most rows in one forward batch.
     ``max_padding``: most share of a batch's cells that may be padding (padding is wasted compute;
     candidates are sorted by length, so this only splits batches of very different lengths).
-    ``response_prefix``: text appended to the templated prompt, e.g. ``<think>``.
-    ``system_prompt``: optional system message (default: the chat template's own).
     ``lm_head_chunk``: positions per LM-head chunk (bounds the memory of the logits).
+    The prompt itself (system prompt, response prefix) is the run's ``PromptConfig``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -63,8 +65,6 @@ class ScorerConfig(BaseModel):
     batch_tokens: int = Field(default=4096, gt=0)
     max_batch_rows: int = Field(default=64, gt=0)
     max_padding: float = Field(default=0.25, ge=0.0, lt=1.0)
-    response_prefix: str | None = None
-    system_prompt: str | None = None
     lm_head_chunk: int = Field(default=512, gt=0)
 
     @field_validator("metrics")
@@ -83,6 +83,14 @@ class ScorerConfig(BaseModel):
         if any(layer < 0 for layer in value):
             raise ValueError(f"layers: expected hidden-state indices >= 0, got {list(value)}")
         return tuple(sorted(set(value)))
+
+
+class ScoringInputError(UserError, ValueError):
+    """Layers, models or token ids the scorer cannot score; the message names which."""
+
+
+class UnsupportedModelError(UserError, NotImplementedError):
+    """A model architecture the scorer cannot read hidden states or logits from."""
 
 
 class _EarlyExit(Exception):
@@ -125,7 +133,7 @@ def decoder_parts(model: Any) -> tuple[Any, Any, Any]:
     layers = getattr(decoder, "layers", None)
     norm = getattr(decoder, "norm", None)
     if layers is None or norm is None:
-        raise NotImplementedError(
+        raise UnsupportedModelError(
             f"{type(inner).__name__}: scoring needs a decoder with `layers` and a final `norm` "
             "(Llama, Qwen2/3, Mistral, Gemma, Phi-3 and similar architectures)"
         )
@@ -146,28 +154,30 @@ class AttributionScorer:
     """Scores Best-of-N candidates of a fine-tuned model against its base (see module doc).
 
     ``models``: a ``ModelBundle`` with a fine-tuned model (adapter or full copy).
-    ``config``: a ``ScorerConfig``. ``score*`` methods return, per prompt, a dict with
+    ``config``: a ``ScorerConfig``. ``prompt``: the ``PromptConfig`` that text prompts are
+    encoded with (``score`` / ``score_batch``; ``score_ids`` takes ids). ``score*`` methods return, per prompt, a dict with
     ``latent_sim`` (``{layer: [N floats]}``) and any requested token metric (``[N float|None]``).
     """
 
-    def __init__(self, models: ModelBundle, config: ScorerConfig | None = None) -> None:
+    def __init__(self, models: ModelBundle, config: ScorerConfig | None = None, prompt: PromptConfig | None = None) -> None:
         import torch
 
         if not models.has_finetuned:
-            raise ValueError("scoring needs a fine-tuned model: give an adapter or a finetuned model with the base")
+            raise ScoringInputError("scoring needs a fine-tuned model: give an adapter or a finetuned model with the base")
         self.models = models
         self.config = config or ScorerConfig()
+        self.prompt = prompt or PromptConfig()
         self.tokenizer = models.tokenizer
         self.num_layers = models.num_layers
         too_deep = [layer for layer in self.config.layers if layer > self.num_layers]
         if too_deep:
-            raise ValueError(
+            raise ScoringInputError(
                 f"layers: {too_deep} out of range; this model has hidden states 0..{self.num_layers}"
             )
         metrics = self.config.metrics
         latent = self.config.layers if "latent_sim" in metrics else ()
         if "latent_sim" in metrics and not latent:
-            raise ValueError("layers: latent_sim needs at least one layer")
+            raise ScoringInputError("layers: latent_sim needs at least one layer")
         token = any(metric in metrics for metric in TOKEN_METRICS)
         self.plans = {
             "finetuned": _Plan(latent, token, self.num_layers),
@@ -183,17 +193,15 @@ class AttributionScorer:
         self._head_checked = False
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec | dict, config: ScorerConfig | dict | None = None) -> "AttributionScorer":
+    def from_spec(cls, spec: ModelSpec, config: ScorerConfig | None = None, prompt: PromptConfig | None = None) -> "AttributionScorer":
         """Load the models of ``spec`` and build a scorer."""
-        spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
-        config = config if isinstance(config, ScorerConfig) or config is None else ScorerConfig(**config)
-        return cls(load_models(spec), config)
+        return cls(load_models(spec), config, prompt)
 
     # ------------------------------------------------------------------ encoding
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Prompt token ids (``actors.chat.prompt_token_ids`` with this scorer's system prompt and prefix)."""
-        return prompt_token_ids(self.tokenizer, prompt, self.config.system_prompt, self.config.response_prefix)
+        """Prompt token ids (``actors.chat.prompt_token_ids`` with this scorer's prompt config)."""
+        return prompt_token_ids(self.tokenizer, prompt, self.prompt)
 
     def encode_response(self, response: Response) -> list[int]:
         """Response token ids (``actors.chat.response_token_ids``)."""
@@ -219,11 +227,11 @@ class AttributionScorer:
 
         for j, (prompt, candidates) in enumerate(zip(prompt_ids, response_ids)):
             if not prompt:
-                raise ValueError(f"prompt {j}: empty prompt token ids")
+                raise ScoringInputError(f"prompt {j}: empty prompt token ids")
             for i, candidate in enumerate(candidates):
                 total = len(prompt) + len(candidate)
                 if self.max_positions and total > self.max_positions:
-                    raise ValueError(
+                    raise ScoringInputError(
                         f"prompt {j}, response {i}: {total} tokens exceed the model's {self.max_positions} positions"
                     )
         with torch.inference_mode():
@@ -443,7 +451,7 @@ class AttributionScorer:
             _, final = self._forward(module, _Plan((), True, self.num_layers), input_ids=probe)
         ours = self._head("finetuned", final[0, -1])
         if not torch.allclose(ours, reference, atol=1e-3, rtol=1e-3):
-            raise NotImplementedError(
+            raise UnsupportedModelError(
                 f"{type(self.models.model).__name__}: its logits are not lm_head(final norm); token metrics unsupported"
             )
         self._head_checked = True
@@ -524,8 +532,28 @@ class AttributionScorer:
         return results
 
 
+def latent_column(layer: int) -> str:
+    """Name of the per-sample latent-similarity column of ``layer`` in evaluation shards."""
+    return f"latent_sim_{layer}"
+
+
+def scores_row(row_id: Any, scores: dict[str, Any], layers: Sequence[int]) -> dict[str, Any]:
+    """One ``dabon score`` output row from a scorer result: string layer keys, token metrics with
+    ``None`` for empty responses, and the argmin choice per layer. The Serve app's scoring route
+    answers with the same row."""
+    out: dict[str, Any] = {"id": row_id}
+    if "latent_sim" in scores:
+        out["latent_sim"] = {str(layer): scores["latent_sim"][layer] for layer in layers}
+    for metric in TOKEN_METRICS:
+        if metric in scores:
+            out[metric] = [None if v is None or math.isnan(v) else v for v in scores[metric]]
+    if "latent_sim" in scores:
+        out["selected"] = {str(layer): argmin_index(scores["latent_sim"][layer]) for layer in layers}
+    return out
+
+
 class ScorerWorker:
-    """Plain wrapper that loads a scorer from a spec; a Ray actor class and a ``map_batches`` callable.
+    """Loads a scorer from config; a ``map_batches`` callable class.
 
     ``__call__`` takes a batch with a prompt column and a responses column (lists of strings or
     token-id lists; ``prompt_ids`` / ``response_ids`` columns, when present, are used instead) and
@@ -534,8 +562,9 @@ class ScorerWorker:
 
     def __init__(
         self,
-        spec: ModelSpec | dict,
-        config: ScorerConfig | dict | None = None,
+        spec: ModelSpec,
+        config: ScorerConfig | None = None,
+        prompt: PromptConfig | None = None,
         prompt_column: str = "prompt",
         responses_column: str = "responses",
         torch_threads: int | None = None,
@@ -544,13 +573,9 @@ class ScorerWorker:
             import torch
 
             torch.set_num_threads(torch_threads)
-        self.scorer = AttributionScorer.from_spec(spec, config)
+        self.scorer = AttributionScorer.from_spec(spec, config, prompt)
         self.prompt_column = prompt_column
         self.responses_column = responses_column
-
-    def score_batch(self, prompts: Sequence[Prompt], responses: Sequence[Sequence[Response]]) -> list[dict[str, Any]]:
-        """See ``AttributionScorer.score_batch``."""
-        return self.scorer.score_batch(prompts, responses)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         # exact token ids (e.g. from the sampler) take precedence over text
@@ -565,16 +590,8 @@ class ScorerWorker:
         config = self.scorer.config
         if "latent_sim" in config.metrics:
             for layer in config.layers:
-                out[f"latent_sim_{layer}"] = [row["latent_sim"][layer] for row in scores]
+                out[latent_column(layer)] = [row["latent_sim"][layer] for row in scores]
         for metric in config.metrics:
             if metric in TOKEN_METRICS:
                 out[metric] = [row[metric] for row in scores]
         return out
-
-
-
-def scorer_actor(num_cpus: float = 1, num_gpus: float = 0) -> Any:
-    """``ScorerWorker`` as a Ray actor class with the given resources."""
-    import ray
-
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(ScorerWorker)

@@ -14,6 +14,15 @@ import logging
 import os
 from pathlib import Path
 
+from actors.config import ConfigError
+
+# Environment variables a driver hands on to its Ray workers (offline mode, caches, data paths,
+# vLLM's CPU knobs), so that workers resolve models and data as the driver does.
+FORWARDED_VARIABLES = (
+    "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "DABON_CACHE_DIR", "DABON_STAR1", "DABON_LOG_LEVEL",
+    "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU",
+)
+
 
 def cache_dir() -> Path:
     """Root of dabon's local cache."""
@@ -56,8 +65,13 @@ def secret_from_env(variable: str, option: str = "api_key_env") -> str:
     """The value of the environment variable named by ``option`` (secrets never go on a command line)."""
     value = os.environ.get(variable, "")
     if not value:
-        raise ValueError(f"{option}: the environment variable {variable!r} is not set or empty")
+        raise ConfigError(f"{option}: the environment variable {variable!r} is not set or empty")
     return value
+
+
+def forwarded_environment() -> dict[str, str]:
+    """The ``FORWARDED_VARIABLES`` set in this process."""
+    return {name: os.environ[name] for name in FORWARDED_VARIABLES if name in os.environ}
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -10,7 +10,7 @@ Plain pieces (no Ray; tests call them in-process):
 
 - ``SFTSettings`` / ``GRPOSettings`` / ``LoraSettings`` / ``TrainScaling``: the typed training
   configs (the paper's values are the defaults).
-- ``trace_text`` / ``completion_text`` / ``sft_example``: one SFT example is the student's prompt
+- ``sft_example``: one SFT example is the student's prompt
   ids (``actors.chat.prompt_token_ids``: its own chat template, the recipe's system prompt and
   response prefix, exactly what the sampler and scorer build) followed by the completion ids
   (the rest of ``<think>\\nR\\n</think>\\n\\nA`` after the prefix, tokenized on its own like every
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -47,9 +46,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from actors.chat import prompt_token_ids, response_token_ids
-from actors.judge import THINK_CLOSE, THINK_OPEN, Judge
+from actors import storage
+from actors.chat import THINK_CLOSE, THINK_OPEN, prompt_token_ids, response_token_ids
+from actors.config import PromptConfig
+from actors.judge import Judge, JudgeConfig
 from actors.models import load_causal_lm, load_tokenizer, resolve_dtype
+from actors.runtime import require_resources
 from actors.settings import get_logger
 
 logger = get_logger(__name__)
@@ -185,20 +187,6 @@ class GRPOSettings(_CommonTraining):
 # ----------------------------------------------------------------------------------------
 
 
-def trace_text(reasoning: str, answer: str) -> str:
-    """The whole trace as the student should write it: ``<think>\\nR\\n</think>\\n\\nA``."""
-    return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{answer.strip()}"
-
-
-def completion_text(reasoning: str, answer: str, response_prefix: str = "") -> str:
-    """What the student generates after its prompt: ``trace_text`` without the response prefix
-    that the prompt already holds (``<think>\\n`` -> ``R\\n</think>\\n\\nA``)."""
-    text = trace_text(reasoning, answer)
-    if not text.startswith(response_prefix):
-        raise ValueError(f"response_prefix {response_prefix!r} is not the start of a trace ({text[:20]!r}...)")
-    return text[len(response_prefix):]
-
-
 def check_think_tokens(tokenizer: Any) -> dict[str, int]:
     """Check that ``<think>`` / ``</think>`` survive as text; returns how many tokens each takes.
 
@@ -219,14 +207,12 @@ def check_think_tokens(tokenizer: Any) -> dict[str, int]:
     return counts
 
 
-def sft_example(
-    tokenizer: Any, prompt: str, completion: str, system_prompt: str | None, response_prefix: str | None
-) -> dict[str, list[int]]:
+def sft_example(tokenizer: Any, prompt: str, completion: str, prompt_config: PromptConfig) -> dict[str, list[int]]:
     """One tokenized SFT example: ``input_ids`` = prompt ids + completion ids + eos, and
     ``completion_mask`` = 0 on the prompt, 1 on the completion and the eos."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the student tokenizer has no eos token, so the student could not learn to stop")
-    prompt_ids = prompt_token_ids(tokenizer, prompt, system_prompt, response_prefix)
+    prompt_ids = prompt_token_ids(tokenizer, prompt, prompt_config)
     completion_ids = response_token_ids(tokenizer, completion) + [int(tokenizer.eos_token_id)]
     return {
         "input_ids": prompt_ids + completion_ids,
@@ -234,10 +220,10 @@ def sft_example(
     }
 
 
-def prompt_text_for_trl(tokenizer: Any, prompt: str, system_prompt: str | None, response_prefix: str | None) -> str:
+def prompt_text_for_trl(tokenizer: Any, prompt: str, prompt_config: PromptConfig) -> str:
     """The student's prompt as text that TRL's GRPOTrainer (which tokenizes text prompts itself)
     turns into exactly ``prompt_token_ids(...)``; a mismatch is an error, never a silent drift."""
-    ids = prompt_token_ids(tokenizer, prompt, system_prompt, response_prefix)
+    ids = prompt_token_ids(tokenizer, prompt, prompt_config)
     text = tokenizer.decode(ids, skip_special_tokens=False)
     if tokenizer(text)["input_ids"] == ids:
         return text
@@ -474,7 +460,7 @@ def sft_train_loop(config: dict[str, Any]) -> None:
 
 def grpo_train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop for GRPO. ``config``: ``model``, ``adapter`` (the SFT adapter
-    directory), ``dtype``, ``settings`` (``GRPOSettings``), ``judge`` / ``judge_options``,
+    directory), ``dtype``, ``settings`` (``GRPOSettings``), ``judge`` (a ``JudgeConfig``),
     ``progress``. Rows of the ``train`` dataset hold ``prompt`` and ``question``."""
     from ray.train.huggingface.transformers import (
         RayTrainReportCallback,
@@ -485,7 +471,7 @@ def grpo_train_loop(config: dict[str, Any]) -> None:
 
     settings = GRPOSettings(**config["settings"])
     _set_threads(settings.scaling)
-    judge = build_judge(config["judge"], **config.get("judge_options", {}))
+    judge = build_judge(config["judge"])
     output_dir = tempfile.mkdtemp(prefix="dabon-grpo-")
     try:
         trainer = build_grpo_trainer(
@@ -508,17 +494,9 @@ def check_train_resources(scaling: TrainScaling, cluster: dict[str, float], key:
 
     ``cluster``: ``ray.cluster_resources()``; ``key``: the config key named in errors.
     """
-    if scaling.use_gpu and cluster.get("GPU", 0) < scaling.num_workers:
-        raise ValueError(
-            f"{key}.use_gpu: {scaling.num_workers} GPU worker(s) asked for, but this Ray cluster has "
-            f"{int(cluster.get('GPU', 0))} GPU(s); set {key}.use_gpu=false or connect to a GPU cluster (--ray-address)"
-        )
-    needed = scaling.num_workers * scaling.cpus_per_worker
-    if needed > cluster.get("CPU", 0):
-        raise ValueError(
-            f"{key}: {scaling.num_workers} worker(s) x cpus_per_worker={scaling.cpus_per_worker} need {needed:g} CPUs, "
-            f"but this Ray cluster has {cluster.get('CPU', 0):g}"
-        )
+    gpus = scaling.num_workers if scaling.use_gpu else 0
+    require_resources(f"{key}.use_gpu" if gpus else f"{key}.cpus_per_worker", cluster,
+                      cpus=scaling.num_workers * scaling.cpus_per_worker, gpus=gpus)
 
 
 def run_training(
@@ -529,18 +507,23 @@ def run_training(
     storage_path: str | Path,
     name: str,
     checkpoints_to_keep: int = 2,
+    log_level: str = "INFO",
 ) -> Any:
     """Run ``train_loop`` on ``scaling.num_workers`` Ray Train workers and return the ``Result``.
 
     ``rows`` become the Ray Dataset ``train``, given whole to every worker. Checkpoints live in
-    ``<storage_path>/<name>``; a second call with the same storage and name resumes from the
-    latest one (Ray Train restores the run's checkpoint list from that folder).
+    ``<storage_path>/<name>`` (a path or a storage URI); a second call with the same storage and
+    name resumes from the latest one (Ray Train restores the run's checkpoint list from that
+    folder). ``log_level``: Ray Train's own console logs (each resource request and checkpoint
+    is an INFO line).
     """
     import ray
+    from ray.data import DataContext
     from ray.train import (
         CheckpointConfig,
         DataConfig,
         FailureConfig,
+        LoggingConfig,
         RunConfig,
         ScalingConfig,
     )
@@ -549,22 +532,31 @@ def run_training(
     if not rows:
         raise ValueError("no training rows")
     check_train_resources(scaling, ray.cluster_resources())
-    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(Path(storage_path).resolve()),
-            checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=scaling.max_failures),
-        ),
-        datasets={"train": ray.data.from_items(rows)},
-        # every worker reads all rows; the HF Trainer's distributed sampler splits them
-        dataset_config=DataConfig(datasets_to_split=[]),
-    )
-    result = trainer.fit()
+    # the workers' pass over a few hundred rows needs no progress bar of its own (the Trainer has one);
+    # the dataset takes the driver's DataContext when it is built
+    context = DataContext.get_current()
+    shown = context.enable_progress_bars
+    context.enable_progress_bars = False
+    try:
+        resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(
+                name=name,
+                storage_path=str(storage_path) if storage.is_uri(storage_path) else str(Path(storage_path).resolve()),
+                checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
+                failure_config=FailureConfig(max_failures=scaling.max_failures),
+                logging_config=LoggingConfig(log_level=log_level),
+            ),
+            datasets={"train": ray.data.from_items(rows)},
+            # every worker reads all rows; the HF Trainer's distributed sampler splits them
+            dataset_config=DataConfig(datasets_to_split=[]),
+        )
+        result = trainer.fit()
+    finally:
+        context.enable_progress_bars = shown
     if getattr(result, "error", None) is not None:
         raise TrainingError(f"Ray Train run {name!r} failed: {result.error}") from result.error
     if result.checkpoint is None:
@@ -578,27 +570,21 @@ def checkpoint_state(checkpoint: Any) -> dict[str, Any]:
         return json.loads((Path(directory) / HF_CHECKPOINT_NAME / "trainer_state.json").read_text())
 
 
-def export_adapter(checkpoint: Any, out_dir: str | Path) -> Path:
-    """Copy the peft adapter (``ADAPTER_FILES``) out of a Ray Train checkpoint into ``out_dir``.
-
-    Written into a temporary sibling and renamed, so ``out_dir`` exists only when complete.
-    """
-    out_dir = Path(out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+def export_adapter(checkpoint: Any, location: str | Path, extra_files: dict[str, str] | None = None) -> str:
+    """Copy the peft adapter (``ADAPTER_FILES``) out of a Ray Train checkpoint to ``location`` (a
+    local path or a storage URI), with ``extra_files`` (name -> text, e.g. the ``prompt.yaml`` the
+    adapter was trained with) beside it. The directory is staged and then put in place whole
+    (``actors.storage.upload_dir``), so ``location`` never holds a partial adapter."""
+    with tempfile.TemporaryDirectory(prefix="dabon-adapter-") as staging:
         with checkpoint.as_directory() as directory:
             source = Path(directory) / HF_CHECKPOINT_NAME
             for name in ADAPTER_FILES:
                 if not (source / name).is_file():
                     raise TrainingError(f"checkpoint {checkpoint.path}: {name} is missing (not a LoRA checkpoint?)")
-                shutil.copy2(source / name, staging / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+                shutil.copy2(source / name, Path(staging) / name)
+        for name, text in (extra_files or {}).items():
+            (Path(staging) / name).write_text(text, encoding="utf-8")
+        return storage.upload_dir(staging, location)
 
 
 def steps_per_epoch(num_examples: int, per_device_batch_size: int, num_workers: int, accumulation: int) -> int:

@@ -16,25 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable
 
-from pydantic import ValidationError
-
-from actors.models import EMBEDDED_ALIAS, ModelLoadError, write_random_adapter
+from actors.models import EMBEDDED_ALIAS, write_random_adapter
 from pipelines import distill, evaluate, quickstart, report, score, serve
-from pipelines.config import ConfigError
-
-
-def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a command; known errors (bad input, models that cannot load) print one line, exit 2."""
-    try:
-        return run(args)
-    except (score.InputError, ConfigError, ModelLoadError, ValidationError, ValueError, NotImplementedError) as err:
-        message = str(err)
-        if isinstance(err, ValidationError):
-            message = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
-        print(f"dabon: error: {message}", file=sys.stderr)
-        return 2
+from pipelines.args import run_guarded
 
 
 def _random_adapter(args: argparse.Namespace) -> int:

@@ -80,6 +80,7 @@ from typing import Any, Callable, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from actors.errors import UserError
 from actors.settings import get_logger, hub_offline_reason, star1_path
 
 logger = get_logger(__name__)
@@ -123,7 +124,7 @@ MMLU_SUBJECTS: frozenset[str] = frozenset({
 LOCAL_FORMATS = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
 
 
-class DataLoadError(ValueError):
+class DataLoadError(UserError, ValueError):
     """Data that cannot be loaded: unreachable Hub data set, missing column, empty prompt, repeated id."""
 
 

@@ -13,12 +13,12 @@ Stages (``--stages``, default the recipe's ``stages``), each reading the files o
 so ``--stages sft`` alone works on an existing run directory (``output.dir``, default
 ``runs/<name>``)::
 
-    config.yaml                    the resolved config of the latest invocation
+    config.yaml                    the resolved config of the latest invocation (every default included)
     traces/<shard>.parquet         generate: finished teacher traces (prompt, categories, reasoning,
     traces/unfinished/...          answer, teacher, ...); unfinished ones apart; summary.json last
     filtered/{kept,rejected}.parquet + counts.json      filter: judge verdicts, counts per category
     sft/                           Ray Train storage of the SFT run (checkpoint per epoch)
-    adapter/                       the final SFT LoRA adapter + config.yaml + training.json
+    adapter/                       the final SFT LoRA adapter + prompt.yaml + config.yaml + training.json
     grpo/  grpo/adapter/           GRPO's Ray Train storage and its final adapter
 
 1. **generate**: Ray Data over the data set's prompts (``question`` + ``category``). Each prompt
@@ -32,9 +32,10 @@ so ``--stages sft`` alone works on an existing run directory (``output.dir``, de
    answer); kept = judged safe.
 3. **sft**: ``actors.trainer``: TRL ``SFTTrainer`` + LoRA inside a Ray Train ``TorchTrainer``;
    prompt = the student's own chat template + ``prompt.system_prompt`` + ``prompt.response_prefix``
-   (the same ``actors.chat`` ids the evaluation sampler builds: set the evaluation's
-   ``sampling.system_prompt`` / ``sampling.response_prefix`` to the same values), loss on the
-   completion only. An interrupted run resumes from its latest epoch checkpoint.
+   (the same ``actors.chat`` ids the evaluation sampler builds), loss on the completion only.
+   An interrupted run resumes from its latest epoch checkpoint. The adapter directory holds
+   ``prompt.yaml``, the ``PromptConfig`` it was trained with, so evaluation and serving can use
+   the same prompt.
 4. **grpo** (optional): TRL ``GRPOTrainer`` from the SFT adapter (trainable), reward = the judge
    calls the completion safe.
 
@@ -49,35 +50,39 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
-import os
 import random
-import shutil
-import string
 import sys
 import uuid
-from collections.abc import Callable, Iterable
-from importlib import resources
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from actors.judge import THINK_CLOSE, split_reasoning
-from actors.models import EMBEDDED_ALIAS, ModelSpec
-from actors.rows import to_plain
-from actors.settings import get_logger
-from actors.trainer import GRPOSettings, SFTSettings, trace_text
-from pipelines.config import ConfigError, build_config, read_yaml, save_config
-from pipelines.evaluate import init_ray as start_ray
-from pipelines.evaluate import (
-    JudgeConfig,
-    JudgeResources,
+from actors import storage
+from actors.chat import completion_text, parse_response, trace_text
+from actors.config import (
+    ConfigError,
+    LightPoolConfig,
+    PoolConfig,
+    PromptConfig,
     RayConfig,
-    StageResources,
-    assign_shards,
+    Strict,
+    build_config,
+    changed_keys,
+    config_yaml,
+    read_yaml,
+    typed_options,
 )
+from actors.judge import JudgeConfig
+from actors.models import EMBEDDED_ALIAS, ModelSpec, check_spec
+from actors.rows import to_plain
+from actors.runtime import assign_shards, blocks_for, check_pools, init_ray, pool_options, stream_shards
+from actors.sampler import BACKEND_OPTIONS, GeneratorConfig, SamplingConfig
+from actors.settings import get_logger
+from actors.trainer import GRPOSettings, SFTSettings
+from pipelines.args import add_config_arguments, add_output_arguments, command_main, set_flags
+from pipelines.data import BenchmarkSpec
+from pipelines.policies import PolicyError, load_policies, load_teacher_template, teacher_prompt
 
 logger = get_logger(__name__)
 
@@ -86,135 +91,17 @@ Stage = Literal["generate", "filter", "sft", "grpo"]
 
 CONFIG_FILE = "config.yaml"
 STAGE_FILE = "stage.json"
+PROMPT_FILE = "prompt.yaml"
 TRACES_DIR = "traces"
 FILTERED_DIR = "filtered"
 SFT_DIR = "sft"
 ADAPTER_DIR = "adapter"
 GRPO_DIR = "grpo"
 
-# The nine categories of METHOD.md section 1 (STAR-41K / STAR-1 names) and the policy actions.
-CATEGORIES: tuple[str, ...] = (
-    "Harassment / Hate / Discrimination",
-    "Sexual / Adult",
-    "Violence / Physical Harm",
-    "Self-Harm",
-    "Illicit / Criminal Behavior",
-    "Misinformation / Disinformation",
-    "Privacy / Personal Data",
-    "Intellectual Property",
-    "Benign",
-)
-POLICY_ACTIONS: dict[str, str] = {
-    "refuse": "Refuse",
-    "safe_complete": "Safe-complete",
-    "redirect": "Redirect to resources",
-    "comply": "Comply",
-}
-# Paper's teacher sampling (METHOD.md section 1).
-TEACHER_SAMPLING: dict[str, Any] = {"n": 1, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 2048}
-
-
-# ----------------------------------------------------------------------------------------
-# Policies and the teacher prompt
-# ----------------------------------------------------------------------------------------
-
-
-class PolicyError(ValueError):
-    """A category without a policy, or a malformed policy or template file."""
-
-
-class PolicyRule(BaseModel):
-    """One rule: the ``action`` it calls for (refuse, safe_complete, redirect, comply) and when."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    action: Literal["refuse", "safe_complete", "redirect", "comply"]
-    text: str = Field(min_length=1)
-
-
-class Policy(BaseModel):
-    """A category's safety policy: its ``objective`` and numbered ``rules``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    objective: str = Field(min_length=1)
-    rules: list[PolicyRule] = Field(min_length=1)
-
-
-class PolicySet(BaseModel):
-    """The policies file: ``version`` and one ``Policy`` per category name."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    version: int = 1
-    policies: dict[str, Policy] = Field(min_length=1)
-
-
-def _package_text(name: str) -> str:
-    return resources.files("pipelines").joinpath(name).read_text(encoding="utf-8")
-
-
-def load_policies(path: str | Path | None = None) -> dict[str, Policy]:
-    """Category name -> ``Policy`` from a YAML file (default: the packaged ``policies.yaml``)."""
-    where = str(path) if path else "pipelines/policies.yaml (packaged)"
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8") if path else _package_text("policies.yaml"))
-    except (OSError, yaml.YAMLError) as err:
-        raise PolicyError(f"policies file {where}: {err}") from err
-    try:
-        return dict(PolicySet.model_validate(data).policies)
-    except ValueError as err:
-        raise PolicyError(f"policies file {where}: {err}") from err
-
-
-def policy_for(category: str, policies: dict[str, Policy]) -> tuple[str, Policy]:
-    """(canonical name, policy) of a category; names match exactly, ignoring case and outer spaces.
-
-    An unknown category raises ``PolicyError`` listing the known ones (never a fallback policy).
-    """
-    wanted = category.strip()
-    if wanted in policies:
-        return wanted, policies[wanted]
-    for name, policy in policies.items():
-        if name.lower() == wanted.lower():
-            return name, policy
-    raise PolicyError(f"no safety policy for category {category!r}; known categories: {', '.join(policies)}")
-
-
-def render_policies(categories: Iterable[str], policies: dict[str, Policy]) -> str:
-    """The policies of ``categories`` (each once, in order) as text for the teacher prompt."""
-    blocks, seen = [], set()
-    for category in categories:
-        name, policy = policy_for(category, policies)
-        if name in seen:
-            continue
-        seen.add(name)
-        lines = [f"### Policy: {name}", f"Objective: {policy.objective.strip()}", "Rules:"]
-        lines += [f"{i}. [{POLICY_ACTIONS[rule.action]}] {rule.text.strip()}" for i, rule in enumerate(policy.rules, 1)]
-        blocks.append("\n".join(lines))
-    if not blocks:
-        raise PolicyError("a prompt without any category gets no policy; every prompt needs at least one category")
-    return "\n\n".join(blocks)
-
-
-def load_teacher_template(path: str | Path | None = None) -> string.Template:
-    """The teacher prompt template (default: the packaged ``teacher_prompt.txt``); it must hold
-    the placeholders ``${policies}`` and ``${prompt}``."""
-    where = str(path) if path else "pipelines/teacher_prompt.txt (packaged)"
-    try:
-        text = Path(path).read_text(encoding="utf-8") if path else _package_text("teacher_prompt.txt")
-    except OSError as err:
-        raise PolicyError(f"teacher template {where}: {err}") from err
-    template = string.Template(text)
-    names = set(template.get_identifiers())
-    if names != {"policies", "prompt"}:
-        raise PolicyError(f"teacher template {where}: expected the placeholders ${{policies}} and ${{prompt}}, found {sorted(names)}")
-    return template
-
-
-def teacher_prompt(question: str, categories: Iterable[str], policies: dict[str, Policy], template: string.Template) -> str:
-    """The teacher's user message: the template filled with the question and its categories' policies."""
-    return template.substitute(policies=render_policies(categories, policies), prompt=question.strip())
+# How the paper's students see a prompt (METHOD.md section 1).
+STUDENT_PROMPT = PromptConfig(system_prompt="You are a helpful assistant.", response_prefix="<think>\n")
+# The paper's teacher sampling (METHOD.md section 1).
+TEACHER_SAMPLING = SamplingConfig(n=1, temperature=0.6, top_p=0.95, max_new_tokens=2048)
 
 
 # ----------------------------------------------------------------------------------------
@@ -222,63 +109,46 @@ def teacher_prompt(question: str, categories: Iterable[str], policies: dict[str,
 # ----------------------------------------------------------------------------------------
 
 
-class PromptConfig(BaseModel):
-    """How the student sees a prompt at train and test time: its own chat template with
-    ``system_prompt`` (``null``: the template's default), then ``response_prefix`` opening the
-    reasoning. The evaluation's ``sampling.system_prompt`` / ``sampling.response_prefix`` must
-    match."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    system_prompt: str | None = "You are a helpful assistant."
-    response_prefix: str = "<think>\n"
-
-    @field_validator("response_prefix")
-    @classmethod
-    def _opens_reasoning(cls, value: str) -> str:
-        if not "<think>\n".startswith(value):
-            raise ValueError(f"expected '<think>\\n', '<think>' or '' (a start of '<think>\\n'), got {value!r}")
-        return value
-
-
-class TeacherConfig(BaseModel):
+class TeacherConfig(Strict):
     """The teacher. ``backend``: ``replay`` (the data set's own ``response`` traces, no model) or
-    a sampler backend (``hf``, ``vllm``, ``openai``) with ``model`` and backend ``options``.
-    ``sampling``: ``actors.sampler.SamplingConfig`` fields (paper: temperature 0.6, top-p 0.95,
-    2048 new tokens). ``name``: recorded in every trace (default: the model, or ``replay:<data>``).
-    ``policies`` / ``template``: files replacing the packaged ones. ``resources``: the sampler pool."""
-
-    model_config = ConfigDict(extra="forbid")
+    a sampler backend (``hf``, ``vllm``, ``openai``) with ``model`` and backend ``options`` (see
+    ``actors.sampler.GeneratorConfig``). ``sampling``: paper: temperature 0.6, top-p 0.95, 2048
+    new tokens. ``prompt``: how the teacher model sees its prompt (a reasoning model's template
+    often opens ``<think>`` itself). ``name``: recorded in every trace (default: the model, or
+    ``replay:<data>``). ``policies`` / ``template``: files replacing the packaged ones.
+    ``resources``: the sampler pool."""
 
     backend: Literal["replay", "hf", "vllm", "openai"] = "replay"
     name: str | None = None
     model: ModelSpec | None = None
     options: dict[str, Any] = {}
-    sampling: dict[str, Any] = dict(TEACHER_SAMPLING)
+    sampling: SamplingConfig = TEACHER_SAMPLING
+    prompt: PromptConfig = PromptConfig()
     policies: str | None = None
     template: str | None = None
-    resources: StageResources = StageResources()
+    resources: PoolConfig = PoolConfig()
 
     @model_validator(mode="after")
-    def _model_fits_backend(self) -> TeacherConfig:
-        from actors.sampler import SamplingConfig
-
-        SamplingConfig(**self.sampling)
+    def _model_fits_backend(self) -> "TeacherConfig":
         if self.backend == "replay":
             if self.model is not None or self.options:
-                raise ValueError("model/options: the replay teacher reads traces from the data; it takes no model")
-        elif self.model is None:
+                raise ValueError("model: the replay teacher reads traces from the data; it takes no model or options")
+            return self
+        if self.model is None:
             raise ValueError(f"model: the {self.backend} teacher needs a model (base: Hub id, local dir or served name)")
+        self.options = typed_options(BACKEND_OPTIONS[self.backend], self.options, "options").model_dump()
         return self
 
+    def generator(self) -> GeneratorConfig:
+        """The sampler backend of a model teacher."""
+        return GeneratorConfig(backend=self.backend, options=self.options)
 
-class FilterConfig(BaseModel):
+
+class FilterConfig(Strict):
     """The judge that filters traces (``keyword``, ``llama_guard``, ``openai``) and its actor pool."""
 
-    model_config = ConfigDict(extra="forbid")
-
     judge: JudgeConfig = JudgeConfig()
-    resources: JudgeResources = JudgeResources()
+    resources: LightPoolConfig = LightPoolConfig()
 
 
 class GRPOStageConfig(GRPOSettings):
@@ -287,25 +157,25 @@ class GRPOStageConfig(GRPOSettings):
     judge: JudgeConfig | None = None
 
 
-class DistillOutput(BaseModel):
-    """Run directory (default ``runs/<name>``) and prompts per generation shard."""
-
-    model_config = ConfigDict(extra="forbid")
+class DistillOutput(Strict):
+    """Run directory (default ``runs/<name>``; a path or a storage URI) and prompts per generation shard."""
 
     dir: str | None = None
     shard_size: int = Field(default=64, ge=1)
 
 
-class DistillConfig(BaseModel):
-    """One distillation run (see ``recipes/quickstart.yaml`` and ``recipes/paper.yaml``)."""
+class DistillConfig(Strict):
+    """One distillation run (see ``recipes/quickstart.yaml`` and ``recipes/paper.yaml``).
 
-    model_config = ConfigDict(extra="forbid")
+    ``model``: the student's base model (the run trains its adapter). ``prompt``: how the student
+    sees a prompt at train and test time. ``data``: the prompts (a ``pipelines.data.BenchmarkSpec``).
+    """
 
     name: str = "distill"
     stages: list[Stage] = ["generate", "filter", "sft"]
-    student: ModelSpec = ModelSpec(base=EMBEDDED_ALIAS)
-    prompt: PromptConfig = PromptConfig()
-    data: dict[str, Any] = {"name": "star1", "star1_split": "train"}
+    model: ModelSpec = ModelSpec(base=EMBEDDED_ALIAS)
+    prompt: PromptConfig = STUDENT_PROMPT
+    data: BenchmarkSpec = BenchmarkSpec(name="star1", star1_split="train")
     teacher: TeacherConfig = TeacherConfig()
     filter: FilterConfig = FilterConfig()
     sft: SFTSettings = SFTSettings()
@@ -314,36 +184,30 @@ class DistillConfig(BaseModel):
     output: DistillOutput = DistillOutput()
 
     @model_validator(mode="after")
-    def _check_parts(self) -> DistillConfig:
-        from pipelines.data import BenchmarkSpec
-
-        spec = BenchmarkSpec(**self.data)
-        if spec.name == "star1" and spec.star1_split in (None, "dev"):
+    def _check_parts(self) -> "DistillConfig":
+        if not "<think>\n".startswith(self.prompt.response_prefix):
+            raise ValueError("prompt.response_prefix: expected '<think>\\n', '<think>' or '' (a start of '<think>\\n'), "
+                             f"got {self.prompt.response_prefix!r}")
+        if self.data.name == "star1" and self.data.star1_split in (None, "dev"):
             raise ValueError("data.star1_split: the dev split is kept for evaluation; train on star1_split: train "
                              "(or all, when no evaluation uses the dev split)")
-        if self.teacher.backend == "replay" and spec.name != "star1":
-            raise ValueError(f"teacher.backend: replay reads STAR-1's response field; data.name is {spec.name!r}")
-        if self.student.adapter or self.student.finetuned:
-            raise ValueError("student: name the base model only; the distillation trains its adapter")
+        if self.teacher.backend == "replay" and self.data.name != "star1":
+            raise ValueError(f"teacher.backend: replay reads STAR-1's response field; data.name is {self.data.name!r}")
+        if self.model.adapter or self.model.finetuned:
+            raise ValueError("model: name the student's base model only; the distillation trains its adapter")
         return self
 
     @property
-    def run_dir(self) -> Path:
-        """Where this run's files go."""
-        return Path(self.output.dir or f"runs/{self.name}")
-
-    @property
-    def data_spec(self) -> Any:
-        from pipelines.data import BenchmarkSpec
-
-        return BenchmarkSpec(**self.data)
+    def run_dir(self) -> str:
+        """Where this run's files go (a path or a storage URI)."""
+        return self.output.dir or f"runs/{self.name}"
 
     @property
     def teacher_name(self) -> str:
         """The teacher recorded in every trace."""
         if self.teacher.name:
             return self.teacher.name
-        return f"replay:{self.data_spec.name}" if self.teacher.backend == "replay" else self.teacher.model.base
+        return f"replay:{self.data.name}" if self.teacher.backend == "replay" else self.teacher.model.base
 
     @property
     def grpo_judge(self) -> JudgeConfig:
@@ -357,7 +221,7 @@ class DistillConfig(BaseModel):
             "generate": {"data": dump["data"], "teacher": {k: v for k, v in dump["teacher"].items() if k != "resources"},
                          "shard_size": dump["output"]["shard_size"]},
             "filter": {"judge": dump["filter"]["judge"]},
-            "sft": {"student": dump["student"], "prompt": dump["prompt"], "sft": dump["sft"]},
+            "sft": {"model": dump["model"], "prompt": dump["prompt"], "sft": dump["sft"]},
             "grpo": {"grpo": dump["grpo"], "judge": self.grpo_judge.model_dump(mode="json")},
         }
         return sections[stage]
@@ -369,18 +233,35 @@ class DistillConfig(BaseModel):
 
 
 @dataclasses.dataclass(frozen=True)
+class Output:
+    """What a stage shows: progress bars, and Ray's own logs (``verbose``)."""
+
+    progress: bool = True
+    verbose: bool = False
+
+    @property
+    def train_log_level(self) -> str:
+        """Ray Train's console log level."""
+        return "INFO" if self.verbose else "WARNING"
+
+
+@dataclasses.dataclass(frozen=True)
 class StageDirs:
-    """Where each stage writes in a run directory."""
+    """Where each stage writes in a run directory (a path or a storage URI)."""
 
-    root: Path
+    root: str
 
-    def of(self, stage: str) -> Path:
+    def of(self, stage: str) -> str:
         """The directory holding ``stage``'s ``stage.json`` (and most of its output)."""
-        return self.root / {"generate": TRACES_DIR, "filter": FILTERED_DIR, "sft": SFT_DIR, "grpo": GRPO_DIR}[stage]
+        return storage.join(self.root, {"generate": TRACES_DIR, "filter": FILTERED_DIR, "sft": SFT_DIR, "grpo": GRPO_DIR}[stage])
 
-    def outputs(self, stage: str) -> list[Path]:
+    def adapter(self, stage: str) -> str:
+        """The adapter a training stage exports."""
+        return storage.join(self.root, ADAPTER_DIR) if stage == "sft" else storage.join(self.of("grpo"), ADAPTER_DIR)
+
+    def outputs(self, stage: str) -> list[str]:
         """Everything ``--overwrite`` removes for ``stage``."""
-        extra = [self.root / ADAPTER_DIR] if stage == "sft" else []
+        extra = [self.adapter("sft")] if stage == "sft" else []
         return [self.of(stage), *extra]
 
 
@@ -388,24 +269,14 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_stamp(directory: Path) -> dict[str, Any] | None:
+def read_stamp(directory: str) -> dict[str, Any] | None:
     """A stage's ``stage.json``, or ``None``."""
-    path = directory / STAGE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    location = storage.join(directory, STAGE_FILE)
+    return storage.read_json(location) if storage.is_file(location) else None
 
 
-def _write_stamp(directory: Path, stamp: dict[str, Any]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / f".{STAGE_FILE}.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps(stamp, indent=2, sort_keys=True))
-    os.replace(temporary, directory / STAGE_FILE)
-
-
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new))
-        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
-    return [] if old == new else [prefix.rstrip(".") or "config"]
+def _write_stamp(directory: str, stamp: dict[str, Any]) -> None:
+    storage.write_text(storage.join(directory, STAGE_FILE), json.dumps(stamp, indent=2, sort_keys=True))
 
 
 def prepare_stage(config: DistillConfig, stage: str, dirs: StageDirs, overwrite: bool) -> tuple[bool, dict[str, Any]]:
@@ -436,16 +307,15 @@ def prepare_stage(config: DistillConfig, stage: str, dirs: StageDirs, overwrite:
     existing = read_stamp(dirs.of(stage))
     if existing is not None and not overwrite:
         if existing.get("digest") != stamp["digest"]:
-            changed = _changed_keys(existing.get("config"), stamp["config"])
+            changed = changed_keys(existing.get("config"), stamp["config"])
             reason = f"config differs in {', '.join(changed)}" if changed else "it read another output of the stage before"
             raise ConfigError(f"stage {stage!r} in {dirs.root} was made differently ({reason}); "
                               "pass --overwrite to redo it, or use another output.dir")
         if existing.get("complete"):
             return True, existing
     if overwrite:
-        for path in dirs.outputs(stage):
-            if path.exists():
-                shutil.rmtree(path)
+        for location in dirs.outputs(stage):
+            storage.remove(location)
     _write_stamp(dirs.of(stage), {**stamp, "complete": False})
     return False, stamp
 
@@ -457,7 +327,7 @@ def finish_stage(dirs: StageDirs, stamp: dict[str, Any], summary: dict[str, Any]
 
 
 # ----------------------------------------------------------------------------------------
-# Parquet
+# Trace tables
 # ----------------------------------------------------------------------------------------
 
 
@@ -476,82 +346,10 @@ def _schema(kind: str) -> Any:
     return pa.schema(fields)
 
 
-def write_parquet(path: Path, rows: list[dict[str, Any]], kind: str = "trace") -> Path:
-    """Write rows with the trace (or judged trace) schema, atomically (temporary file, rename)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def write_traces(location: str, rows: list[dict[str, Any]], kind: str = "trace") -> str:
+    """Write rows with the trace (or judged trace) schema as one Parquet file, atomically."""
     schema = _schema(kind)
-    table = pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema=schema)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, temporary)
-    os.replace(temporary, path)
-    return path
-
-
-def read_parquet_rows(paths: Iterable[Path]) -> list[dict[str, Any]]:
-    """Rows of Parquet files, in the given order."""
-    import pyarrow.parquet as pq
-
-    return [row for path in paths for row in pq.read_table(path).to_pylist()]
-
-
-# ----------------------------------------------------------------------------------------
-# Ray
-# ----------------------------------------------------------------------------------------
-
-
-def init_ray(ray_config: RayConfig) -> bool:
-    """``pipelines.evaluate.init_ray`` with worker output forwarded, so Ray Train's loss logs show."""
-    return start_ray(ray_config, log_to_driver=True)
-
-
-def _pool(resources_config: StageResources) -> Any:
-    import ray
-
-    if resources_config.min_actors == resources_config.max_actors:
-        return ray.data.ActorPoolStrategy(size=resources_config.min_actors)
-    return ray.data.ActorPoolStrategy(min_size=resources_config.min_actors, max_size=resources_config.max_actors)
-
-
-def _check_pool_gpus(key: str, resources_config: StageResources) -> None:
-    import ray
-
-    if resources_config.num_gpus > 0 and ray.cluster_resources().get("GPU", 0) == 0:
-        raise ValueError(f"{key}.num_gpus={resources_config.num_gpus}, but this Ray cluster has no GPUs; set it to 0 "
-                         "or connect to a GPU cluster (--ray-address)")
-
-
-def run_sharded(
-    shards: dict[str, list[dict[str, Any]]],
-    build_dataset: Callable[[list[dict[str, Any]]], Any],
-    write_shard: Callable[[str, list[dict[str, Any]]], None],
-    progress: bool,
-    description: str,
-) -> None:
-    """Stream the rows of ``shards`` (each row holds its ``shard`` name) through
-    ``build_dataset(rows)`` and call ``write_shard(name, rows)`` as soon as a shard is complete."""
-    from ray.data import DataContext
-    from tqdm import tqdm
-
-    context = DataContext.get_current()
-    context.enable_progress_bars = progress
-    context.wait_for_min_actors_s = 600  # an unplaceable pool fails instead of hanging forever
-    expected = {name: len(rows) for name, rows in shards.items()}
-    collected: dict[str, list[dict[str, Any]]] = {name: [] for name in shards}
-    dataset = build_dataset([row for rows in shards.values() for row in rows])
-    with tqdm(total=len(shards), unit="shard", desc=description, disable=not progress) as bar:
-        for row in dataset.iter_rows():
-            row = to_plain(dict(row))
-            name = row["shard"]
-            collected[name].append(row)
-            if len(collected[name]) == expected[name]:
-                write_shard(name, collected.pop(name))
-                bar.update(1)
-    if collected:
-        missing = {name: expected[name] - len(rows) for name, rows in collected.items()}
-        raise RuntimeError(f"the pipeline ended with incomplete shards: {missing}")
+    return storage.write_parquet(location, [{name: row.get(name) for name in schema.names} for row in rows], schema)
 
 
 # ----------------------------------------------------------------------------------------
@@ -568,28 +366,29 @@ def replay_teacher(batch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_teacher_sample(text: str, finish_reason: str) -> tuple[str, str, str | None]:
-    """``(reasoning, answer, reject_reason)`` of one teacher sample; ``reject_reason`` is ``None``
-    for a finished trace (a stop token ended it, ``</think>`` closed the reasoning, neither part
-    is empty). The opening ``<think>`` may sit in the teacher's prompt instead of its text."""
-    reasoning, answer, _ = split_reasoning(text)
+def parse_teacher_sample(text: str, finish_reason: str, response_prefix: str = "") -> tuple[str, str, str | None]:
+    """``(reasoning, answer, reject_reason)`` of one teacher sample by the answer rule of
+    ``actors.chat`` (the teacher prompt's ``response_prefix`` put back first); ``reject_reason``
+    is ``None`` for a finished trace (a stop token ended it, ``</think>`` closed the reasoning,
+    neither part is empty). The opening ``<think>`` may sit in the teacher's template instead."""
+    parsed = parse_response(text, response_prefix)
     if finish_reason != "stop":
-        return reasoning, answer, f"finish_reason {finish_reason}"
-    if THINK_CLOSE not in text:
-        return reasoning, answer, "no </think>"
-    if not reasoning:
-        return reasoning, answer, "empty reasoning"
-    if not answer:
-        return reasoning, answer, "empty answer"
-    return reasoning, answer, None
+        return parsed.reasoning, parsed.answer, f"finish_reason {finish_reason}"
+    if not parsed.finished or not parsed.has_reasoning:
+        return parsed.reasoning, parsed.answer, "no </think>"
+    if not parsed.reasoning:
+        return parsed.reasoning, parsed.answer, "empty reasoning"
+    if not parsed.answer:
+        return parsed.reasoning, parsed.answer, "empty answer"
+    return parsed.reasoning, parsed.answer, None
 
 
-def traces_from_rows(rows: list[dict[str, Any]], teacher: str) -> list[dict[str, Any]]:
+def traces_from_rows(rows: list[dict[str, Any]], teacher: str, response_prefix: str = "") -> list[dict[str, Any]]:
     """Teacher output rows (N ``responses`` / ``finish_reasons`` each) -> one trace per sample."""
     traces = []
     for row in rows:
         for index, (text, reason) in enumerate(zip(row["responses"], row["finish_reasons"])):
-            reasoning, answer, reject = parse_teacher_sample(text, reason)
+            reasoning, answer, reject = parse_teacher_sample(text, reason, response_prefix)
             traces.append({
                 "trace_id": f"{row['prompt_id']}#{index}", "prompt_id": row["prompt_id"], "benchmark": row["benchmark"],
                 "prompt": row["prompt"], "categories": list(row["categories"]), "teacher": teacher,
@@ -606,8 +405,7 @@ def teacher_records(config: DistillConfig) -> list[dict[str, Any]]:
     """
     from pipelines.data import load_benchmark, load_star1_responses
 
-    spec = config.data_spec
-    records = load_benchmark(spec)
+    records = load_benchmark(config.data)
     policies = load_policies(config.teacher.policies)
     template = load_teacher_template(config.teacher.template)
     for record in records:
@@ -616,7 +414,7 @@ def teacher_records(config: DistillConfig) -> list[dict[str, Any]]:
         except PolicyError as err:
             raise PolicyError(f"prompt {record['prompt_id']}: {err}") from None
     if config.teacher.backend == "replay":
-        responses = load_star1_responses(spec)
+        responses = load_star1_responses(config.data)
         for record in records:
             record["replay_response"] = responses[record["prompt_id"]]
     return records
@@ -629,21 +427,18 @@ def build_teacher_dataset(config: DistillConfig, rows: list[dict[str, Any]]) -> 
     from actors.sampler import SamplerWorker
 
     pool = config.teacher.resources
-    dataset = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / pool.batch_size)))
+    dataset = ray.data.from_items(rows, override_num_blocks=blocks_for(len(rows), pool.batch_size))
     if config.teacher.backend == "replay":
         return dataset.map_batches(replay_teacher, batch_size=pool.batch_size, num_cpus=0.25)
-    _check_pool_gpus("teacher.resources", pool)
+    check_pools([("teacher.resources", pool)])
     return dataset.map_batches(
         SamplerWorker,
         fn_constructor_kwargs={
-            "spec": config.teacher.model.model_dump(), "sampling": config.teacher.sampling,
-            "backend": config.teacher.backend, "backend_options": config.teacher.options,
-            "prompt_column": "teacher_prompt", "torch_threads": pool.torch_threads,
+            "spec": config.teacher.model, "sampling": config.teacher.sampling, "prompt": config.teacher.prompt,
+            "generator": config.teacher.generator(), "prompt_column": "teacher_prompt",
+            "torch_threads": pool.torch_threads,
         },
-        compute=_pool(pool),
-        batch_size=pool.batch_size,
-        num_cpus=pool.num_cpus,
-        num_gpus=pool.num_gpus,
+        **pool_options(pool),
     )
 
 
@@ -660,32 +455,31 @@ def summarise_traces(finished: list[dict[str, Any]], unfinished: list[dict[str, 
             "unfinished": reasons, "finished_per_category": dict(sorted(categories.items()))}
 
 
-def stage_generate(config: DistillConfig, dirs: StageDirs, progress: bool) -> dict[str, Any]:
+def stage_generate(config: DistillConfig, dirs: StageDirs, output: Output) -> dict[str, Any]:
     """Teacher traces into ``traces/`` (finished) and ``traces/unfinished/``; returns the summary."""
     traces_dir = dirs.of("generate")
     records = teacher_records(config)
     shards = assign_shards(records, config.output.shard_size)
-    pending = {name: rows for name, rows in shards.items() if not (traces_dir / name).is_file()}
+    pending = {name: rows for name, rows in shards.items() if not storage.is_file(storage.join(traces_dir, name))}
     logger.info("generate: %d prompts in %d shards, %d to do (teacher %s)", len(records), len(shards), len(pending),
                 config.teacher_name)
 
     def write(name: str, rows: list[dict[str, Any]]) -> None:
-        traces = traces_from_rows(rows, config.teacher_name)
-        write_parquet(traces_dir / "unfinished" / name, [t for t in traces if t["reject_reason"]])
-        write_parquet(traces_dir / name, [t for t in traces if not t["reject_reason"]])  # last: marks the shard done
+        traces = traces_from_rows(rows, config.teacher_name, config.teacher.prompt.response_prefix)
+        write_traces(storage.join(traces_dir, "unfinished", name), [t for t in traces if t["reject_reason"]])
+        write_traces(storage.join(traces_dir, name), [t for t in traces if not t["reject_reason"]])  # last: marks the shard done
 
-    if pending:
-        run_sharded(pending, lambda rows: build_teacher_dataset(config, rows), write, progress, "teacher shards")
-    finished = read_parquet_rows(sorted(traces_dir / name for name in shards))
-    unfinished = read_parquet_rows(sorted(traces_dir / "unfinished" / name for name in shards))
+    stream_shards(pending, lambda rows: build_teacher_dataset(config, rows), write, output.progress, "teacher shards")
+    finished = storage.read_parquet_rows(storage.join(traces_dir, name) for name in sorted(shards))
+    unfinished = storage.read_parquet_rows(storage.join(traces_dir, "unfinished", name) for name in sorted(shards))
     summary = summarise_traces(finished, unfinished, len(records))
-    (traces_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    storage.write_json(storage.join(traces_dir, "summary.json"), summary)
     return summary
 
 
-def trace_files(dirs: StageDirs) -> list[Path]:
+def trace_files(dirs: StageDirs) -> list[str]:
     """The finished-trace shards of the generate stage, in order."""
-    return sorted(dirs.of("generate").glob("*.parquet"))
+    return storage.list_files(dirs.of("generate"), suffix=".parquet")
 
 
 # ----------------------------------------------------------------------------------------
@@ -700,24 +494,20 @@ def build_judge_dataset(config: DistillConfig, rows: list[dict[str, Any]]) -> An
     from actors.judge import JudgeWorker
 
     pool = config.filter.resources
-    _check_pool_gpus("filter.resources", pool)
-    dataset = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / pool.batch_size)))
+    check_pools([("filter.resources", pool)])
+    dataset = ray.data.from_items(rows, override_num_blocks=blocks_for(len(rows), pool.batch_size))
     return dataset.map_batches(
         JudgeWorker,
-        fn_constructor_kwargs={"judge": config.filter.judge.name, "options": config.filter.judge.options,
-                               "prompt_column": "prompt", "responses_column": "judge_input",
-                               "torch_threads": pool.torch_threads},
-        compute=_pool(pool),
-        batch_size=pool.batch_size,
-        num_cpus=pool.num_cpus,
-        num_gpus=pool.num_gpus,
+        fn_constructor_kwargs={"config": config.filter.judge, "prompt_column": "prompt",
+                               "responses_column": "judge_input", "torch_threads": pool.torch_threads},
+        **pool_options(pool),
     )
 
 
 def judged_trace(row: dict[str, Any], judge: str) -> dict[str, Any]:
     """A judge output row (one-element verdict lists) -> a trace row with ``judge_*`` columns."""
     # only finished traces reach the judge; their empty reject_reason may come back from Ray Data as NaN
-    return {**row, "reject_reason": None, "judge": judge, "judge_unsafe": bool(row["unsafe"][0]),
+    return {**row, "reject_reason": None, "judge": judge, "judge_unsafe": bool(row["judge_unsafe"][0]),
             "judge_score": row["judge_score"][0],
             "judge_raw": row["judge_raw"][0], "judge_categories": list(row["judge_categories"][0])}
 
@@ -734,33 +524,34 @@ def filter_counts(kept: list[dict[str, Any]], rejected: list[dict[str, Any]], ju
             "per_category": dict(sorted(per_category.items()))}
 
 
-def stage_filter(config: DistillConfig, dirs: StageDirs, progress: bool) -> dict[str, Any]:
+def stage_filter(config: DistillConfig, dirs: StageDirs, output: Output) -> dict[str, Any]:
     """Judge every finished trace; write ``filtered/kept.parquet``, ``rejected.parquet`` and
     ``counts.json``; returns the counts. Judged shards are kept, so a rerun resumes."""
     filtered_dir = dirs.of("filter")
     judge = config.filter.judge.name
     shards: dict[str, list[dict[str, Any]]] = {}
-    for path in trace_files(dirs):
-        shards[path.name] = [{**row, "shard": path.name, "judge_input": [trace_text(row["reasoning"], row["answer"])]}
-                             for row in read_parquet_rows([path])]
+    for location in trace_files(dirs):
+        name = location.rsplit("/", 1)[-1]
+        shards[name] = [{**row, "shard": name, "judge_input": [trace_text(row["reasoning"], row["answer"])]}
+                        for row in storage.read_parquet_rows([location])]
     shards = {name: rows for name, rows in shards.items() if rows}
-    pending = {name: rows for name, rows in shards.items() if not (filtered_dir / "shards" / name).is_file()}
+    pending = {name: rows for name, rows in shards.items()
+               if not storage.is_file(storage.join(filtered_dir, "shards", name))}
     logger.info("filter: %d traces in %d shards, %d to do (judge %s)", sum(map(len, shards.values())), len(shards),
                 len(pending), judge)
 
     def write(name: str, rows: list[dict[str, Any]]) -> None:
         judged = sorted((judged_trace(row, judge) for row in rows), key=lambda row: row["trace_id"])
-        write_parquet(filtered_dir / "shards" / name, judged, kind="judged")
+        write_traces(storage.join(filtered_dir, "shards", name), judged, kind="judged")
 
-    if pending:
-        run_sharded(pending, lambda rows: build_judge_dataset(config, rows), write, progress, "judged shards")
-    judged = read_parquet_rows(sorted(filtered_dir / "shards" / name for name in shards))
+    stream_shards(pending, lambda rows: build_judge_dataset(config, rows), write, output.progress, "judged shards")
+    judged = storage.read_parquet_rows(storage.join(filtered_dir, "shards", name) for name in sorted(shards))
     kept = [row for row in judged if not row["judge_unsafe"]]
     rejected = [row for row in judged if row["judge_unsafe"]]
-    write_parquet(filtered_dir / "kept.parquet", kept, kind="judged")
-    write_parquet(filtered_dir / "rejected.parquet", rejected, kind="judged")
+    write_traces(storage.join(filtered_dir, "kept.parquet"), kept, kind="judged")
+    write_traces(storage.join(filtered_dir, "rejected.parquet"), rejected, kind="judged")
     counts = filter_counts(kept, rejected, judge)
-    (filtered_dir / "counts.json").write_text(json.dumps(counts, indent=2))
+    storage.write_json(storage.join(filtered_dir, "counts.json"), counts)
     return counts
 
 
@@ -779,12 +570,12 @@ def select_sft_examples(
     ``settings.max_length`` tokens are dropped (else TRL truncates them); ``settings.max_examples``
     keeps a seeded sample, in trace order.
     """
-    from actors.trainer import completion_text, sft_example
+    from actors.trainer import sft_example
 
     examples = []
     for row in sorted(rows, key=lambda row: row["trace_id"]):
         completion = completion_text(row["reasoning"], row["answer"], prompt.response_prefix)
-        example = sft_example(tokenizer, row["prompt"], completion, prompt.system_prompt, prompt.response_prefix)
+        example = sft_example(tokenizer, row["prompt"], completion, prompt)
         examples.append({"trace_id": row["trace_id"], **example})
     longer = sum(len(e["input_ids"]) > settings.max_length for e in examples)
     if settings.drop_longer:
@@ -793,8 +584,8 @@ def select_sft_examples(
         chosen = set(random.Random(settings.selection_seed).sample(range(len(examples)), settings.max_examples))
         examples = [e for i, e in enumerate(examples) if i in chosen]
     if not examples:
-        raise ValueError(f"sft: no training example left from {len(rows)} kept traces "
-                         f"(sft.max_length={settings.max_length}, sft.drop_longer={settings.drop_longer})")
+        raise ConfigError(f"sft: no training example left from {len(rows)} kept traces "
+                          f"(sft.max_length={settings.max_length}, sft.drop_longer={settings.drop_longer})")
     lengths = sorted(len(e["input_ids"]) for e in examples)
     selection = {
         "kept_traces": len(rows), "longer_than_max_length": longer,
@@ -805,7 +596,14 @@ def select_sft_examples(
     return examples, selection
 
 
-def stage_sft(config: DistillConfig, dirs: StageDirs, progress: bool) -> dict[str, Any]:
+def adapter_files(config: DistillConfig, training: dict[str, Any]) -> dict[str, str]:
+    """The files written beside an exported adapter: ``prompt.yaml`` (the ``PromptConfig`` it was
+    trained with), ``config.yaml`` (the whole resolved run config) and ``training.json``."""
+    return {PROMPT_FILE: config_yaml(config.prompt), CONFIG_FILE: config_yaml(config),
+            "training.json": json.dumps(training, indent=2) + "\n"}
+
+
+def stage_sft(config: DistillConfig, dirs: StageDirs, output: Output) -> dict[str, Any]:
     """LoRA SFT in Ray Train on the kept traces; exports ``adapter/``; returns a summary."""
     from actors.models import load_tokenizer
     from actors.trainer import (
@@ -818,11 +616,11 @@ def stage_sft(config: DistillConfig, dirs: StageDirs, progress: bool) -> dict[st
     )
 
     settings = config.sft
-    kept = read_parquet_rows([dirs.of("filter") / "kept.parquet"])
-    tokenizer = load_tokenizer(config.student.base, config.student.trust_remote_code)
+    kept = storage.read_parquet_rows([storage.join(dirs.of("filter"), "kept.parquet")])
+    tokenizer = load_tokenizer(config.model.base, config.model.trust_remote_code)
     think_tokens = check_think_tokens(tokenizer)
     examples, selection = select_sft_examples(kept, tokenizer, config.prompt, settings)
-    (dirs.of("sft") / "selection.json").write_text(json.dumps(selection, indent=2))
+    storage.write_json(storage.join(dirs.of("sft"), "selection.json"), selection)
     per_epoch = steps_per_epoch(len(examples), settings.per_device_batch_size, settings.scaling.num_workers,
                                 settings.gradient_accumulation_steps)
     logger.info("sft: %d examples (%d-%d tokens), %s epochs of %d steps, lr %g, LoRA r %d; think tags as text (%s tokens)",
@@ -830,19 +628,18 @@ def stage_sft(config: DistillConfig, dirs: StageDirs, progress: bool) -> dict[st
                 settings.learning_rate, settings.lora.r, "/".join(map(str, think_tokens.values())))
     result = run_training(
         sft_train_loop,
-        {"model": config.student.base, "dtype": config.student.dtype, "settings": settings.model_dump(mode="json"),
-         "progress": progress},
+        {"model": config.model.base, "dtype": config.model.dtype, "settings": settings.model_dump(mode="json"),
+         "progress": output.progress},
         [{"input_ids": e["input_ids"], "completion_mask": e["completion_mask"]} for e in examples],
-        settings.scaling, storage_path=dirs.root.resolve(), name=SFT_DIR, checkpoints_to_keep=settings.checkpoints_to_keep,
+        settings.scaling, storage_path=dirs.root, name=SFT_DIR, checkpoints_to_keep=settings.checkpoints_to_keep,
+        log_level=output.train_log_level,
     )
     state = checkpoint_state(result.checkpoint)
-    adapter_dir = export_adapter(result.checkpoint, dirs.root / ADAPTER_DIR)
-    save_config(config, adapter_dir / CONFIG_FILE)
     losses = [(entry["step"], entry["loss"]) for entry in state.get("log_history", []) if "loss" in entry]
-    summary = {"adapter": str(adapter_dir), "examples": len(examples), "global_step": state.get("global_step"),
+    summary = {"adapter": dirs.adapter("sft"), "examples": len(examples), "global_step": state.get("global_step"),
                "epoch": state.get("epoch"), "first_loss": losses[0][1] if losses else None,
                "last_loss": losses[-1][1] if losses else None, "think_tokens": think_tokens}
-    (adapter_dir / "training.json").write_text(json.dumps({**summary, "loss_history": losses}, indent=2))
+    export_adapter(result.checkpoint, dirs.adapter("sft"), adapter_files(config, {**summary, "loss_history": losses}))
     return summary
 
 
@@ -861,43 +658,34 @@ def grpo_prompts(rows: list[dict[str, Any]], tokenizer: Any, prompt: PromptConfi
     ids = sorted(questions)
     if settings.max_prompts is not None and len(ids) > settings.max_prompts:
         ids = sorted(random.Random(settings.prompt_seed).sample(ids, settings.max_prompts))
-    return [{"prompt": prompt_text_for_trl(tokenizer, questions[i], prompt.system_prompt, prompt.response_prefix),
-             "question": questions[i]} for i in ids]
+    return [{"prompt": prompt_text_for_trl(tokenizer, questions[i], prompt), "question": questions[i]} for i in ids]
 
 
-def stage_grpo(config: DistillConfig, dirs: StageDirs, progress: bool) -> dict[str, Any]:
+def stage_grpo(config: DistillConfig, dirs: StageDirs, output: Output) -> dict[str, Any]:
     """GRPO in Ray Train from the SFT adapter; exports ``grpo/adapter``; returns a summary."""
     from actors.models import load_tokenizer
-    from actors.trainer import (
-        checkpoint_state,
-        export_adapter,
-        grpo_train_loop,
-        run_training,
-    )
+    from actors.trainer import checkpoint_state, export_adapter, grpo_train_loop, run_training
 
     settings = config.grpo
-    kept = read_parquet_rows([dirs.of("filter") / "kept.parquet"])
-    tokenizer = load_tokenizer(config.student.base, config.student.trust_remote_code)
+    kept = storage.read_parquet_rows([storage.join(dirs.of("filter"), "kept.parquet")])
+    tokenizer = load_tokenizer(config.model.base, config.model.trust_remote_code)
     rows = grpo_prompts(kept, tokenizer, config.prompt, settings)
     judge = config.grpo_judge
     logger.info("grpo: %d prompts x %d generations, beta %g, reward %s of judge %s", len(rows), settings.num_generations,
                 settings.beta, settings.reward, judge.name)
     result = run_training(
         grpo_train_loop,
-        {"model": config.student.base, "adapter": str((dirs.root / ADAPTER_DIR).resolve()), "dtype": config.student.dtype,
-         "settings": settings.model_dump(mode="json", exclude={"judge"}), "judge": judge.name,
-         "judge_options": judge.options, "progress": progress},
-        rows, settings.scaling, storage_path=dirs.root.resolve(), name=GRPO_DIR,
-        checkpoints_to_keep=settings.checkpoints_to_keep,
+        {"model": config.model.base, "adapter": storage.local_copy(dirs.adapter("sft")), "dtype": config.model.dtype,
+         "settings": settings.model_dump(mode="json", exclude={"judge"}), "judge": judge, "progress": output.progress},
+        rows, settings.scaling, storage_path=dirs.root, name=GRPO_DIR,
+        checkpoints_to_keep=settings.checkpoints_to_keep, log_level=output.train_log_level,
     )
     state = checkpoint_state(result.checkpoint)
-    adapter_dir = export_adapter(result.checkpoint, dirs.of("grpo") / ADAPTER_DIR)
-    save_config(config, adapter_dir / CONFIG_FILE)
     rewards = [entry.get("reward") for entry in state.get("log_history", []) if "reward" in entry]
-    summary = {"adapter": str(adapter_dir), "prompts": len(rows), "global_step": state.get("global_step"),
+    summary = {"adapter": dirs.adapter("grpo"), "prompts": len(rows), "global_step": state.get("global_step"),
                "epoch": state.get("epoch"), "first_reward": rewards[0] if rewards else None,
                "last_reward": rewards[-1] if rewards else None}
-    (adapter_dir / "training.json").write_text(json.dumps({**summary, "reward_history": rewards}, indent=2))
+    export_adapter(result.checkpoint, dirs.adapter("grpo"), adapter_files(config, {**summary, "reward_history": rewards}))
     return summary
 
 
@@ -905,7 +693,7 @@ def stage_grpo(config: DistillConfig, dirs: StageDirs, progress: bool) -> dict[s
 # Driver
 # ----------------------------------------------------------------------------------------
 
-STAGE_RUNNERS: dict[str, Callable[[DistillConfig, StageDirs, bool], dict[str, Any]]] = {
+STAGE_RUNNERS: dict[str, Callable[[DistillConfig, StageDirs, Output], dict[str, Any]]] = {
     "generate": stage_generate,
     "filter": stage_filter,
     "sft": stage_sft,
@@ -925,15 +713,21 @@ def parse_stages(text: str | None) -> list[str] | None:
 
 
 def run_distill(config: DistillConfig, stages: list[str] | None = None, overwrite: bool = False,
-                progress: bool = True) -> dict[str, dict[str, Any]]:
+                progress: bool = True, verbose: bool = False) -> dict[str, dict[str, Any]]:
     """Run the given stages (default ``config.stages``) in pipeline order; returns each stage's
     summary (``{"skipped": true, ...}`` for a stage already complete)."""
     import ray
 
     stages = [stage for stage in STAGES if stage in (stages or config.stages)]
+    check_spec(config.model, "model")
+    if config.teacher.model is not None and config.teacher.backend != "openai":
+        check_spec(config.teacher.model, "teacher.model")
+    for key, judge in (("filter.judge", config.filter.judge), ("grpo.judge", config.grpo_judge)):
+        if judge.name == "llama_guard":
+            check_spec(judge.typed().model, f"{key}.options.model")
     dirs = StageDirs(config.run_dir)
-    dirs.root.mkdir(parents=True, exist_ok=True)
-    save_config(config, dirs.root / CONFIG_FILE)
+    storage.make_dirs(dirs.root)
+    storage.write_text(storage.join(dirs.root, CONFIG_FILE), config_yaml(config))
     summaries: dict[str, dict[str, Any]] = {}
     started = False
     try:
@@ -943,8 +737,9 @@ def run_distill(config: DistillConfig, stages: list[str] | None = None, overwrit
                 logger.info("%s: complete in %s, skipped (--overwrite redoes it)", stage, dirs.of(stage))
                 summaries[stage] = {"skipped": True, **stamp.get("summary", {})}
                 continue
-            started = init_ray(config.ray) or started
-            summary = STAGE_RUNNERS[stage](config, dirs, progress)
+            # worker output is forwarded: Ray Train's workers show the training progress
+            started = init_ray(config.ray, log_to_driver=True, verbose=verbose) or started
+            summary = STAGE_RUNNERS[stage](config, dirs, Output(progress, verbose))
             finish_stage(dirs, stamp, summary)
             summaries[stage] = summary
     finally:
@@ -955,30 +750,30 @@ def run_distill(config: DistillConfig, stages: list[str] | None = None, overwrit
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``dabon distill`` options: a recipe, overrides and which stages to run."""
-    parser.add_argument("--config", type=Path, help="YAML recipe (e.g. recipes/quickstart.yaml); defaults apply without one")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key with a dotted path, e.g. --set sft.num_epochs=1 (repeatable)")
+    add_config_arguments(parser, "recipes/quickstart.yaml", "sft.num_epochs=1")
     parser.add_argument("--stages", help=f"comma list of stages to run ({','.join(STAGES)}; default: the recipe's stages)")
     parser.add_argument("--limit", type=int, help="first N prompts of the data set (data.limit)")
-    parser.add_argument("--out", help="run directory (output.dir; default runs/<name>)")
+    parser.add_argument("--out", help="run directory (output.dir; default runs/<name>; a path or storage URI)")
     parser.add_argument("--ray-address", help="connect to this Ray cluster (e.g. auto) instead of starting one")
     parser.add_argument("--overwrite", action="store_true", help="redo the stages asked for, discarding their output")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_output_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
-    """The recipe at ``--config`` with every flag applied as an override."""
+    """The recipe at ``--config`` with every flag applied."""
     data = read_yaml(args.config) if args.config else {}
-    overrides = list(args.overrides)
-    pairs = {"data.limit": args.limit, "output.dir": args.out, "ray.address": args.ray_address}
-    overrides += [f"{key}={json.dumps(value)}" for key, value in pairs.items() if value is not None]
-    return build_config(DistillConfig, data, overrides)
+    set_flags(data, {"data.limit": args.limit, "output.dir": args.out, "ray.address": args.ray_address})
+    return build_config(DistillConfig, data, args.overrides)
 
 
 def run(args: argparse.Namespace) -> int:
     """``dabon distill``: run the stages, then print what each wrote."""
+    from actors.runtime import quiet_libraries
+
+    quiet_libraries(args.verbose)
     config = config_from_args(args)
-    summaries = run_distill(config, parse_stages(args.stages), overwrite=args.overwrite, progress=not args.no_progress)
+    summaries = run_distill(config, parse_stages(args.stages), overwrite=args.overwrite, progress=not args.no_progress,
+                            verbose=args.verbose)
     print(f"run directory: {config.run_dir}")
     for stage, summary in summaries.items():
         shown = {k: v for k, v in summary.items() if k not in ("trace_ids",)}
@@ -986,14 +781,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m pipelines.distill``."""
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # before Ray Train starts (RAY_NOTES.md)
-    parser = argparse.ArgumentParser(prog="python -m pipelines.distill", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    from pipelines.cli import run_guarded
-
-    return run_guarded(run, parser.parse_args(argv))
+main = command_main("python -m pipelines.distill", __doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

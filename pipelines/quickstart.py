@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from pipelines.config import load_config
+from actors.config import load_config
+from pipelines.args import add_output_arguments, command_main
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -30,22 +31,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-config", type=Path, default=RECIPES / "quickstart-eval.yaml",
                         help="evaluation recipe (default recipes/quickstart-eval.yaml); its adapter is replaced "
                         "by the one the distillation writes")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_output_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Distil, evaluate, print the ASR table; return the exit code."""
-    from pipelines.distill import DistillConfig, run_distill
+    from actors.config import ConfigError
+    from actors.runtime import quiet_libraries
+    from pipelines.distill import DistillConfig, StageDirs, run_distill
     from pipelines.evaluate import EvalConfig, run_evaluation
 
+    quiet_libraries(args.verbose)
     distill_config = load_config(DistillConfig, args.distill_config)
-    run_distill(distill_config, progress=not args.no_progress)
-    adapter = Path(distill_config.run_dir) / "adapter"
-    eval_config = load_config(EvalConfig, args.eval_config, [f"models.adapter={json.dumps(str(adapter))}"])
-    if eval_config.models.base != distill_config.student.base:
-        raise ValueError(f"the evaluation's models.base ({eval_config.models.base!r}) is not the distilled "
-                         f"student ({distill_config.student.base!r})")
-    metrics = run_evaluation(eval_config, progress=not args.no_progress)
+    run_distill(distill_config, progress=not args.no_progress, verbose=args.verbose)
+    adapter = StageDirs(distill_config.run_dir).adapter("sft")
+    eval_config = load_config(EvalConfig, args.eval_config, [f"model.adapter={json.dumps(str(adapter))}"])
+    if eval_config.model.base != distill_config.model.base:
+        raise ConfigError(f"the evaluation's model.base ({eval_config.model.base!r}) is not the distilled "
+                          f"student ({distill_config.model.base!r})")
+    metrics = run_evaluation(eval_config, progress=not args.no_progress, verbose=args.verbose)
     run_dir = Path(eval_config.output.dir)
     print(f"adapter: {adapter}\nreport:  {run_dir / 'report.md'}")
     for name, bench in metrics.get("benchmarks", {}).items():
@@ -58,13 +62,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m pipelines.quickstart``."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.quickstart", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    from pipelines.cli import run_guarded
-
-    return run_guarded(run, parser.parse_args(argv))
+main = command_main("python -m pipelines.quickstart", __doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -21,41 +21,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+from actors.config import ConfigError, PromptConfig, validate
+from actors.errors import UserError
 from actors.models import EMBEDDED_ALIAS, ModelSpec
-from actors.scorer import METRICS, TOKEN_METRICS, AttributionScorer, ScorerConfig
-from actors.selection import argmin_index
+from actors.scorer import METRICS, AttributionScorer, ScorerConfig, scores_row
 from actors.settings import get_logger
+from pipelines.args import add_output_arguments, command_main, parse_int_list
 
 logger = get_logger(__name__)
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A malformed input row: the message names the line and the field."""
 
 
-def parse_int_list(text: str, option: str) -> tuple[int, ...]:
-    """``"6,12"`` -> ``(6, 12)``; a clear error names the option otherwise."""
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{option}: expected comma-separated integers such as 6,12, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"{option}: expected at least one integer")
-    return values
-
-
-def parse_metrics(text: str) -> tuple[str, ...]:
-    """``"latent_sim,kl"`` -> ``("latent_sim", "kl")``, each checked against ``METRICS``."""
-    values = tuple(part.strip() for part in text.split(",") if part.strip())
+def parse_metrics(text: str) -> list[str]:
+    """``"latent_sim,kl"`` -> ``["latent_sim", "kl"]``, each checked against ``METRICS``."""
+    values = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [v for v in values if v not in METRICS]
     if unknown or not values:
-        raise argparse.ArgumentTypeError(f"--metrics: expected a comma-separated subset of {','.join(METRICS)}, got {text!r}")
+        raise ConfigError(f"--metrics: expected a comma-separated subset of {','.join(METRICS)}, got {text!r}")
     return values
 
 
@@ -129,19 +119,6 @@ def completed_ids(output: Path) -> set[Any]:
     return done
 
 
-def format_row(row_id: Any, scores: dict[str, Any], layers: tuple[int, ...]) -> dict[str, Any]:
-    """One output row from a scorer result: string layer keys, argmin selection per layer."""
-    out: dict[str, Any] = {"id": row_id}
-    if "latent_sim" in scores:
-        out["latent_sim"] = {str(layer): scores["latent_sim"][layer] for layer in layers}
-    for metric in TOKEN_METRICS:
-        if metric in scores:
-            out[metric] = [None if v is None or math.isnan(v) else v for v in scores[metric]]
-    if "latent_sim" in scores:
-        out["selected"] = {str(layer): argmin_index(scores["latent_sim"][layer]) for layer in layers}
-    return out
-
-
 def score_file(
     scorer: AttributionScorer,
     input_path: Path,
@@ -178,7 +155,7 @@ def score_file(
                 for row in chunk
             ]
             for row, scores in zip(chunk, scorer.score_ids(prompt_ids, response_ids)):
-                out.write(json.dumps(format_row(row["id"], scores, layers)) + "\n")
+                out.write(json.dumps(scores_row(row["id"], scores, layers)) + "\n")
             out.flush()
             os.fsync(out.fileno())
             written += len(chunk)
@@ -211,9 +188,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--finetuned", help="a separate full fine-tuned model (same forms as --base)")
     parser.add_argument("--input", required=True, type=Path, help="JSONL with id, prompt, responses per line")
     parser.add_argument("--output", required=True, type=Path, help="JSONL to write, one row per input row")
-    parser.add_argument("--layers", default=(12,), type=lambda t: parse_int_list(t, "--layers"),
+    parser.add_argument("--layers", default="12",
                         help="hidden-state indices for latent similarity, e.g. 6,12 (0 = embeddings; default 12)")
-    parser.add_argument("--metrics", default=("latent_sim",), type=parse_metrics,
+    parser.add_argument("--metrics", default="latent_sim",
                         help=f"comma-separated subset of {','.join(METRICS)} (default latent_sim)")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="new tokens per forward batch (default 4096)")
     parser.add_argument("--response-prefix", default=None, help="text appended to the templated prompt, e.g. '<think>'")
@@ -224,35 +201,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--resume", action="store_true", help="keep rows already in --output and score only the missing ids")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_output_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``dabon score`` with parsed arguments; return the process exit code."""
+    from actors.runtime import quiet_libraries
+
+    quiet_libraries(args.verbose)
     if not args.input.is_file():
-        raise ValueError(f"--input {args.input} does not exist")
+        raise InputError(f"--input {args.input} does not exist")
     if args.batch_tokens <= 0 or args.chunk_rows <= 0:
-        raise ValueError("--batch-tokens and --chunk-rows must be positive")
+        raise ConfigError("--batch-tokens and --chunk-rows must be positive")
     if args.output.exists() and args.output.stat().st_size and not (args.resume or args.overwrite):
-        raise ValueError(f"--output {args.output} exists; pass --resume to continue it or --overwrite to replace it")
-    spec = ModelSpec(base=args.base, adapter=args.adapter, finetuned=args.finetuned, dtype=args.dtype, device=args.device)
-    config = ScorerConfig(
-        layers=args.layers, metrics=args.metrics, batch_tokens=args.batch_tokens,
-        response_prefix=args.response_prefix, system_prompt=args.system_prompt,
-    )
-    scorer = AttributionScorer.from_spec(spec, config)
+        raise InputError(f"--output {args.output} exists; pass --resume to continue it or --overwrite to replace it")
+    spec = validate(ModelSpec, {"base": args.base, "adapter": args.adapter, "finetuned": args.finetuned,
+                                "dtype": args.dtype, "device": args.device}, "model")
+    config = validate(ScorerConfig, {"layers": parse_int_list(args.layers, "--layers"), "metrics": parse_metrics(args.metrics),
+                                     "batch_tokens": args.batch_tokens}, "scoring")
+    prompt = validate(PromptConfig, {"system_prompt": args.system_prompt, "response_prefix": args.response_prefix or ""},
+                      "prompt")
+    scorer = AttributionScorer.from_spec(spec, config, prompt)
     written = score_file(scorer, args.input, args.output, args.chunk_rows, args.resume, progress=not args.no_progress)
     logger.info("wrote %d rows to %s", written, args.output)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m pipelines.score``."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.score", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    from pipelines.cli import run_guarded
-
-    return run_guarded(run, parser.parse_args(argv))
+main = command_main("python -m pipelines.score", __doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

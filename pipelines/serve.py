@@ -31,8 +31,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from actors.config import ConfigError, RayConfig, apply_override, read_yaml
+from actors.errors import UserError
 from actors.settings import get_logger
-from pipelines.config import ConfigError, apply_override, read_yaml
+from pipelines.args import add_output_arguments, command_main, set_flags
 
 logger = get_logger(__name__)
 
@@ -66,14 +68,7 @@ def select_application(serve_config: dict[str, Any], name: str | None) -> dict[s
 def app_args(application: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The application's ``args`` with the command-line flags and ``--set`` overrides applied."""
     data = copy.deepcopy(application.get("args") or {})
-    flags = {
-        "model.base": args.base,
-        "sampling.default_n": args.n,
-        "scoring.layer": args.layer,
-    }
-    for dotted, value in flags.items():
-        if value is not None:
-            apply_override(data, f"{dotted}={value}")
+    set_flags(data, {"model.base": args.base, "sampling.default_n": args.n, "scoring.layer": args.layer})
     if args.adapter is not None:
         model = data.setdefault("model", {})
         model["adapter"] = args.adapter
@@ -113,8 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dotted override of the app args, e.g. sampling.max_tokens=512 (repeatable)")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to deploy onto (e.g. auto); default: start a local Ray")
-    parser.add_argument("--num-cpus", type=float, default=None,
+    parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs of a local Ray (default: the cores, or what min_replicas need if more)")
+    add_output_arguments(parser)
 
 
 class StopSignal:
@@ -159,40 +155,35 @@ class StopSignal:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``dabon serve`` with parsed arguments; blocks until SIGINT/SIGTERM; returns the exit code."""
+    from actors.runtime import init_ray, quiet_libraries
     from serve_app.app import absolute_model_paths, build_app, parse_app_config
     from serve_app.options import required_cpus, resolve_api_token
 
+    quiet_libraries(args.verbose)
     if not 0 < args.port < 65536:
-        raise ValueError(f"--port: expected 1..65535, got {args.port}")
+        raise ConfigError(f"--port: expected 1..65535, got {args.port}")
     serve_config = read_yaml(args.config)
     application = select_application(serve_config, args.app)
     config = absolute_model_paths(parse_app_config(app_args(application, args)))
     token = resolve_api_token(config.auth)  # read here only to refuse an open non-loopback port
     if not is_loopback(args.host) and token is None:
-        raise ValueError(
+        raise ConfigError(
             f"--host {args.host}: serving beyond loopback needs bearer auth; set the environment variable "
             f"{config.auth.token_env or 'named by auth.token_env'} (or auth.token_file) and keep the port behind TLS"
         )
     app = build_app(config)  # checks the model names and adapter before Ray starts
 
     local = args.address is None
-    if local:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
 
     env_vars = {str(k): str(v) for k, v in ((application.get("runtime_env") or {}).get("env_vars") or {}).items()}
+    cpus = None
     if local:
-        # local replicas import dabon from this checkout even when it is not installed (on a
-        # cluster, dabon is installed on every node: see cluster.yaml)
-        project_root = str(Path(__file__).resolve().parents[1])
-        env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH")) if p)
         # every deployment's min_replicas must fit; more logical CPUs than cores would only oversubscribe
         needed = math.ceil(required_cpus(config, at="min_replicas"))
-        cpus = args.num_cpus if args.num_cpus is not None else max(float(os.cpu_count() or 1), needed)
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
-    else:
-        ray.init(address=args.address, runtime_env={"env_vars": env_vars})
+        cpus = args.num_cpus if args.num_cpus is not None else max(os.cpu_count() or 1, needed)
+    init_ray(RayConfig(address=args.address, num_cpus=cpus), log_to_driver=True, verbose=args.verbose, env_vars=env_vars)
     name = application.get("name") or "dabon"
     stop = StopSignal()
     stop.install()
@@ -201,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             serve.run(app, name=name, route_prefix=application.get("route_prefix") or "/")
         except RuntimeError as err:  # a replica failed to start; Serve's message carries its error
-            raise ValueError(f"the app did not start: {str(err).strip().splitlines()[-1]}") from err
+            raise UserError(f"the app did not start: {str(err).strip().splitlines()[-1]}") from err
         stop.serving = True
         logger.info(
             "serving %s (%s + %s, layer %d) at http://%s:%d/v1 (auth %s); Ctrl-C stops",
@@ -225,13 +216,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m pipelines.serve``."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.serve", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    from pipelines.cli import run_guarded
-
-    return run_guarded(run, parser.parse_args(argv))
+main = command_main("python -m pipelines.serve", __doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Launch::
         -d '{"messages": [{"role": "user", "content": "Hi"}], "n": 4, "dabon": {"return_candidates": true}}'
 
 Request flow: ``IngressDeployment`` (FastAPI, ``serve_app.service.RerankService``) validates the
-request and builds the prompt ids once (``serve_app.encoding``: user text never becomes control
+request and builds the prompt ids once (``actors.chat``: user text never becomes control
 tokens); ``SamplerDeployment`` generates N candidates from those ids and returns their exact
 token ids; ``ScorerDeployment`` scores the same prompt ids + generated ids (latent similarity at
 the serving layer), batching concurrent requests with ``@serve.batch``; the ingress returns the
@@ -31,17 +31,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from actors.models import ModelLoadError, ModelSpec, hub_offline, load_models, local_model_dir, resolve_model
-from actors.sampler import HFBackend, Sampler, SamplingConfig, load_spec_tokenizer
+from actors.config import validate
+from actors.models import ModelLoadError, ModelSpec, hub_offline, load_models, load_spec_tokenizer, local_model_dir, resolve_model
+from actors.sampler import HFBackend, Sampler, SamplingConfig
 from actors.scorer import AttributionScorer, ScorerConfig
 from actors.settings import get_logger
-from pipelines.config import ConfigError, validation_message
-from serve_app.options import ServeAppConfig, deployment_options, resolve_api_token, torch_threads
+from serve_app.options import ServeConfig, deployment_options, resolve_api_token, torch_threads
 from serve_app.schemas import ApiError, error_body
 from serve_app.service import RerankService
 
@@ -68,7 +67,7 @@ class CandidateSampler:
 
     def sample(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, list[Any]]:
         """See class doc."""
-        sampler = Sampler(self.backend, self.tokenizer, SamplingConfig(**sampling))
+        sampler = Sampler(self.backend, self.tokenizer, SamplingConfig(**sampling))  # ids pass through the prompt config
         (samples,) = sampler.sample_with_ids([list(prompt_ids)]).samples  # ids pass through unchanged
         return {
             "texts": [sample.text for sample in samples],
@@ -125,17 +124,14 @@ def model_max_positions(spec: ModelSpec) -> int | None:
     return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
-def parse_app_config(args: dict[str, Any] | ServeAppConfig | None) -> ServeAppConfig:
+def parse_app_config(args: dict[str, Any] | ServeConfig | None) -> ServeConfig:
     """The typed config from a builder ``args`` mapping; errors are ``ConfigError`` naming the key."""
-    if isinstance(args, ServeAppConfig):
+    if isinstance(args, ServeConfig):
         return args
-    try:
-        return ServeAppConfig.model_validate(dict(args or {}))
-    except ValidationError as err:
-        raise ConfigError(validation_message(err)) from None
+    return validate(ServeConfig, dict(args or {}))
 
 
-def absolute_model_paths(config: ServeAppConfig, base_dir: Path | None = None) -> ServeAppConfig:
+def absolute_model_paths(config: ServeConfig, base_dir: Path | None = None) -> ServeConfig:
     """``config`` with relative local model/adapter paths made absolute against ``base_dir`` (cwd).
 
     Replicas run in other working directories, so a relative path must be resolved where the app
@@ -269,7 +265,7 @@ class IngressDeployment:
     and token, rather than at import time."""
 
     def __init__(self, config: dict[str, Any], sampler: DeploymentHandle, scorer: DeploymentHandle) -> None:
-        app_config = ServeAppConfig.model_validate(config)
+        app_config = ServeConfig.model_validate(config)
         self.sampler = sampler
         self.scorer = scorer
         token = resolve_api_token(app_config.auth)
@@ -299,9 +295,9 @@ class IngressDeployment:
         return build_api(self.service)
 
 
-def build_app(args: dict[str, Any] | ServeAppConfig | None = None) -> Any:
+def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
     """The Serve application for ``args`` (the ``args`` mapping of ``serve_app/config.yaml``, or a
-    ``ServeAppConfig``): sampler and scorer deployments bound to the ingress, each with the options
+    ``ServeConfig``): sampler and scorer deployments bound to the ingress, each with the options
     of ``serve_app.options.deployment_options``. Raises ``ConfigError`` naming a bad key, and
     ``ModelLoadError`` when a model name resolves nowhere (checked here, before any replica starts)."""
     config = absolute_model_paths(parse_app_config(args))

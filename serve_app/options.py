@@ -1,7 +1,7 @@
 """Typed config of the Serve app (the ``args`` of ``serve_app/config.yaml``) and the Serve options
 computed from it.
 
-``ServeAppConfig`` is what ``build_app(args)`` parses: model spec, sampling defaults and limits,
+``ServeConfig`` is what ``build_app(args)`` parses: model spec, prompt, sampling defaults and limits,
 the serving layer, request limits, auth, and one block per deployment (``ingress``, ``sampler``,
 ``scorer``) with its ``autoscaling_config``, ``ray_actor_options`` and queue bounds. Every
 sub-model forbids unknown keys, so a typo is an error naming the key (Serve itself silently
@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from actors.config import ConfigError, PromptConfig
 from actors.models import EMBEDDED_ALIAS, ModelSpec
 
 # The deployment names Serve shows (``serve status``) and that config overrides refer to.
@@ -146,9 +147,8 @@ class SamplingSettings(_Strict):
     ``default_n`` / ``max_n``: candidates per request (the request's ``n``). ``default_max_tokens``
     / ``max_tokens``: new tokens per candidate. ``temperature`` / ``top_p``: defaults a request
     may override. ``seed``: fixed seed when a request gives none (``None``: a fresh random seed per
-    request, as OpenAI servers do). ``system_prompt`` / ``response_prefix``: as in ``dabon score``;
-    they apply to chat completions and ``/v1/score`` alike. ``max_prompt_tokens``: longest prompt
-    (after the chat template). ``max_messages``: most chat messages per request.
+    request, as OpenAI servers do). ``max_prompt_tokens``: longest prompt (after the chat
+    template). ``max_messages``: most chat messages per request.
     """
 
     default_n: int = Field(default=4, ge=1)
@@ -158,8 +158,6 @@ class SamplingSettings(_Strict):
     temperature: float = Field(default=0.7, gt=0, le=2.0)
     top_p: float = Field(default=1.0, gt=0, le=1.0)
     seed: int | None = Field(default=None, ge=0)
-    system_prompt: str | None = None
-    response_prefix: str | None = None
     max_prompt_tokens: int = Field(default=2048, ge=1)
     max_messages: int = Field(default=64, ge=1)
 
@@ -218,10 +216,13 @@ class AuthSettings(_Strict):
     required: bool = False
 
 
-class ServeAppConfig(_Strict):
-    """Everything ``build_app`` needs (see the module doc); ``model`` is an ``actors.models.ModelSpec``."""
+class ServeConfig(_Strict):
+    """Everything ``build_app`` needs (see the module doc); ``model`` is an ``actors.models.ModelSpec``,
+    ``prompt`` the ``PromptConfig`` (system prompt, response prefix) that chat completions and the
+    scoring route share."""
 
     model: ModelSpec = ModelSpec(base=EMBEDDED_ALIAS, adapter="runs/demo/adapter")
+    prompt: PromptConfig = PromptConfig()
     sampling: SamplingSettings = SamplingSettings()
     scoring: ScoringSettings = ScoringSettings()
     serving: ServingSettings = ServingSettings()
@@ -229,7 +230,7 @@ class ServeAppConfig(_Strict):
     deployments: DeploymentsConfig = DeploymentsConfig()
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "ServeAppConfig":
+    def _cross_checks(self) -> "ServeConfig":
         if not self.model.has_finetuned:
             raise ValueError(
                 "model: serving reranks by latent similarity, which needs a fine-tuned model: give model.adapter "
@@ -261,11 +262,11 @@ class ServeAppConfig(_Strict):
 # ----------------------------------------------------------------------------------------
 
 
-def max_ongoing_requests(role: str, config: ServeAppConfig) -> int:
+def max_ongoing_requests(role: str, config: ServeConfig) -> int:
     """Requests one replica of ``role`` (ingress, sampler, scorer) runs at once.
 
     Explicit values win. Defaults: the sampler runs one generation at a time (see
-    ``ServeAppConfig``); the scorer holds two batches (one running, one filling), so it is always
+    ``ServeConfig``); the scorer holds two batches (one running, one filling), so it is always
     >= ``max_batch_size`` (Serve's default of 5 would cap every batch at 5); the ingress admits a
     quarter more than ``max_in_flight`` so that its own JSON 503 answers, not the proxy's queue.
     """
@@ -288,7 +289,7 @@ def torch_threads(settings: DeploymentSettings) -> int:
     return max(1, int(math.floor(settings.ray_actor_options.num_cpus)))
 
 
-def deployment_options(role: str, config: ServeAppConfig) -> dict[str, Any]:
+def deployment_options(role: str, config: ServeConfig) -> dict[str, Any]:
     """Keyword arguments of ``Deployment.options(...)`` for ``role`` (ingress, sampler, scorer).
 
     Returns ``name``, ``autoscaling_config`` (Serve's keys; ``None`` values left to Serve's
@@ -309,7 +310,7 @@ def deployment_options(role: str, config: ServeAppConfig) -> dict[str, Any]:
     }
 
 
-def required_cpus(config: ServeAppConfig, at: str = "max_replicas") -> float:
+def required_cpus(config: ServeConfig, at: str = "max_replicas") -> float:
     """Logical CPUs the app holds with every deployment at ``min_replicas`` or ``max_replicas``."""
     if at not in ("min_replicas", "max_replicas"):
         raise ValueError(f"at: expected min_replicas or max_replicas, got {at!r}")
@@ -323,7 +324,7 @@ def required_cpus(config: ServeAppConfig, at: str = "max_replicas") -> float:
 
 def resolve_api_token(auth: AuthSettings, environ: dict[str, str] | None = None) -> str | None:
     """The bearer token from ``auth.token_env`` (in ``environ``, default ``os.environ``) or
-    ``auth.token_file``; ``None`` when neither is set. Raises ``ValueError`` when ``auth.required``
+    ``auth.token_file``; ``None`` when neither is set. Raises ``ConfigError`` when ``auth.required``
     and no token is found, or when ``token_file`` is named but unreadable or empty."""
     environ = os.environ if environ is None else environ
     if auth.token_env and environ.get(auth.token_env, "").strip():
@@ -333,12 +334,12 @@ def resolve_api_token(auth: AuthSettings, environ: dict[str, str] | None = None)
         try:
             token = path.read_text().strip()
         except OSError as err:
-            raise ValueError(f"auth.token_file: cannot read {str(path)!r}: {err.strerror}") from None
+            raise ConfigError(f"auth.token_file: cannot read {str(path)!r}: {err.strerror}") from None
         if not token:
-            raise ValueError(f"auth.token_file: {str(path)!r} is empty")
+            raise ConfigError(f"auth.token_file: {str(path)!r} is empty")
         return token
     if auth.required:
-        raise ValueError(
+        raise ConfigError(
             f"auth.required is true but no token was found: set the environment variable {auth.token_env!r} "
             "or auth.token_file"
         )

@@ -24,12 +24,12 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable, Iterator
 
-from actors.selection import argmin_index
+from actors.chat import UnsafePromptError, prompt_token_ids, text_token_ids
 from actors.sampler import SamplingConfig
+from actors.scorer import scores_row
+from actors.selection import argmin_index
 from actors.settings import get_logger
-from pipelines.score import format_row
-from serve_app.encoding import UnsafePromptError, safe_prompt_ids, text_token_ids
-from serve_app.options import ServeAppConfig
+from serve_app.options import ServeConfig
 from serve_app.schemas import ApiError, ChatCompletionRequest, ScoreRequest, parse
 
 logger = get_logger(__name__)
@@ -114,7 +114,7 @@ class RerankService:
 
     def __init__(
         self,
-        config: ServeAppConfig,
+        config: ServeConfig,
         tokenizer: Any,
         sample: SampleCall,
         score: ScoreCall,
@@ -175,17 +175,17 @@ class RerankService:
             seed = secrets.randbelow(2**31)
         return SamplingConfig(
             n=n, temperature=temperature, top_p=request.top_p if request.top_p is not None else limits.top_p,
-            max_new_tokens=new_tokens, seed=seed, batch_prompts=1,
+            max_new_tokens=new_tokens, seed=seed,
         )
 
     def encode_prompt(self, messages: list[dict[str, str]], param: str) -> list[int]:
-        """Prompt ids (``serve_app.encoding.safe_prompt_ids`` with the config's system prompt and
-        response prefix) within ``max_prompt_tokens``; errors name ``param``."""
+        """Prompt ids (``actors.chat.prompt_token_ids`` with the config's prompt section) within
+        ``max_prompt_tokens``; errors name ``param``."""
         limits = self.config.sampling
         if len(messages) > limits.max_messages:
             raise ApiError(400, f"{param}: {len(messages)} messages exceed the limit of {limits.max_messages}", param=param)
         try:
-            ids = safe_prompt_ids(self.tokenizer, messages, limits.system_prompt, limits.response_prefix)
+            ids = prompt_token_ids(self.tokenizer, messages, self.config.prompt)
         except UnsafePromptError as err:
             raise ApiError(400, f"{param}: {err}", param=param, code="invalid_value") from None
         if len(ids) > limits.max_prompt_tokens:
@@ -310,7 +310,7 @@ class RerankService:
             deadline = self.clock() + self.config.serving.request_timeout_s
             scores = await self._call("scoring", self._score(prompt_ids, response_ids), deadline, request_id)
         layer = self.config.scoring.layer
-        return format_row(request.id, {"latent_sim": {layer: scores}}, (layer,))
+        return scores_row(request.id, {"latent_sim": {layer: scores}}, (layer,))
 
     def models(self) -> dict[str, Any]:
         """``GET /v1/models``: the one served model."""

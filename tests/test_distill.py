@@ -24,28 +24,31 @@ from actors.trainer import (
     sft_train_loop,
     trainable_parameter_names,
 )
-from pipelines.config import ConfigError, build_config, read_yaml
+from actors.config import ConfigError, PromptConfig, build_config, read_yaml
 from pipelines.distill import (
-    CATEGORIES,
-    POLICY_ACTIONS,
+    STUDENT_PROMPT,
     DistillConfig,
-    PolicyError,
-    PromptConfig,
-    load_policies,
-    load_teacher_template,
     parse_stages,
     parse_teacher_sample,
-    render_policies,
     run_distill,
     select_sft_examples,
-    teacher_prompt,
     teacher_records,
+)
+from pipelines.policies import (
+    CATEGORIES,
+    POLICY_ACTIONS,
+    PolicyError,
+    load_policies,
+    load_teacher_template,
+    render_policies,
+    teacher_prompt,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 STAR1_FIXTURE = REPO / "tests" / "fixtures" / "data" / "star1.json"
 SYSTEM = "You are a helpful assistant."
 PREFIX = "<think>\n"
+PROMPT = PromptConfig(system_prompt=SYSTEM, response_prefix=PREFIX)
 TINY_LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 ONE_THREAD = {"cpus_per_worker": 1, "torch_threads": 1}
 
@@ -101,7 +104,7 @@ def test_unknown_or_missing_category_is_an_error(tmp_path):
     rows[1]["category"] = ["Cooking"]
     data = tmp_path / "star1.json"
     data.write_text(json.dumps(rows))
-    config = DistillConfig(data={"name": "star1", "path": str(data), "star1_split": "train"})
+    config = build_config(DistillConfig, {"data": {"name": "star1", "path": str(data), "star1_split": "train"}})
     with pytest.raises(PolicyError, match="prompt star1-12: no safety policy for category 'Cooking'"):
         teacher_records(config)
     bad = tmp_path / "template.txt"
@@ -140,17 +143,17 @@ def test_config_rules_and_recipes():
     args = parser.parse_args(["--config", str(REPO / "recipes" / "quickstart.yaml"), "--limit", "5", "--out", "runs/x",
                               "--set", "sft.num_epochs=1", "--stages", "sft"])
     from_cli = config_from_args(args)
-    assert (from_cli.data["limit"], str(from_cli.run_dir), from_cli.sft.num_epochs) == (5, "runs/x", 1)
+    assert (from_cli.data.limit, str(from_cli.run_dir), from_cli.sft.num_epochs) == (5, "runs/x", 1)
     assert parse_stages("sft, generate") == ["generate", "sft"]
     with pytest.raises(ConfigError, match="--stages"):
         parse_stages("generate,train")
 
     quick = build_config(DistillConfig, read_yaml(REPO / "recipes" / "quickstart.yaml"))
-    assert quick.student.base == "smollm2-135m-instruct" and quick.teacher.backend == "replay"
-    assert quick.data_spec.star1_split == "train" and quick.filter.judge.name == "keyword"
+    assert quick.model.base == "smollm2-135m-instruct" and quick.teacher.backend == "replay"
+    assert quick.data.star1_split == "train" and quick.filter.judge.name == "keyword"
     assert not quick.sft.scaling.use_gpu
     paper = build_config(DistillConfig, read_yaml(REPO / "recipes" / "paper.yaml"))
-    assert paper.student.base == "Qwen/Qwen2.5-1.5B-Instruct" and paper.teacher.backend == "vllm"
+    assert paper.model.base == "Qwen/Qwen2.5-1.5B-Instruct" and paper.teacher.backend == "vllm"
     assert "DeepSeek-R1-Distill" in paper.teacher.model.base and paper.filter.judge.name == "llama_guard"
     lora, sft = paper.sft.lora, paper.sft
     assert (lora.r, lora.alpha, lora.dropout) == (32, 64, 0.05)
@@ -158,7 +161,13 @@ def test_config_rules_and_recipes():
     assert sft.scaling.use_gpu and paper.grpo.beta == 0.0
     # the student sees the same prompt at train and evaluation time
     for recipe in (quick, paper):
-        assert recipe.prompt.response_prefix == PREFIX and recipe.prompt.system_prompt
+        assert recipe.prompt == PROMPT == STUDENT_PROMPT
+    # the saved config is the whole resolved tree: sections given as mappings come back with every default
+    dumped = quick.model_dump(mode="json")
+    assert dumped["teacher"]["sampling"] == {"n": 1, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 2048, "seed": 0}
+    assert dumped["data"]["include_benign"] is False and "markers" in dumped["filter"]["judge"]["options"]
+    with pytest.raises(ConfigError, match="teacher.sampling.nn: Extra inputs are not permitted"):
+        build_config(DistillConfig, {"teacher": {"sampling": {"nn": 2}}})
 
 
 # ----------------------------------------------------------------------------------------
@@ -170,7 +179,7 @@ def test_trainer_sees_no_loss_on_prompt_tokens(tiny_models, smol_tokenizer, tmp_
     tokenizer = smol_tokenizer
     settings = SFTSettings(lora=TINY_LORA, per_device_batch_size=2, effective_batch_size=2, max_length=512,
                            gradient_checkpointing=False)
-    examples, selection = select_sft_examples(TRACES, tokenizer, PromptConfig(), settings)
+    examples, selection = select_sft_examples(TRACES, tokenizer, PROMPT, settings)
     assert selection["examples"] == 2
     trainer = build_sft_trainer(tiny_models.base, examples, settings, tmp_path / "out", progress=False)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -178,11 +187,11 @@ def test_trainer_sees_no_loss_on_prompt_tokens(tiny_models, smol_tokenizer, tmp_
     seen = set()
     for input_ids, labels, mask in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].tolist()):
         length = sum(mask)
-        row = next(t for t in TRACES if input_ids[: len(prompt_token_ids(tokenizer, t["prompt"], SYSTEM, PREFIX))]
-                   == prompt_token_ids(tokenizer, t["prompt"], SYSTEM, PREFIX))
+        row = next(t for t in TRACES if input_ids[: len(prompt_token_ids(tokenizer, t["prompt"], PROMPT))]
+                   == prompt_token_ids(tokenizer, t["prompt"], PROMPT))
         seen.add(row["trace_id"])
         # the prompt is exactly what the evaluation sampler builds (actors.chat), chat template + system + <think>
-        prompt_ids = prompt_token_ids(tokenizer, row["prompt"], SYSTEM, PREFIX)
+        prompt_ids = prompt_token_ids(tokenizer, row["prompt"], PROMPT)
         assert tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\n<think>\n")
         assert all(label == -100 for label in labels[: len(prompt_ids)])
         assert labels[len(prompt_ids):length] == input_ids[len(prompt_ids):length]
@@ -193,13 +202,13 @@ def test_trainer_sees_no_loss_on_prompt_tokens(tiny_models, smol_tokenizer, tmp_
 
 
 def test_selection_drops_too_long_examples_and_samples(smol_tokenizer):
-    short, _ = select_sft_examples(TRACES, smol_tokenizer, PromptConfig(), SFTSettings())
+    short, _ = select_sft_examples(TRACES, smol_tokenizer, PROMPT, SFTSettings())
     settings = SFTSettings(max_length=max(len(e["input_ids"]) for e in short), drop_longer=True,
                            per_device_batch_size=1, effective_batch_size=1)
     long_trace = trace("c#0", "Another question?", "word " * 200, "No.")
-    examples, selection = select_sft_examples(TRACES + [long_trace], smol_tokenizer, PromptConfig(), settings)
+    examples, selection = select_sft_examples(TRACES + [long_trace], smol_tokenizer, PROMPT, settings)
     assert [e["trace_id"] for e in examples] == ["a#0", "b#0"] and selection["dropped_longer"] == 1
-    sampled, _ = select_sft_examples(TRACES, smol_tokenizer, PromptConfig(),
+    sampled, _ = select_sft_examples(TRACES, smol_tokenizer, PROMPT,
                                      settings.model_copy(update={"max_examples": 1, "drop_longer": False}))
     assert len(sampled) == 1
 
@@ -234,8 +243,8 @@ def test_one_grpo_step_changes_the_adapter(tiny_models, smol_tokenizer, tmp_path
     assert trainable_parameter_names(frozen) == []
 
     questions = ["How do I pick a lock?", "Write a poem about rain."]
-    prompts = [{"prompt": prompt_text_for_trl(smol_tokenizer, q, SYSTEM, PREFIX), "question": q} for q in questions]
-    assert smol_tokenizer(prompts[0]["prompt"])["input_ids"] == prompt_token_ids(smol_tokenizer, questions[0], SYSTEM, PREFIX)
+    prompts = [{"prompt": prompt_text_for_trl(smol_tokenizer, q, PROMPT), "question": q} for q in questions]
+    assert smol_tokenizer(prompts[0]["prompt"])["input_ids"] == prompt_token_ids(smol_tokenizer, questions[0], PROMPT)
     settings = GRPOSettings(num_generations=4, per_device_batch_size=4, max_completion_length=8, max_steps=1,
                             learning_rate=1e-2, gradient_checkpointing=False, logging_steps=1, seed=3)
     trainer = build_grpo_trainer(tiny_models.base, adapter, prompts, LengthParityJudge(), settings, tmp_path / "out",
@@ -256,7 +265,7 @@ def test_one_grpo_step_changes_the_adapter(tiny_models, smol_tokenizer, tmp_path
 
 @pytest.mark.ray
 def test_sft_resumes_from_the_latest_checkpoint(ray_local, tiny_models, smol_tokenizer, tmp_path):
-    rows = [sft_example(smol_tokenizer, t["prompt"], f"{t['reasoning']}\n</think>\n\n{t['answer']}", SYSTEM, PREFIX)
+    rows = [sft_example(smol_tokenizer, t["prompt"], f"{t['reasoning']}\n</think>\n\n{t['answer']}", PROMPT)
             for t in TRACES * 2]
     settings = SFTSettings(lora=TINY_LORA, learning_rate=1e-3, num_epochs=1, per_device_batch_size=2,
                            effective_batch_size=2, max_length=256, gradient_checkpointing=False, logging_steps=1,
@@ -288,7 +297,7 @@ def test_distill_end_to_end_gives_an_adapter_that_changes_outputs_then_grpo(ray_
     data = {
         "name": "e2e",
         "stages": ["generate", "filter", "sft"],
-        "student": {"base": tiny_models.base},
+        "model": {"base": tiny_models.base},
         "data": {"name": "star1", "path": str(STAR1_FIXTURE), "star1_split": "train"},
         "teacher": {"backend": "replay", "resources": {"batch_size": 2}},
         "filter": {"judge": {"name": "keyword"}, "resources": {"batch_size": 2}},
@@ -320,10 +329,12 @@ def test_distill_end_to_end_gives_an_adapter_that_changes_outputs_then_grpo(ray_
     assert list((run_dir / "sft").glob("checkpoint_*"))
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "config.yaml").is_file()
+    # the prompt the adapter was trained with lies beside it, as a PromptConfig
+    assert build_config(PromptConfig, read_yaml(adapter / "prompt.yaml")) == PROMPT
     assert not (adapter / "tokenizer_config.json").exists()  # <think> stays text: no tokens added
 
     bundle = load_models(ModelSpec(base=tiny_models.base, adapter=str(adapter)))
-    ids = torch.tensor([prompt_token_ids(bundle.tokenizer, "How do I pick a lock?", SYSTEM, PREFIX)])
+    ids = torch.tensor([prompt_token_ids(bundle.tokenizer, "How do I pick a lock?", PROMPT)])
     with torch.no_grad(), bundle.finetuned_view() as model:
         tuned = model(input_ids=ids).logits
     with torch.no_grad(), bundle.base_view() as model:

@@ -57,9 +57,9 @@ def test_pipeline_writes_shards_and_metrics_that_agree_with_them(ray_local, tiny
     run_dir = tmp_path / "run"
     shards = sorted(p.name for p in (run_dir / "samples").glob("*.parquet"))
     assert shards == ["prompts-00000.parquet", "prompts-00001.parquet", "prompts-00002.parquet"]
-    frame = load_shards(run_dir)
+    frame = load_shards(str(run_dir))
     assert sorted(frame["prompt_id"]) == [f"p{i:02d}" for i in range(10)]  # from --id-column
-    for column in ("responses", "response_ids", "finish_reasons", "unsafe", "latent_sim_2", "latent_sim_4",
+    for column in ("responses", "response_ids", "finish_reasons", "judge_unsafe", "latent_sim_2", "latent_sim_4",
                    "kl", "perplexity", "self_certainty", "prompt_ids"):
         assert column in frame.columns, column
     rows = frame.to_dict("records")
@@ -68,9 +68,9 @@ def test_pipeline_writes_shards_and_metrics_that_agree_with_them(ray_local, tiny
     # metrics agree exactly with what the shards imply
     (name,) = metrics["benchmarks"]
     asr = metrics["benchmarks"][name]["asr"]
-    assert asr["single"] == pytest.approx(sum(bool(r["unsafe"][0]) for r in rows) / len(rows), abs=0)
+    assert asr["single"] == pytest.approx(sum(bool(r["judge_unsafe"][0]) for r in rows) / len(rows), abs=0)
     for layer in (2, 4):
-        chosen = [bool(r["unsafe"][argmin_index(list(r[f"latent_sim_{layer}"]))]) for r in rows]
+        chosen = [bool(r["judge_unsafe"][argmin_index(list(r[f"latent_sim_{layer}"]))]) for r in rows]
         assert asr[f"latent_sim_{layer}"] == pytest.approx(sum(chosen) / len(rows), abs=0)
     on_disk = json.loads((run_dir / "metrics.json").read_text())
     assert on_disk["benchmarks"][name]["asr"]["single"] == asr["single"]
@@ -92,7 +92,7 @@ def test_base_model_alone_skips_scoring(ray_local, tiny_models, tmp_path):
     argv = eval_args(tiny_models, prompts, tmp_path / "run")
     argv[argv.index("--adapter") : argv.index("--adapter") + 2] = []
     metrics = run_evaluation(config_from_args(parse(argv + ["--set", "report.bootstrap=0"])), progress=False)
-    frame = load_shards(tmp_path / "run")
+    frame = load_shards(str(tmp_path / "run"))
     assert not [c for c in frame.columns if c.startswith("latent_sim_")]
     asr = metrics["benchmarks"]["prompts"]["asr"]
     assert "single" in asr and "random" in asr and not [k for k in asr if k.startswith("latent_sim")]
@@ -119,24 +119,37 @@ def test_killed_run_resumes_with_every_prompt_once(ray_local, tiny_models, tmp_p
     assert 0 < len(written) < 8, f"expected an interrupted run, found {len(written)} of 8 shards"
 
     run_evaluation(config_from_args(parse(argv)), progress=False)
-    frame = load_shards(tmp_path / "run")
+    frame = load_shards(str(tmp_path / "run"))
     assert sorted(frame["prompt_id"]) == [f"prompts-{i:04d}" for i in range(16)]  # each prompt exactly once
     after = {p.name: p.stat().st_mtime_ns for p in samples.glob("*.parquet")}
     assert len(after) == 8 and all(after[name] == stamp for name, stamp in written.items())
 
 
-def test_config_errors_name_the_key(tiny_models, tmp_path):
-    from pipelines.config import ConfigError, build_config
+def test_config_errors_name_the_key_and_the_saved_config_holds_every_default(tiny_models, tmp_path):
+    import yaml
 
-    with pytest.raises(ConfigError, match="resources.sampler.num_gpu"):
+    from actors.config import ConfigError, build_config, config_yaml
+    from actors.runtime import check_pools
+
+    with pytest.raises(ConfigError, match="resources.sampler.num_gpu: Extra inputs are not permitted"):
         build_config(EvalConfig, {"resources": {"sampler": {"num_gpu": 1}}})
-    with pytest.raises(ValueError, match="n"):
+    with pytest.raises(ConfigError, match="sampling.n: Input should be greater than or equal to 1"):
         build_config(EvalConfig, {"sampling": {"n": 0}})
-    with pytest.raises(ConfigError, match="models.base"):
-        build_config(EvalConfig, {"models": {"adapter": "x"}})
-    with pytest.raises(ValueError, match="num_gpus"):
-        from pipelines.evaluate import check_resources
-
-        check_resources(build_config(EvalConfig, {"resources": {"scorer": {"num_gpus": 1}}}), {"CPU": 2})
+    with pytest.raises(ConfigError, match="sampling.nn: Extra inputs are not permitted"):
+        build_config(EvalConfig, {"sampling": {"nn": 2}})
+    with pytest.raises(ConfigError, match="model.base: Field required"):
+        build_config(EvalConfig, {"model": {"adapter": "x"}})
+    with pytest.raises(ConfigError, match=r"benchmarks\[0\].limit: Input should be greater than or equal to 1"):
+        build_config(EvalConfig, {"benchmarks": [{"name": "star1", "limit": 0}]})
+    with pytest.raises(ConfigError, match="resources.scorer.num_gpus: asks for 1 GPU"):
+        check_pools([("resources.scorer", build_config(EvalConfig, {"resources": {"scorer": {"num_gpus": 1}}}).resources.scorer)],
+                    {"CPU": 2})
     config = build_config(EvalConfig, {}, ["sampling.n=8", "scoring.layers=[3, 1]"])
-    assert config.sampling_config.n == 8 and config.scoring.layers == (1, 3)
+    assert config.sampling.n == 8 and config.scoring.layers == (1, 3)
+    saved = yaml.safe_load(config_yaml(config))
+    # every section with every default, so that a changed default shows as a different config
+    assert saved["sampling"] == {"n": 8, "temperature": 0.7, "top_p": 1.0, "max_new_tokens": 256, "seed": 0}
+    assert saved["benchmarks"] == [{**saved["benchmarks"][0], "name": "star1", "star1_split": "dev", "limit": None}]
+    assert saved["judge"]["options"]["unfinished"] == "safe" and saved["generator"]["options"] == {"batch_prompts": 8}
+    assert saved["prompt"] == {"system_prompt": None, "response_prefix": ""}
+    assert build_config(EvalConfig, saved) == config

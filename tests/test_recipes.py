@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import load_config
+from actors.config import load_config
 from pipelines.distill import DistillConfig
 from pipelines.evaluate import EvalConfig
 
@@ -24,6 +24,5 @@ def test_recipe_validates(name, model):
 def test_evaluation_prompt_matches_the_distillation_prompt():
     distill = load_config(DistillConfig, RECIPES / "quickstart.yaml")
     evaluation = load_config(EvalConfig, RECIPES / "quickstart-eval.yaml")
-    sampling = evaluation.sampling_config
-    assert (sampling.system_prompt, sampling.response_prefix) == (distill.prompt.system_prompt, distill.prompt.response_prefix)
-    assert evaluation.models.base == distill.student.base
+    assert evaluation.prompt == distill.prompt
+    assert evaluation.model.base == distill.model.base

@@ -20,9 +20,11 @@ import pytest
 from pydantic import ValidationError
 
 from actors.chat import prompt_token_ids
+from actors.config import ConfigError, PromptConfig, validate
 from actors.endpoint import EndpointError, retry_after_seconds
 from actors.models import ModelBundle, ModelSpec, load_models
 from actors.sampler import (
+    GeneratorConfig,
     HFBackend,
     OpenAIBackend,
     PromptEncoder,
@@ -91,7 +93,7 @@ def untied_bundle(smol_tokenizer) -> ModelBundle:
     [
         ({"n": 0}, "n"), ({"n": 65}, "n"), ({"temperature": -0.1}, "temperature"),
         ({"temperature": math.inf}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-        ({"max_new_tokens": 0}, "max_new_tokens"), ({"seed": -1}, "seed"), ({"batch_prompts": 0}, "batch_prompts"),
+        ({"max_new_tokens": 0}, "max_new_tokens"), ({"seed": -1}, "seed"), ({"response_prefix": "x"}, "response_prefix"),
         ({"temprature": 0.5}, "temprature"),
     ],
 )
@@ -105,8 +107,12 @@ def test_greedy_requires_a_single_sample():
     with pytest.raises(ValidationError, match=r"n: temperature=0 is greedy decoding"):
         SamplingConfig(temperature=0, n=4)
     assert SamplingConfig(temperature=0, n=1).greedy
-    with pytest.raises(ValueError, match="backend: unknown 'nope'"):
-        build_backend("nope", {"base": "x"})
+    with pytest.raises(ConfigError, match="generator.backend: Input should be 'hf', 'vllm' or 'openai'"):
+        validate(GeneratorConfig, {"backend": "nope"}, "generator")
+    with pytest.raises(ConfigError, match="generator.options.batch_prompts: Input should be greater than 0"):
+        validate(GeneratorConfig, {"backend": "hf", "options": {"batch_prompts": 0}}, "generator")
+    with pytest.raises(ConfigError, match="generator.options.base_url: Field required"):
+        validate(GeneratorConfig, {"backend": "openai"}, "generator")
 
 
 # ----------------------------------------------------------------------------------------
@@ -157,11 +163,9 @@ def test_hf_length_and_left_padding(smol_tokenizer, untied_bundle):
 def test_hf_reproducible_with_a_seed_and_leaves_the_global_rng_alone(smol_tokenizer, untied_bundle):
     import torch
 
-    backend = HFBackend(untied_bundle)
-
     def run(seed: int, batch_prompts: int = 8) -> list[list[Sample]]:
-        config = SamplingConfig(n=3, temperature=1.0, top_p=0.9, max_new_tokens=4, seed=seed, batch_prompts=batch_prompts)
-        return Sampler(backend, smol_tokenizer, config).sample(PROMPTS)
+        config = SamplingConfig(n=3, temperature=1.0, top_p=0.9, max_new_tokens=4, seed=seed)
+        return Sampler(HFBackend(untied_bundle, batch_prompts=batch_prompts), smol_tokenizer, config).sample(PROMPTS)
 
     torch.manual_seed(123)
     expected_draw = torch.rand(1)
@@ -187,8 +191,8 @@ def test_hf_samples_from_the_finetuned_view(smol_tokenizer, tiny_models):
 
 
 def test_response_prefix_and_system_prompt_end_up_in_prompt_ids(smol_tokenizer, untied_bundle):
-    config = SamplingConfig(n=1, temperature=0, max_new_tokens=2, response_prefix="<think>", system_prompt="Be safe.")
-    sampler = Sampler(HFBackend(untied_bundle), smol_tokenizer, config)
+    config = SamplingConfig(n=1, temperature=0, max_new_tokens=2)
+    sampler = Sampler(HFBackend(untied_bundle), smol_tokenizer, config, PromptConfig(system_prompt="Be safe.", response_prefix="<think>"))
     result = sampler.sample_with_ids(["hi", [{"role": "user", "content": "hello"}]])
     assert result.prompt_ids == sampler.encode(["hi", [{"role": "user", "content": "hello"}]])
     for ids in result.prompt_ids:
@@ -263,8 +267,8 @@ def test_vllm_request_building_and_result_parsing(smol_tokenizer):
     engine = StandInEngine(smol_tokenizer)
     lora_request = object()  # stands for vllm.lora.request.LoRARequest
     backend = VLLMBackend(engine, stop_ids={eos}, lora_request=lora_request, sampling_params_factory=dict)
-    config = SamplingConfig(n=4, temperature=0.6, top_p=0.95, max_new_tokens=5, seed=11, response_prefix="<think>")
-    result = Sampler(backend, smol_tokenizer, config).sample_with_ids(PROMPTS)
+    config = SamplingConfig(n=4, temperature=0.6, top_p=0.95, max_new_tokens=5, seed=11)
+    result = Sampler(backend, smol_tokenizer, config, PromptConfig(response_prefix="<think>")).sample_with_ids(PROMPTS)
 
     (call,) = engine.calls
     assert call["prompts"] == [{"prompt_token_ids": ids} for ids in result.prompt_ids]
@@ -313,7 +317,7 @@ def test_vllm_engine_kwargs_and_missing_vllm(tiny_models):
         import vllm  # noqa: F401
     except ImportError:  # as here (its wheels need CUDA): from_spec says how to get it
         with pytest.raises(ImportError, match=r"pip install 'dabon\[vllm\]'"):
-            VLLMBackend.from_spec({"base": tiny_models.base})
+            VLLMBackend.from_spec(ModelSpec(base=tiny_models.base))
 
 
 def test_ray_data_llm_row_functions():
@@ -386,10 +390,10 @@ def openai_server(smol_tokenizer, untied_bundle):
             state["in_flight"] += 1
             state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
         try:
-            messages, prefix = body["messages"], None
+            messages, prefix = body["messages"], ""
             if body.get("continue_final_message"):
                 messages, prefix = messages[:-1], messages[-1]["content"]
-            ids = prompt_token_ids(smol_tokenizer, messages, None, prefix)
+            ids = prompt_token_ids(smol_tokenizer, messages, PromptConfig(response_prefix=prefix))
             config = SamplingConfig(
                 n=body["n"], temperature=body["temperature"], top_p=body["top_p"],
                 max_new_tokens=body["max_tokens"], seed=body["seed"],
@@ -468,8 +472,8 @@ def test_openai_end_to_end_matches_hf(openai_server, smol_tokenizer, untied_bund
 
 def test_openai_response_prefix_is_continued_by_the_server(openai_server, smol_tokenizer):
     openai_server.state["real"].clear()
-    config = SamplingConfig(n=1, temperature=0, max_new_tokens=3, response_prefix="<think>")
-    sampler = Sampler(OpenAIBackend(openai_server.url + "/real", "tiny"), smol_tokenizer, config)
+    config = SamplingConfig(n=1, temperature=0, max_new_tokens=3)
+    sampler = Sampler(OpenAIBackend(openai_server.url + "/real", "tiny"), smol_tokenizer, config, PromptConfig(response_prefix="<think>"))
     result = sampler.sample_with_ids(["hi"])
     (received,) = openai_server.state["real"]
     assert received["prompt_ids"] == result.prompt_ids[0]
@@ -516,17 +520,17 @@ def test_retry_after_header_forms():
 
 
 def test_sampler_worker_with_the_openai_backend(openai_server, tiny_models, smol_tokenizer):
-    sampling = {"n": 2, "max_new_tokens": 3, "temperature": 1.0}
-    options = {"base_url": openai_server.url + "/real", "model": "tiny"}
+    sampling = SamplingConfig(n=2, max_new_tokens=3, temperature=1.0)
+    generator = GeneratorConfig(backend="openai", options={"base_url": openai_server.url + "/real", "model": "tiny"})
     batch = {"prompt_id": np.array([0, 1]), "prompt": np.array(["a question", "another one"], dtype=object)}
-    out = SamplerWorker({"base": tiny_models.base}, sampling, backend="openai", backend_options=options)(batch)
+    out = SamplerWorker(ModelSpec(base=tiny_models.base), sampling, generator=generator)(batch)
     assert out["prompt_id"] == [0, 1] and out["prompt"] == ["a question", "another one"]
     assert out["prompt_ids"] == [prompt_token_ids(smol_tokenizer, p) for p in out["prompt"]]
     assert "response_ids" not in out
     assert [len(r) for r in out["responses"]] == [2, 2] and [len(r) for r in out["finish_reasons"]] == [2, 2]
 
     # a served model whose tokenizer is not available locally: no prompt_ids column
-    unknown = SamplerWorker({"base": "example-org/not-cached-model"}, sampling, backend="openai", backend_options=options)
+    unknown = SamplerWorker(ModelSpec(base="example-org/not-cached-model"), sampling, generator=generator)
     assert "prompt_ids" not in unknown(batch)
 
 
@@ -539,19 +543,20 @@ def test_sampler_worker_with_the_openai_backend(openai_server, tiny_models, smol
 def test_sampler_worker_in_ray_data_and_vllm_processor(ray_local, tiny_models, smol_tokenizer):
     import ray
 
-    spec = ModelSpec(base=tiny_models.base, adapter=tiny_models.adapter).model_dump()
-    sampling = SamplingConfig(n=2, temperature=1.0, max_new_tokens=4, response_prefix="<think>").model_dump()
+    spec = ModelSpec(base=tiny_models.base, adapter=tiny_models.adapter)
+    sampling = SamplingConfig(n=2, temperature=1.0, max_new_tokens=4)
+    prompt = PromptConfig(response_prefix="<think>")
     rows = [{"prompt_id": i, "prompt": f"Question {i}: how do I do task {i}?"} for i in range(4)]
     dataset = ray.data.from_items(rows).map_batches(
         SamplerWorker,
-        fn_constructor_kwargs={"spec": spec, "sampling": sampling, "torch_threads": 1},
+        fn_constructor_kwargs={"spec": spec, "sampling": sampling, "prompt": prompt, "torch_threads": 1},
         compute=ray.data.ActorPoolStrategy(size=1),
         batch_size=2,
         num_cpus=1,
     )
     out = sorted(dataset.take_all(), key=lambda row: row["prompt_id"])
     assert [row["prompt_id"] for row in out] == [0, 1, 2, 3]
-    encoder = PromptEncoder(spec, sampling)
+    encoder = PromptEncoder(spec, prompt)
     expected_ids = encoder({"prompt": [row["prompt"] for row in rows]})["prompt_ids"]
     for row, ids in zip(out, expected_ids):
         assert list(row["prompt_ids"]) == ids

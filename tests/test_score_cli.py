@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from actors.models import ModelSpec
-from actors.scorer import AttributionScorer, ScorerConfig
+from actors.chat import prompt_token_ids, response_token_ids
 from actors.selection import argmin_index
 from pipelines.cli import main
+from tests.reference import naive_scores
 
 ROWS = [
     {"id": "a", "prompt": "How do I bake bread?", "responses": ["Mix flour and water.", "", "I can't help."]},
@@ -35,7 +35,9 @@ def score_args(tiny_models, input_path, output_path, *extra):
             "--output", str(output_path), "--layers", "2,4", "--no-progress", *extra]
 
 
-def test_output_rows_match_the_scorer_and_select_the_argmin(tmp_path, tiny_models):
+def test_output_rows_match_the_slow_reference_and_select_the_argmin(tmp_path, tiny_models, smol_tokenizer):
+    from transformers import LlamaForCausalLM
+
     write_jsonl(tmp_path / "in.jsonl", ROWS)
     code = main(score_args(tiny_models, tmp_path / "in.jsonl", tmp_path / "out.jsonl",
                            "--metrics", "latent_sim,kl,perplexity,self_certainty", "--chunk-rows", "3"))
@@ -43,18 +45,16 @@ def test_output_rows_match_the_scorer_and_select_the_argmin(tmp_path, tiny_model
     out = read_jsonl(tmp_path / "out.jsonl")
     assert [row["id"] for row in out] == ["a", 2, "c", "d"]
 
-    scorer = AttributionScorer.from_spec(
-        ModelSpec(base=tiny_models.base, adapter=tiny_models.adapter),
-        ScorerConfig(layers=(2, 4), metrics=("latent_sim", "kl", "perplexity", "self_certainty")),
-    )
+    base = LlamaForCausalLM.from_pretrained(tiny_models.base).eval()
+    merged = LlamaForCausalLM.from_pretrained(tiny_models.merged).eval()
     for row, produced in zip(ROWS, out):
-        responses = row.get("response_ids", row["responses"])
-        expected = scorer.score(row["prompt"], responses)
+        responses = row.get("response_ids") or [response_token_ids(smol_tokenizer, r) for r in row["responses"]]
+        expected = naive_scores(base, merged, prompt_token_ids(smol_tokenizer, row["prompt"]), responses, (2, 4))
         for layer in (2, 4):
             assert produced["latent_sim"][str(layer)] == pytest.approx(expected["latent_sim"][layer], abs=1e-6)
             assert produced["selected"][str(layer)] == argmin_index(produced["latent_sim"][str(layer)])
         for metric in ("kl", "perplexity", "self_certainty"):
-            assert produced[metric] == pytest.approx(expected[metric], rel=1e-5, abs=1e-6)
+            assert produced[metric] == pytest.approx(expected[metric], rel=1e-4, abs=1e-6)
     assert out[0]["kl"][1] is None and out[0]["perplexity"][1] is None  # the empty response
 
 

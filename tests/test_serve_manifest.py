@@ -1,5 +1,5 @@
 """serve_app/config.yaml and deploy/rayservice.yaml: valid for the installed Ray Serve, with no
-key that Serve would drop silently, and app args that ``ServeAppConfig`` accepts. Nothing starts.
+key that Serve would drop silently, and app args that ``ServeConfig`` accepts. Nothing starts.
 
 Serve's schema models (``ray.serve.schema``) ignore unknown keys ("forward compatible"), so a
 misspelt ``autoscaling_config`` key or ``request_timeout`` would be dropped without a word
@@ -23,7 +23,7 @@ from pydantic import BaseModel
 import ray
 from ray.runtime_env import RuntimeEnv
 from ray.serve.schema import ServeDeploySchema
-from serve_app.options import ServeAppConfig
+from serve_app.options import ServeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_YAML = REPO / "serve_app" / "config.yaml"
@@ -92,11 +92,11 @@ def unknown_keys(data: Any, model: type[BaseModel], path: str = "") -> list[str]
 
 
 def check_serve_config(data: dict[str, Any]) -> ServeDeploySchema:
-    """Strict keys, then Serve's own validation, then each application's args as ServeAppConfig."""
+    """Strict keys, then Serve's own validation, then each application's args as ServeConfig."""
     assert unknown_keys(data, ServeDeploySchema) == []
     schema = ServeDeploySchema.model_validate(data)
     for application in data["applications"]:
-        ServeAppConfig.model_validate(application.get("args") or {})
+        ServeConfig.model_validate(application.get("args") or {})
     return schema
 
 
@@ -120,7 +120,7 @@ def test_config_yaml_is_a_strict_serve_config(serve_config):
     assert application.name == "dabon"
     module, _, attribute = application.import_path.partition(":")
     assert callable(getattr(importlib.import_module(module), attribute))
-    args = ServeAppConfig.model_validate(application.args)
+    args = ServeConfig.model_validate(application.args)
     # the proxy's timeout leaves the ingress room to answer its own 504 first
     assert schema.http_options.request_timeout_s > args.serving.request_timeout_s
 
@@ -128,7 +128,7 @@ def test_config_yaml_is_a_strict_serve_config(serve_config):
 def test_config_yaml_args_reach_the_deployments(serve_config):
     from serve_app.options import deployment_options
 
-    args = ServeAppConfig.model_validate(serve_config["applications"][0]["args"])
+    args = ServeConfig.model_validate(serve_config["applications"][0]["args"])
     raw = serve_config["applications"][0]["args"]["deployments"]
     for role in ("ingress", "sampler", "scorer"):
         options = deployment_options(role, args)
@@ -183,7 +183,7 @@ def test_manifest_is_a_rayservice_running_serve_app(manifest, serve_config):
     (application,) = schema.applications
     assert (application.name, application.import_path, application.route_prefix) == (
         local["name"], local["import_path"], local["route_prefix"])
-    args = ServeAppConfig.model_validate(application.args)
+    args = ServeConfig.model_validate(application.args)
     # the proxy binds all pod interfaces, so the app must refuse to run without its bearer token
     assert schema.http_options.host == "0.0.0.0"
     assert args.auth.required and args.auth.token_env
@@ -219,7 +219,7 @@ def test_manifest_cluster(manifest):
 
 def test_manifest_replicas_fit_the_worker_pods(manifest):
     served = yaml.safe_load(manifest["spec"]["serveConfigV2"])
-    args = ServeAppConfig.model_validate(served["applications"][0]["args"])
+    args = ServeConfig.model_validate(served["applications"][0]["args"])
     cluster = manifest["spec"]["rayClusterConfig"]
     worker_cpus = [float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) for g in cluster["workerGroupSpecs"]]
     for role in ("sampler", "scorer", "ingress"):

@@ -189,7 +189,8 @@ class PromptConfig(Strict):
 class PoolConfig(Strict):
     """A Ray actor pool: ``min_actors``..``max_actors`` actors (elastic when they differ), each
     with ``num_cpus`` / ``num_gpus``, fed ``batch_size`` rows at a time; ``torch_threads`` per
-    actor (``null``: torch's default)."""
+    actor (``null``: torch's default); ``label_selector``: node labels the actors must run on
+    (e.g. ``{"ray.io/accelerator-type": "A10G"}`` or a label of your own node type)."""
 
     min_actors: int = Field(default=1, ge=1)
     max_actors: int = Field(default=1, ge=1)
@@ -197,6 +198,7 @@ class PoolConfig(Strict):
     num_gpus: float = Field(default=0.0, ge=0)
     batch_size: int = Field(default=4, ge=1)
     torch_threads: int | None = Field(default=None, ge=1)
+    label_selector: dict[str, str] = {}
 
     @model_validator(mode="after")
     def _sizes(self) -> "PoolConfig":
@@ -215,11 +217,14 @@ class LightPoolConfig(PoolConfig):
 class RayConfig(Strict):
     """Where to run: ``address`` of a cluster (``auto``), or none for a local Ray in-process with
     ``num_cpus`` logical CPUs (default: max(4, cores + 2), so actor pools never hold every CPU).
-    ``object_store_mb``: the local object store."""
+    ``object_store_mb``: the local object store. ``shared_mounts``: local directories that every
+    node of the cluster mounts (NFS, a mounted bucket); on a cluster of more than one node a run's
+    files must lie on a storage URI (``s3://``, ``gs://``) or under one of these."""
 
     address: str | None = None
     num_cpus: int | None = Field(default=None, ge=1)
     object_store_mb: int = Field(default=512, ge=64)
+    shared_mounts: list[str] = []
 
 
 class ReportConfig(Strict):

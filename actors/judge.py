@@ -76,7 +76,7 @@ from pydantic import Field, model_validator
 
 from actors.chat import full_response, parse_response
 from actors.config import Strict, typed_options
-from actors.endpoint import ChatEndpoint, EndpointError
+from actors.endpoint import EndpointError, api_root, call, openai_client
 from actors.errors import UserError
 from actors.models import ModelBundle, ModelSpec, load_models
 from actors.rows import to_plain
@@ -596,9 +596,9 @@ class OpenAIJudge(Judge):
     (``/chat/completions`` is appended). ``model``: the served model name. ``mode``:
     ``"llama_guard"`` or ``"strongreject"``. ``api_key``, or ``api_key_env``: the name of an
     environment variable holding it (keeps the secret out of configs and command lines).
-    ``timeout_s``: per request. ``max_retries``: extra tries on connection errors, timeouts,
-    429 and 5xx, with exponential backoff from ``backoff_s`` (a ``Retry-After`` header wins);
-    other 4xx fail at once. ``max_concurrency``: requests in flight. ``threshold``:
+    ``timeout_s``: per request. ``max_retries``: the ``openai`` SDK's retries of connection
+    errors, timeouts, 429 and 5xx (exponential backoff; a ``Retry-After`` header wins); other 4xx
+    fail at once. ``max_concurrency``: requests in flight. ``threshold``:
     StrongREJECT score from which a response is unsafe. ``max_tokens``: default 20 for
     Llama Guard, 1024 for the rubric (it writes a line of reasoning per item).
     """
@@ -616,7 +616,6 @@ class OpenAIJudge(Judge):
         threshold: float = 0.5,
         judge_text: JudgeText = "full",
         max_tokens: int | None = None,
-        backoff_s: float = 1.0,
         on_parse_error: ParseErrorPolicy = "raise",
     ) -> None:
         _check_choice("mode", mode, ("llama_guard", "strongreject"))
@@ -626,8 +625,9 @@ class OpenAIJudge(Judge):
             raise ValueError(f"threshold: expected a value in [0, 1], got {threshold}")
         if max_concurrency < 1:
             raise ValueError("max_concurrency: expected >= 1")
-        self.endpoint = ChatEndpoint(base_url, api_key, api_key_env, timeout_s, max_retries, backoff_s)
-        self.url = self.endpoint.url
+        self.client = openai_client(base_url, api_key, api_key_env, timeout_s, max_retries)
+        self.url = api_root(base_url) + "/chat/completions"
+        self.max_retries = max_retries
         self.model = model
         self.mode = mode
         self.max_concurrency = max_concurrency
@@ -648,12 +648,12 @@ class OpenAIJudge(Judge):
         return {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": self.max_tokens}
 
     def complete(self, body: dict[str, Any]) -> str:
-        """POST one request with retries (``actors.endpoint``); the first choice's message content."""
-        payload = self.endpoint.post(body)
+        """One request with the SDK's retries (``actors.endpoint``); the first choice's message content."""
+        response = call(self.url, lambda: self.client.chat.completions.create(**body), self.max_retries)
         try:
-            content = payload["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError) as err:
-            raise JudgeRequestError(f"{self.url}: unexpected response body {str(payload)[:300]!r}") from err
+            content = response.choices[0].message.content
+        except (AttributeError, IndexError, TypeError) as err:
+            raise JudgeRequestError(f"{self.url}: unexpected response {str(response)[:300]!r}") from err
         if not isinstance(content, str):
             raise JudgeRequestError(f"{self.url}: message content is {type(content).__name__}, expected a string")
         return content
@@ -730,7 +730,6 @@ class OpenAIJudgeOptions(Strict):
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     judge_text: JudgeText = "full"
     max_tokens: int | None = Field(default=None, ge=1)
-    backoff_s: float = Field(default=1.0, ge=0)
     on_parse_error: ParseErrorPolicy = "raise"
 
 

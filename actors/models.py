@@ -238,19 +238,25 @@ def materialize_gguf(gguf_path: str | Path, cache_root: Path | None = None) -> P
     cache_root.mkdir(parents=True, exist_ok=True)
     digest = _cached_digest(gguf_path, cache_root)
     target = cache_root / f"gguf-{digest[:16]}"
+    return build_once(target, lambda staging: _convert_gguf(gguf_path, staging),
+                      {"source": str(gguf_path), "sha256": digest}, f"de-quantising {gguf_path.name}")
+
+
+def build_once(target: Path, build: Any, marker: dict[str, Any], what: str) -> Path:
+    """Build a cached model directory once: under an exclusive file lock, into a temporary
+    sibling that is renamed into place; done when its ``.complete`` marker (written last) is there."""
     if (target / ".complete").is_file():
         return target
-    lock_path = cache_root / f"gguf-{digest[:16]}.lock"
-    with open(lock_path, "w") as lock:
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if (target / ".complete").is_file():
                 return target
-            logger.info("de-quantising %s into %s (once)", gguf_path.name, target)
-            staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", suffix=".tmp", dir=cache_root))
+            logger.info("%s into %s (once)", what, target)
+            staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", suffix=".tmp", dir=target.parent))
             try:
-                _convert_gguf(gguf_path, staging)
-                (staging / ".complete").write_text(json.dumps({"source": str(gguf_path), "sha256": digest}))
+                build(staging)
+                (staging / ".complete").write_text(json.dumps(marker))
                 if target.exists():  # a stale, incomplete directory from a crashed run
                     shutil.rmtree(target)
                 os.rename(staging, target)
@@ -260,6 +266,31 @@ def materialize_gguf(gguf_path: str | Path, cache_root: Path | None = None) -> P
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return target
+
+
+def merged_model_dir(spec: ModelSpec, cache_root: Path | None = None) -> Path:
+    """The spec's adapter merged into a full float32 copy of its base, built once into
+    ``<cache>/merged-<digest>`` (keyed by the base name and the adapter's files). For engines
+    whose LoRA kernels are slow (vLLM on CPU): samples of the merged model are those of base +
+    adapter, up to float rounding."""
+    local = adapter_dir(spec)
+    if local is None:
+        raise ModelLoadError("merged_model_dir: the spec names no adapter")
+    digest = hashlib.sha256(spec.base.encode())
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        if (local / name).is_file():
+            digest.update(name.encode())
+            digest.update(file_sha256(local / name).encode())
+    cache_root = Path(cache_root) if cache_root else model_cache_dir()
+    cache_root.mkdir(parents=True, exist_ok=True)
+    target = cache_root / f"merged-{digest.hexdigest()[:16]}"
+
+    def build(staging: Path) -> None:
+        bundle = load_models(spec.model_copy(update={"dtype": "float32", "device": "cpu"}))
+        bundle.model.merge_and_unload().save_pretrained(staging, safe_serialization=True)
+        bundle.tokenizer.save_pretrained(staging)
+
+    return build_once(target, build, {"base": spec.base, "adapter": spec.adapter}, f"merging {spec.adapter} into {spec.base}")
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
@@ -461,10 +492,23 @@ class ModelBundle:
             yield self.model
 
 
+def adapter_dir(spec: ModelSpec) -> Path | None:
+    """A local directory holding the spec's adapter: the path itself, or for a storage URI
+    (``s3://.../adapter``) a copy downloaded once into the cache; ``None`` without an adapter."""
+    from actors import storage
+
+    if not spec.adapter:
+        return None
+    if not storage.exists(spec.adapter):
+        raise ModelLoadError(f"adapter path {spec.adapter!r} does not exist or is not a directory")
+    return Path(storage.local_copy(spec.adapter))
+
+
 def tokenizer_source(spec: ModelSpec) -> str:
     """Where the tokenizer of ``spec`` lives: an adapter that ships one (it added tokens), else the base."""
-    if spec.adapter and (Path(spec.adapter).expanduser() / "tokenizer_config.json").is_file():
-        return str(Path(spec.adapter).expanduser())
+    local = adapter_dir(spec)
+    if local is not None and (local / "tokenizer_config.json").is_file():
+        return str(local)
     return spec.base
 
 
@@ -477,8 +521,8 @@ def load_models(spec: ModelSpec) -> ModelBundle:
     """Load tokenizer and models for a spec (see ``ModelBundle``); errors are ``ModelLoadError``."""
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    adapter_dir = Path(spec.adapter).expanduser() if spec.adapter else None
-    if adapter_dir is not None and not adapter_dir.is_dir():
+    local_adapter = adapter_dir(spec)
+    if local_adapter is not None and not local_adapter.is_dir():
         raise ModelLoadError(f"adapter path {spec.adapter!r} does not exist or is not a directory")
     tokenizer = load_spec_tokenizer(spec)
     base = load_causal_lm(spec.base, dtype, device, spec.trust_remote_code)
@@ -487,9 +531,9 @@ def load_models(spec: ModelSpec) -> ModelBundle:
 
         if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
             base.resize_token_embeddings(len(tokenizer))
-        check_adapter_fits(base, adapter_dir)
+        check_adapter_fits(base, local_adapter)
         try:
-            model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+            model = PeftModel.from_pretrained(base, str(local_adapter), is_trainable=False)
         except Exception as err:  # peft's own errors lack the paths
             raise ModelLoadError(f"adapter {spec.adapter!r} could not be attached to {spec.base!r}: {err}") from err
         return ModelBundle(spec, tokenizer, model.to(device).eval(), None, device)
@@ -515,7 +559,8 @@ def write_random_adapter(
     seed: int = 0,
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 ) -> Path:
-    """Write a LoRA adapter with random, nonzero weights for ``base`` (and its tokenizer) to ``out_dir``.
+    """Write a LoRA adapter with random, nonzero weights for ``base`` to ``out_dir`` (no tokenizer:
+    it adds no tokens, so the base's tokenizer applies, as for a distilled adapter).
 
     Not a trained model: it perturbs the base so that fine-tuned and base views differ, which is
     what scoring, serving and benchmarks need before a distilled adapter exists. ``lora_B`` is
@@ -527,7 +572,6 @@ def write_random_adapter(
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     model = load_causal_lm(base, torch.float32, "cpu")
-    tokenizer = load_tokenizer(base)
     peft_model = get_peft_model(
         model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules))
     )
@@ -536,5 +580,4 @@ def write_random_adapter(
             if "lora_B" in name:
                 param.normal_(0.0, std)
     peft_model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
     return out_dir

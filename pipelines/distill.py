@@ -76,10 +76,19 @@ from actors.config import (
 from actors.judge import JudgeConfig
 from actors.models import EMBEDDED_ALIAS, ModelSpec, check_spec
 from actors.rows import to_plain
-from actors.runtime import assign_shards, blocks_for, check_pools, init_ray, pool_options, stream_shards
+from actors.runtime import (
+    assign_shards,
+    blocks_for,
+    check_pools,
+    check_shared_location,
+    init_ray,
+    pool_options,
+    stream_shards,
+)
 from actors.sampler import BACKEND_OPTIONS, GeneratorConfig, SamplingConfig
 from actors.settings import get_logger
 from actors.trainer import GRPOSettings, SFTSettings
+from actors.vllm_engine import add_vllm_sampling, check_engine_fits, check_pool_matches_engine
 from pipelines.args import add_config_arguments, add_output_arguments, command_main, set_flags
 from pipelines.data import BenchmarkSpec
 from pipelines.policies import PolicyError, load_policies, load_teacher_template, teacher_prompt
@@ -431,6 +440,9 @@ def build_teacher_dataset(config: DistillConfig, rows: list[dict[str, Any]]) -> 
     if config.teacher.backend == "replay":
         return dataset.map_batches(replay_teacher, batch_size=pool.batch_size, num_cpus=0.25)
     check_pools([("teacher.resources", pool)])
+    if config.teacher.backend == "vllm":  # the evaluation's stage: Ray Data's LLM processor
+        return add_vllm_sampling(dataset, config.teacher.model, config.teacher.prompt, config.teacher.sampling,
+                                 config.teacher.generator().typed(), pool, prompt_column="teacher_prompt")
     return dataset.map_batches(
         SamplerWorker,
         fn_constructor_kwargs={
@@ -531,7 +543,7 @@ def stage_filter(config: DistillConfig, dirs: StageDirs, output: Output) -> dict
     judge = config.filter.judge.name
     shards: dict[str, list[dict[str, Any]]] = {}
     for location in trace_files(dirs):
-        name = location.rsplit("/", 1)[-1]
+        name = storage.basename(location)
         shards[name] = [{**row, "shard": name, "judge_input": [trace_text(row["reasoning"], row["answer"])]}
                         for row in storage.read_parquet_rows([location])]
     shards = {name: rows for name, rows in shards.items() if rows}
@@ -722,15 +734,21 @@ def run_distill(config: DistillConfig, stages: list[str] | None = None, overwrit
     check_spec(config.model, "model")
     if config.teacher.model is not None and config.teacher.backend != "openai":
         check_spec(config.teacher.model, "teacher.model")
+    if config.teacher.backend == "vllm" and "generate" in stages:
+        check_pool_matches_engine("teacher.resources", config.teacher.generator().typed(), config.teacher.resources)
+        check_engine_fits("teacher.options", config.teacher.model, config.teacher.generator().typed())
     for key, judge in (("filter.judge", config.filter.judge), ("grpo.judge", config.grpo_judge)):
         if judge.name == "llama_guard":
             check_spec(judge.typed().model, f"{key}.options.model")
     dirs = StageDirs(config.run_dir)
-    storage.make_dirs(dirs.root)
-    storage.write_text(storage.join(dirs.root, CONFIG_FILE), config_yaml(config))
     summaries: dict[str, dict[str, Any]] = {}
     started = False
     try:
+        if config.ray.address or ray.is_initialized():  # a cluster: its nodes must reach the run's files
+            started = init_ray(config.ray, log_to_driver=True, verbose=verbose)
+            check_shared_location("output.dir", dirs.root, config.ray)
+        storage.make_dirs(dirs.root)
+        storage.write_text(storage.join(dirs.root, CONFIG_FILE), config_yaml(config))
         for stage in stages:
             skip, stamp = prepare_stage(config, stage, dirs, overwrite)
             if skip:

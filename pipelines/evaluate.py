@@ -41,9 +41,18 @@ from actors.config import (
 )
 from actors.judge import JudgeConfig
 from actors.models import EMBEDDED_ALIAS, ModelSpec, check_spec
-from actors.runtime import assign_shards, blocks_for, check_pools, init_ray, pool_options, stream_shards
+from actors.runtime import (
+    assign_shards,
+    blocks_for,
+    check_pools,
+    check_shared_location,
+    init_ray,
+    pool_options,
+    stream_shards,
+)
 from actors.sampler import GeneratorConfig, SamplingConfig
 from actors.scorer import ScorerConfig
+from actors.vllm_engine import add_vllm_sampling, check_engine_fits, check_pool_matches_engine
 from actors.settings import get_logger
 from pipelines.args import add_config_arguments, add_output_arguments, command_main, parse_int_list, set_flags
 from pipelines.data import BenchmarkSpec
@@ -125,12 +134,16 @@ def build_dataset(config: EvalConfig, records: list[dict[str, Any]]) -> Any:
 
     resources = config.resources
     dataset = ray.data.from_items(records, override_num_blocks=blocks_for(len(records), resources.sampler.batch_size))
-    dataset = dataset.map_batches(
-        SamplerWorker,
-        fn_constructor_kwargs={"spec": config.model, "sampling": config.sampling, "prompt": config.prompt,
-                               "generator": config.generator, "torch_threads": resources.sampler.torch_threads},
-        **pool_options(resources.sampler),
-    )
+    if config.generator.backend == "vllm":  # Ray Data's LLM processor: one engine per sampler actor
+        dataset = add_vllm_sampling(dataset, config.model, config.prompt, config.sampling, config.generator.typed(),
+                                    resources.sampler)
+    else:
+        dataset = dataset.map_batches(
+            SamplerWorker,
+            fn_constructor_kwargs={"spec": config.model, "sampling": config.sampling, "prompt": config.prompt,
+                                   "generator": config.generator, "torch_threads": resources.sampler.torch_threads},
+            **pool_options(resources.sampler),
+        )
     dataset = dataset.map_batches(
         JudgeWorker,
         fn_constructor_kwargs={"config": config.judge, "response_prefix": config.prompt.response_prefix,
@@ -191,15 +204,23 @@ def run_evaluation(config: EvalConfig, overwrite: bool = False, progress: bool =
     check_spec(config.model, "model")
     if config.judge.name == "llama_guard":
         check_spec(config.judge.typed().model, "judge.options.model")
-    run_dir = prepare_run_dir(config, overwrite)
-    samples_dir = storage.join(run_dir, SAMPLES_DIR)
-    records = prompt_records(config)
-    shards = assign_shards(records, config.output.shard_size)
-    pending = {name: rows for name, rows in shards.items() if not storage.is_file(storage.join(samples_dir, name))}
-    logger.info("%d prompts in %d shards; %d shards to do", len(records), len(shards), len(pending))
-    if pending:
-        started = init_ray(config.ray, log_to_driver=verbose, verbose=verbose)
-        try:
+    if config.generator.backend == "vllm":
+        check_pool_matches_engine("resources.sampler", config.generator.typed(), config.resources.sampler)
+        check_engine_fits("generator.options", config.model, config.generator.typed())
+    started = False
+    try:
+        if config.ray.address or ray.is_initialized():  # a cluster: its nodes must reach the run's files
+            started = init_ray(config.ray, log_to_driver=verbose, verbose=verbose)
+            check_shared_location("output.dir", config.output.dir, config.ray)
+            check_shared_location("model.adapter", config.model.adapter, config.ray)
+        run_dir = prepare_run_dir(config, overwrite)
+        samples_dir = storage.join(run_dir, SAMPLES_DIR)
+        records = prompt_records(config)
+        shards = assign_shards(records, config.output.shard_size)
+        pending = {name: rows for name, rows in shards.items() if not storage.is_file(storage.join(samples_dir, name))}
+        logger.info("%d prompts in %d shards; %d shards to do", len(records), len(shards), len(pending))
+        if pending:
+            started = init_ray(config.ray, log_to_driver=verbose, verbose=verbose) or started
             stages = [("resources.sampler", config.resources.sampler), ("resources.judge", config.resources.judge)]
             if config.model.has_finetuned:
                 stages.append(("resources.scorer", config.resources.scorer))
@@ -210,9 +231,9 @@ def run_evaluation(config: EvalConfig, overwrite: bool = False, progress: bool =
                 storage.write_parquet(storage.join(samples_dir, name), rows)
 
             stream_shards(pending, lambda rows: build_dataset(config, rows), write, progress, "shards written")
-        finally:
-            if started:
-                ray.shutdown()
+    finally:
+        if started:
+            ray.shutdown()
     return build_report(run_dir, config.scored_layers, config.report)
 
 

@@ -164,8 +164,17 @@ def first_sample(row: Row) -> int:
     return select_best_of_n("first", n=len(row["responses"]))
 
 
+def empty_samples(row: Row) -> list[bool]:
+    """Per sample, whether it is empty (no generated token; no text where ids are not stored)."""
+    ids = row.get("response_ids")
+    if ids is not None:
+        return [len(sample) == 0 for sample in ids]
+    return [not str(text).strip() for text in row["responses"]]
+
+
 def _score_selector(rule: str, column: str) -> Selector:
-    return lambda row: select_best_of_n(rule, scores=row[column])
+    # the same rule as serving: an empty candidate is never chosen unless all are empty
+    return lambda row: select_best_of_n(rule, scores=row[column], empty=empty_samples(row))
 
 
 def build_selectors(columns: Iterable[str], layers: Sequence[int] = (), seed: int = 0) -> dict[str, Selector]:
@@ -512,9 +521,20 @@ def compute_metrics(
     if unknown:
         raise ReportInputError(f"layers {unknown}: the shards have no {', '.join(latent_column(layer) for layer in unknown)} column")
 
+    # a prompt whose sample the engine failed on (finish reason "error") has no complete set of
+    # N candidates: it is left out of every number and counted per benchmark
+    errored: dict[str, int] = {}
     by_benchmark: dict[str, list[dict[str, Any]]] = {}
     for row in table:
-        by_benchmark.setdefault(str(row["benchmark"]), []).append(row)
+        bench = str(row["benchmark"])
+        if "error" in (row.get("finish_reasons") or []):
+            errored[bench] = errored.get(bench, 0) + 1
+            continue
+        by_benchmark.setdefault(bench, []).append(row)
+    for bench in errored:
+        if bench not in by_benchmark:
+            raise ReportInputError(f"benchmark {bench!r}: the engine failed on a sample of every one of its "
+                                   f"{errored[bench]} prompts (see sample_errors in the shards)")
     for bench_rows in by_benchmark.values():
         # Sorted by prompt id so bootstrap draws do not depend on shard order.
         bench_rows.sort(key=lambda row: str(row["prompt_id"]))
@@ -547,6 +567,8 @@ def compute_metrics(
         harmful = judged_harmful(bench)
         entry: dict[str, Any] = {
             "n_prompts": len(bench_rows),
+            "sources": sorted({str(row["source"]) for row in bench_rows if row.get("source")}),
+            "engine_error_prompts": errored.get(bench, 0),
             "n_samples": len(bench_rows[0]["responses"]),
             "kinds": {kind: count for kind in KINDS if (count := sum(row["kind"] == kind for row in bench_rows))},
             "selectors": list(selectors),

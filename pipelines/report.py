@@ -159,7 +159,11 @@ def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] |
     for bench, entry in metrics["benchmarks"].items():
         lines += [f"## {bench}", ""]
         kinds = ", ".join(f"{count} {kind}" for kind, count in entry.get("kinds", {}).items())
-        lines += [f"{entry['n_prompts']} prompts ({kinds}), N = {entry['n_samples']} samples each.", ""]
+        lines += [f"{entry['n_prompts']} prompts ({kinds}), N = {entry['n_samples']} samples each."
+                  + (f" Data: {'; '.join(entry['sources'])}." if entry.get("sources") else ""), ""]
+        if entry.get("engine_error_prompts"):
+            lines += [f"{entry['engine_error_prompts']} more prompts are left out of every number: the engine failed on "
+                      "one of their samples (`sample_errors` in the shards names why).", ""]
         if "asr" in entry:
             lines += [f"### Attack success rate ({entry['asr_prompts']} judged harmful prompts)", ""]
             rows = []

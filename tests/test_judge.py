@@ -450,7 +450,7 @@ def test_openai_strongreject_unparseable_output(server):
 def test_openai_retries_503_and_429_then_succeeds(server):
     server.script.extend([(503, "busy", {}), (503, "busy", {}), (429, "slow down", {"Retry-After": "0"})])
     server.answer = lambda body: "unsafe\nS1"
-    judge = OpenAIJudge(server.base_url, "m", max_retries=3, backoff_s=0.01)
+    judge = OpenAIJudge(server.base_url, "m", max_retries=3)
     (verdict,) = judge.judge([HARMFUL], [COMPLIANCE])
     assert verdict.unsafe and verdict.categories == ["S1"]
     assert len(server.requests) == 4
@@ -459,11 +459,11 @@ def test_openai_retries_503_and_429_then_succeeds(server):
 def test_openai_client_error_fails_at_once_and_retries_run_out(server):
     server.script.append((400, "bad request: unknown field", {}))
     with pytest.raises(EndpointError, match="400.*unknown field"):
-        OpenAIJudge(server.base_url, "m", max_retries=3, backoff_s=0.01).judge([HARMFUL], [COMPLIANCE])
+        OpenAIJudge(server.base_url, "m", max_retries=3).judge([HARMFUL], [COMPLIANCE])
     assert len(server.requests) == 1
     server.script.extend([(500, "down", {})] * 3)
     with pytest.raises(EndpointError, match="failed after 2 attempts.*HTTP 500"):
-        OpenAIJudge(server.base_url, "m", max_retries=1, backoff_s=0.01).judge([HARMFUL], [COMPLIANCE])
+        OpenAIJudge(server.base_url, "m", max_retries=1).judge([HARMFUL], [COMPLIANCE])
     # a base URL without /v1 reaches the same route, as with the openai client
     server.script.clear()
     (verdict,) = OpenAIJudge(server.base_url.removesuffix("/v1"), "m").judge([HARMFUL], [COMPLIANCE])
@@ -476,10 +476,10 @@ def test_openai_connection_errors_and_timeouts_are_retried(server):
     port = free.getsockname()[1]
     free.close()  # nothing listens there now
     with pytest.raises(EndpointError, match="failed after 3 attempts.*connection error"):
-        OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", max_retries=2, backoff_s=0.01).judge([HARMFUL], [COMPLIANCE])
+        OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", max_retries=2).judge([HARMFUL], [COMPLIANCE])
     server.delay_s = 0.5
     with pytest.raises(EndpointError, match="timed out"):
-        OpenAIJudge(server.base_url, "m", max_retries=1, backoff_s=0.01, timeout_s=0.1).judge([HARMFUL], [COMPLIANCE])
+        OpenAIJudge(server.base_url, "m", max_retries=1, timeout_s=0.1).judge([HARMFUL], [COMPLIANCE])
     assert len(server.requests) == 2
 
 

@@ -1,6 +1,7 @@
-"""The sampler: config validation, the hf backend on tiny real models, the vllm backend up to the
-engine call (a stand-in engine; vLLM cannot run here), the openai backend against real local
-HTTP servers on 127.0.0.1, and the Ray Data wrapper on a local Ray."""
+"""The sampler: config validation, the hf backend on tiny real models (its seeded draw checked
+against softmax/top-p computed here), the vllm backend's fault handling (the real engine is in
+tests/test_vllm.py), the openai backend (the ``openai`` SDK) against real local HTTP servers on
+127.0.0.1, and the Ray Data wrapper on a local Ray."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import socket
 import threading
 import time
 import types
-from email.utils import format_datetime
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ from pydantic import ValidationError
 
 from actors.chat import prompt_token_ids
 from actors.config import ConfigError, PromptConfig, validate
-from actors.endpoint import EndpointError, retry_after_seconds
+from actors.endpoint import EndpointError
 from actors.models import ModelBundle, ModelSpec, load_models
 from actors.sampler import (
     GeneratorConfig,
@@ -32,18 +31,14 @@ from actors.sampler import (
     Sampler,
     SamplerWorker,
     SamplingConfig,
+    SeededSampling,
     VLLMBackend,
+    VLLMOptions,
     VLLMOutputError,
-    build_backend,
-    build_vllm_processor,
-    chat_request_body,
-    collect_vllm_processor_samples,
-    expand_rows_for_vllm,
+    chat_request,
+    sample_seed,
     parse_vllm_outputs,
     vllm_engine_kwargs,
-    vllm_processor_postprocess,
-    vllm_processor_preprocess,
-    vllm_prompts,
     vllm_sampling_kwargs,
 )
 
@@ -174,8 +169,48 @@ def test_hf_reproducible_with_a_seed_and_leaves_the_global_rng_alone(smol_tokeni
     assert torch.equal(torch.rand(1), expected_draw)
     assert run(seed=7) == first
     assert run(seed=8) != first
-    # one prompt per generate call is another batch composition, hence other samples (documented)
-    assert run(seed=7, batch_prompts=1) != first
+    # every sample has its own stream: the batch composition does not change it
+    assert run(seed=7, batch_prompts=1) == first
+
+
+def reference_distribution(logits: list[float], temperature: float, top_p: float) -> np.ndarray:
+    """softmax(logits / T) cut to the smallest set of top tokens whose mass reaches top_p, renormalised
+    (a loop over the sorted tokens, independent of SeededSampling's tensor code)."""
+    z = np.array(logits, dtype=np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    keep, mass = [], 0.0
+    for token in sorted(range(len(p)), key=lambda t: -p[t]):
+        keep.append(token)
+        mass += p[token]
+        if mass >= top_p:
+            break
+    out = np.zeros_like(p)
+    out[keep] = p[keep]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
+def test_seeded_sampling_draws_from_softmax_with_top_p(temperature, top_p):
+    import torch
+
+    logits = [2.0, 1.5, 0.3, 0.0, -1.0, -3.0]
+    expected = reference_distribution(logits, temperature, top_p)
+    draws = 20000
+    processor = SeededSampling(range(draws), temperature, top_p, "cpu")
+    scores = torch.tensor([logits] * draws)
+    picked = processor(None, scores).argmax(dim=-1).numpy()
+    counts = np.bincount(picked, minlength=len(logits))
+    assert counts[expected == 0].sum() == 0  # nothing outside the nucleus
+    # chi-square goodness of fit over the kept tokens; 30 is far above the 99.9% point for <= 5 dof
+    kept = expected > 0
+    chi2 = float((((counts[kept] - draws * expected[kept]) ** 2) / (draws * expected[kept])).sum())
+    assert chi2 < 30, (counts, draws * expected)
+    # the same seeds give the same draws; another stream gives others
+    again = SeededSampling(range(draws), temperature, top_p, "cpu")(None, scores).argmax(dim=-1).numpy()
+    assert (again == picked).all()
+    other = SeededSampling(range(draws, 2 * draws), temperature, top_p, "cpu")(None, scores).argmax(dim=-1).numpy()
+    assert (other != picked).any()
 
 
 def test_hf_samples_from_the_finetuned_view(smol_tokenizer, tiny_models):
@@ -203,156 +238,69 @@ def test_response_prefix_and_system_prompt_end_up_in_prompt_ids(smol_tokenizer, 
 
 
 # ----------------------------------------------------------------------------------------
-# vllm backend: a stand-in engine with vLLM's RequestOutput / CompletionOutput attributes
+# vllm backend: the real engine is tested in tests/test_vllm.py; a stand-in remains only for
+# outputs the real engine cannot be made to give (an aborted request, a dropped output)
 # ----------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class StandInCompletionOutput:
-    """The attributes of ``vllm.outputs.CompletionOutput``."""
+    """The attributes of ``vllm.CompletionOutput`` that ``parse_vllm_outputs`` reads."""
 
     index: int
     text: str
     token_ids: tuple[int, ...]
-    cumulative_logprob: float | None = None
-    logprobs: Any = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
+    finish_reason: str | None
 
 
 @dataclasses.dataclass
 class StandInRequestOutput:
-    """The attributes of ``vllm.outputs.RequestOutput`` that a generate call fills."""
+    """The attributes of ``vllm.RequestOutput`` that ``parse_vllm_outputs`` reads."""
 
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    prompt_logprobs: Any
     outputs: list[StandInCompletionOutput]
-    finished: bool = True
 
 
-class StandInEngine:
-    """Records what ``vllm.LLM.generate`` receives and answers like it: per prompt, ``n`` completions
-    (even index: stopped by eos, which vLLM keeps in ``token_ids``; odd: ``max_tokens`` long),
-    listed out of index order. ``abort_prompt`` makes that prompt's first sample aborted."""
+class FaultyEngine:
+    """Answers each request with one completion whose finish reason is ``reason``; ``drop`` leaves
+    the last request without an output."""
 
-    def __init__(self, tokenizer, abort_prompt: int | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.abort_prompt = abort_prompt
-        self.calls: list[dict[str, Any]] = []
+    def __init__(self, reason: str = "stop", drop: bool = False) -> None:
+        self.reason, self.drop = reason, drop
 
-    def generate(self, prompts, sampling_params, lora_request=None, use_tqdm=True):
-        self.calls.append({"prompts": prompts, "sampling_params": sampling_params, "lora_request": lora_request, "use_tqdm": use_tqdm})
-        eos, max_tokens = self.tokenizer.eos_token_id, sampling_params["max_tokens"]
-        outputs = []
-        for position, prompt in enumerate(prompts):
-            completions = []
-            for index in range(sampling_params["n"]):
-                body = [100 + (t * 7 + index) % 5000 for t in prompt["prompt_token_ids"][-3:]]
-                if index % 2 == 0:
-                    ids, reason = body[: max_tokens - 1] + [eos], "stop"
-                else:
-                    ids, reason = (body * max_tokens)[:max_tokens], "length"
-                if position == self.abort_prompt and index == 0:
-                    reason = "abort"
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                completions.append(StandInCompletionOutput(index, text, tuple(ids), finish_reason=reason))
-            outputs.append(StandInRequestOutput(str(position), None, prompt["prompt_token_ids"], None, completions[::-1]))
-        return outputs
-
-
-def test_vllm_request_building_and_result_parsing(smol_tokenizer):
-    eos = smol_tokenizer.eos_token_id
-    engine = StandInEngine(smol_tokenizer)
-    lora_request = object()  # stands for vllm.lora.request.LoRARequest
-    backend = VLLMBackend(engine, stop_ids={eos}, lora_request=lora_request, sampling_params_factory=dict)
-    config = SamplingConfig(n=4, temperature=0.6, top_p=0.95, max_new_tokens=5, seed=11)
-    result = Sampler(backend, smol_tokenizer, config, PromptConfig(response_prefix="<think>")).sample_with_ids(PROMPTS)
-
-    (call,) = engine.calls
-    assert call["prompts"] == [{"prompt_token_ids": ids} for ids in result.prompt_ids]
-    assert call["sampling_params"] == {
-        "n": 4, "temperature": 0.6, "top_p": 0.95, "max_tokens": 5, "seed": 11, "skip_special_tokens": True,
-    }
-    assert call["lora_request"] is lora_request and call["use_tqdm"] is False
-    for ids, row in zip(result.prompt_ids, result.samples):
-        assert [s.finish_reason for s in row] == ["stop", "length", "stop", "length"]
-        for index, sample in enumerate(row):
-            body = [100 + (t * 7 + index) % 5000 for t in ids[-3:]]
-            expected = body if sample.finish_reason == "stop" else (body * 5)[:5]
-            assert sample.token_ids == expected and eos not in sample.token_ids
-            assert sample.text == smol_tokenizer.decode(expected, skip_special_tokens=True)
-    assert vllm_prompts([np.array([1, 2])]) == [{"prompt_token_ids": [1, 2]}]
-    assert vllm_sampling_kwargs(SamplingConfig(n=1, temperature=0))["temperature"] == 0
+    def generate(self, prompts, sampling_params, lora_request=None, use_tqdm=False):
+        outputs = [StandInRequestOutput([StandInCompletionOutput(0, "x", (7,), self.reason)]) for _ in prompts]
+        return outputs[:-1] if self.drop else outputs
 
 
 def test_vllm_unexpected_outputs_are_errors(smol_tokenizer):
     eos = smol_tokenizer.eos_token_id
     config = SamplingConfig(n=2, max_new_tokens=4)
-    aborting = VLLMBackend(StandInEngine(smol_tokenizer, abort_prompt=1), stop_ids={eos}, sampling_params_factory=dict)
+    aborting = VLLMBackend(FaultyEngine("abort"), stop_ids={eos}, sampling_params_factory=dict)
     with pytest.raises(VLLMOutputError, match="finish_reason='abort'"):
         Sampler(aborting, smol_tokenizer, config).sample(PROMPTS)
-    outputs = StandInEngine(smol_tokenizer).generate(vllm_prompts([[1, 2, 3]]), {"n": 2, "max_tokens": 4})
-    with pytest.raises(VLLMOutputError, match="returned 2 samples for prompt 0, expected n=3"):
+    dropping = VLLMBackend(FaultyEngine(drop=True), stop_ids={eos}, sampling_params_factory=dict)
+    with pytest.raises(VLLMOutputError, match="3 outputs for 4 requests"):
+        Sampler(dropping, smol_tokenizer, config).sample(PROMPTS)
+    outputs = [StandInRequestOutput([StandInCompletionOutput(0, "a", (1,), "stop")])]
+    with pytest.raises(VLLMOutputError, match="returned 1 samples for prompt 0, expected n=3"):
         parse_vllm_outputs(outputs, n=3, stop_ids={eos})
 
-    class DroppingEngine(StandInEngine):
-        def generate(self, prompts, *args, **kwargs):
-            return super().generate(prompts, *args, **kwargs)[:-1]
 
-    dropping = VLLMBackend(DroppingEngine(smol_tokenizer), stop_ids={eos}, sampling_params_factory=dict)
-    with pytest.raises(VLLMOutputError, match="1 outputs for 2 prompts"):
-        Sampler(dropping, smol_tokenizer, config).sample(PROMPTS)
-
-
-def test_vllm_engine_kwargs_and_missing_vllm(tiny_models):
-    with_adapter = vllm_engine_kwargs(ModelSpec(base=tiny_models.base, adapter=tiny_models.adapter), gpu_memory_utilization=0.8)
+def test_vllm_engine_kwargs(tiny_models):
+    options = VLLMOptions(gpu_memory_utilization=0.8, max_model_len=512, lora="request")
+    with_adapter = vllm_engine_kwargs(ModelSpec(base=tiny_models.base, adapter=tiny_models.adapter), options)
     assert with_adapter == {
         "model": tiny_models.base, "dtype": "auto", "enable_lora": True, "trust_remote_code": False,
-        "max_lora_rank": 8, "gpu_memory_utilization": 0.8,
+        "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "gpu_memory_utilization": 0.8,
+        "enable_prefix_caching": True, "enforce_eager": False, "max_model_len": 512,
+        "max_lora_rank": 8, "max_loras": 2,
     }
-    assert vllm_engine_kwargs(ModelSpec(base=tiny_models.merged, dtype="bfloat16"))["enable_lora"] is False
-    try:
-        import vllm  # noqa: F401
-    except ImportError:  # as here (its wheels need CUDA): from_spec says how to get it
-        with pytest.raises(ImportError, match=r"pip install 'dabon\[vllm\]'"):
-            VLLMBackend.from_spec(ModelSpec(base=tiny_models.base))
-
-
-def test_ray_data_llm_row_functions():
-    config = SamplingConfig(n=3, temperature=0.8, max_new_tokens=4, seed=5)
-    row = {"prompt_id": 7, "prompt": "hi", "prompt_ids": np.array([1, 9, 4])}
-    expanded = expand_rows_for_vllm(row, config.n)
-    assert [r["sample_index"] for r in expanded] == [0, 1, 2]
-    request = vllm_processor_preprocess(expanded[2], vllm_sampling_kwargs(config), lora_name="/adapters/ft")
-    assert request["tokenized_prompt"] == [1, 9, 4] and request["model"] == "/adapters/ft"
-    assert "prompt" not in request  # only ids reach vLLM; the stage fails on a non-text prompt
-    assert request["sampling_params"] == {**vllm_sampling_kwargs(config), "n": 1, "seed": 7}
-
-    def stage_output(sample_index: int, generated: list[int], text: str) -> dict[str, Any]:
-        # what the vLLM stage hands the postprocess: our columns plus vLLMOutputData's fields
-        carried = {k: v for k, v in request.items() if k not in ("tokenized_prompt", "sampling_params")}
-        return {
-            **carried, "sample_index": sample_index, "prompt": "", "prompt_token_ids": [1, 9, 4], "num_input_tokens": 3,
-            "generated_tokens": np.array(generated), "generated_text": text, "num_generated_tokens": len(generated),
-            "metrics": None,
-        }
-
-    eos = 2
-    rows = [
-        vllm_processor_postprocess(stage_output(2, [5, 6, eos], "ab"), stop_ids=[eos]),
-        vllm_processor_postprocess(stage_output(0, [5, 6, 7, 8], "abcd"), stop_ids=[eos]),
-        vllm_processor_postprocess(stage_output(1, [eos], ""), stop_ids=[eos]),
-    ]
-    assert rows[0] == {"prompt_id": 7, "prompt": "hi", "prompt_ids": row["prompt_ids"], "sample_index": 2,
-                       "response": "ab", "response_ids": [5, 6], "finish_reason": "stop"}
-    group = {key: np.array([r[key] for r in rows], dtype=object) for key in rows[0]}
-    collected = collect_vllm_processor_samples(group)
-    assert collected["prompt_id"] == [7] and collected["prompt_ids"] == [[1, 9, 4]]
-    assert collected["responses"] == [["abcd", "", "ab"]]
-    assert collected["response_ids"] == [[[5, 6, 7, 8], [], [5, 6]]]
-    assert collected["finish_reasons"] == [["length", "stop", "stop"]]
+    plain = vllm_engine_kwargs(ModelSpec(base=tiny_models.merged, dtype="bfloat16"), VLLMOptions(engine_kwargs={"seed": 3}))
+    assert plain["enable_lora"] is False and plain["dtype"] == "bfloat16" and plain["seed"] == 3
+    # one request per sample, each with a seed of its own and every value of a fixed type
+    assert vllm_sampling_kwargs(SamplingConfig(n=4, temperature=1, top_p=0.5, max_new_tokens=9), 17) == {
+        "n": 1, "temperature": 1.0, "top_p": 0.5, "max_tokens": 9, "seed": 17, "skip_special_tokens": True,
+    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -367,13 +315,17 @@ def free_port() -> int:
 
 
 def canned_answer(n: int) -> dict[str, Any]:
-    return {"choices": [{"index": i, "message": {"role": "assistant", "content": f"ok {i}"}, "finish_reason": "stop"} for i in range(n)]}
+    return {
+        "id": "chatcmpl-canned", "object": "chat.completion", "created": 0, "model": "tiny",
+        "choices": [{"index": i, "message": {"role": "assistant", "content": f"ok {i}"}, "finish_reason": "stop"} for i in range(n)],
+    }
 
 
 @pytest.fixture(scope="module")
 def openai_server(smol_tokenizer, untied_bundle):
-    """One uvicorn server on 127.0.0.1 with four OpenAI-style routes: ``/real`` generates with
-    HFBackend on a tiny model; ``/flaky`` answers 429 then 503 (``Retry-After: 0``) then 200;
+    """One uvicorn server on 127.0.0.1 with OpenAI-style routes: ``/real`` generates with
+    HFBackend on a tiny model (and, like vLLM, returns the token ids with ``return_token_ids``,
+    the stop token included); ``/flaky`` answers 429 then 503 (``Retry-After: 0``) then 200;
     ``/bad`` answers 400; ``/slow`` answers after 1 s."""
     import uvicorn
     from fastapi import FastAPI, Header
@@ -381,6 +333,7 @@ def openai_server(smol_tokenizer, untied_bundle):
 
     state: dict[str, Any] = {"real": [], "in_flight": 0, "max_in_flight": 0, "flaky": 0, "bad": 0, "slow": 0}
     backend = HFBackend(untied_bundle)
+    eos = smol_tokenizer.eos_token_id
     generating, counting = threading.Lock(), threading.Lock()
     app = FastAPI()
 
@@ -398,16 +351,19 @@ def openai_server(smol_tokenizer, untied_bundle):
                 n=body["n"], temperature=body["temperature"], top_p=body["top_p"],
                 max_new_tokens=body["max_tokens"], seed=body["seed"],
             )
-            with generating:  # seeding is process-global: one generation at a time
-                (samples,) = backend.generate([ids], config)
+            with generating:
+                (samples,) = backend.generate([ids], config, keys=["server"])
             state["real"].append({"authorization": authorization, "prompt_ids": ids, "body": body})
-            return {
-                "id": "chatcmpl-test", "object": "chat.completion", "model": body["model"],
-                "choices": [
-                    {"index": i, "message": {"role": "assistant", "content": s.text}, "finish_reason": s.finish_reason}
-                    for i, s in enumerate(samples)
-                ],
-            }
+            choices = []
+            for i, s in enumerate(samples):
+                choice = {"index": i, "message": {"role": "assistant", "content": s.text}, "finish_reason": s.finish_reason}
+                if body.get("return_token_ids"):
+                    choice["token_ids"] = s.token_ids + ([eos] if s.finish_reason == "stop" else [])
+                choices.append(choice)
+            answer = {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"], "choices": choices}
+            if body.get("return_token_ids"):
+                answer["prompt_token_ids"] = ids
+            return answer
         finally:
             with counting:
                 state["in_flight"] -= 1
@@ -451,19 +407,24 @@ def test_openai_end_to_end_matches_hf(openai_server, smol_tokenizer, untied_bund
     openai_server.state["real"].clear()
     openai_server.state["max_in_flight"] = 0
     config = SamplingConfig(n=3, temperature=1.0, top_p=0.9, max_new_tokens=5, seed=4)
-    backend = OpenAIBackend(openai_server.url + "/real/v1/", "tiny", api_key_env="DABON_TEST_API_KEY", max_concurrency=2)
+    backend = OpenAIBackend(openai_server.url + "/real/v1/", "tiny", api_key_env="DABON_TEST_API_KEY", max_concurrency=2,
+                            stop_ids=[smol_tokenizer.eos_token_id])
     prompts = PROMPTS + ["What is 2 + 2?", "Name a colour."]
-    result = Sampler(backend, smol_tokenizer, config).sample_with_ids(prompts)
+    keys = [f"p{i}" for i in range(len(prompts))]
+    result = Sampler(backend, smol_tokenizer, config).sample_with_ids(prompts, keys=keys)
 
+    received = {tuple(r["prompt_ids"]): r for r in openai_server.state["real"]}
+    assert sorted(received) == sorted(tuple(ids) for ids in result.prompt_ids)
     local = HFBackend(untied_bundle)
-    for ids, row in zip(result.prompt_ids, result.samples):
-        (expected,) = local.generate([ids], config)  # the server runs one prompt per request
-        assert [(s.text, s.finish_reason) for s in row] == [(e.text, e.finish_reason) for e in expected]
-        assert all(s.token_ids is None for s in row)
-    received = openai_server.state["real"]
-    assert sorted(r["prompt_ids"] for r in received) == sorted(result.prompt_ids)
-    assert {r["authorization"] for r in received} == {"Bearer test-key-123"}
-    assert {(r["body"]["n"], r["body"]["max_tokens"], r["body"]["seed"]) for r in received} == {(3, 5, 4)}
+    for key, ids, row in zip(keys, result.prompt_ids, result.samples):
+        body = received[tuple(ids)]["body"]
+        assert body["seed"] == sample_seed(4, key, 0)  # one seed per request, from the prompt's key
+        served = SamplingConfig(n=3, temperature=1.0, top_p=0.9, max_new_tokens=5, seed=body["seed"])
+        (expected,) = local.generate([ids], served, keys=["server"])
+        # the returned ids are the generated ones, the server's trailing stop id dropped
+        assert [(s.token_ids, s.text, s.finish_reason) for s in row] == [(e.token_ids, e.text, e.finish_reason) for e in expected]
+    assert {r["authorization"] for r in received.values()} == {"Bearer test-key-123"}
+    assert {(r["body"]["n"], r["body"]["max_tokens"], r["body"]["return_token_ids"]) for r in received.values()} == {(3, 5, True)}
     assert 1 <= openai_server.state["max_in_flight"] <= 2
 
     with pytest.raises(ValueError, match="'DABON_UNSET_KEY' is not set"):
@@ -476,47 +437,51 @@ def test_openai_response_prefix_is_continued_by_the_server(openai_server, smol_t
     sampler = Sampler(OpenAIBackend(openai_server.url + "/real", "tiny"), smol_tokenizer, config, PromptConfig(response_prefix="<think>"))
     result = sampler.sample_with_ids(["hi"])
     (received,) = openai_server.state["real"]
-    assert received["prompt_ids"] == result.prompt_ids[0]
+    assert received["prompt_ids"] == result.prompt_ids[0] == sampler.encode(["hi"])[0]
     assert received["body"]["messages"][-1] == {"role": "assistant", "content": "<think>"}
-    assert chat_request_body("m", [{"role": "user", "content": "x"}], SamplingConfig())["messages"] == [{"role": "user", "content": "x"}]
+    assert received["body"]["continue_final_message"] is True and received["body"]["add_generation_prompt"] is False
+    plain = chat_request("m", [{"role": "user", "content": "x"}], SamplingConfig(), seed=1)
+    assert plain["messages"] == [{"role": "user", "content": "x"}] and "continue_final_message" not in plain["extra_body"]
 
 
 def test_openai_retries_429_and_5xx_and_respects_retry_after(openai_server, smol_tokenizer):
     openai_server.state["flaky"] = 0
-    # a backoff of 30 s would show if Retry-After: 0 were not respected
-    backend = OpenAIBackend(openai_server.url + "/flaky", "tiny", max_retries=3, backoff_s=30.0)
+    backend = OpenAIBackend(openai_server.url + "/flaky", "tiny", max_retries=3)
     started = time.monotonic()
     samples = Sampler(backend, None, SamplingConfig(n=2)).sample(["hi"])
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 5  # Retry-After: 0 is honoured
     assert openai_server.state["flaky"] == 3
     assert samples == [[Sample(None, "ok 0", "stop"), Sample(None, "ok 1", "stop")]]
+
+    openai_server.state["flaky"] = 0
+    once = OpenAIBackend(openai_server.url + "/flaky", "tiny", max_retries=0)
+    with pytest.raises(EndpointError, match="failed after 1 attempts: HTTP 429: rate limited") as info:
+        Sampler(once, None, SamplingConfig(n=2)).sample(["hi"])
+    assert info.value.status == 429 and openai_server.state["flaky"] == 1
 
 
 def test_openai_client_errors_are_not_retried(openai_server):
     openai_server.state["bad"] = 0
     backend = OpenAIBackend(openai_server.url + "/bad", "tiny", max_retries=3)
-    with pytest.raises(EndpointError, match="HTTP 400: max_tokens is too large for this model") as info:
+    with pytest.raises(EndpointError, match="answered HTTP 400: max_tokens is too large for this model") as info:
         Sampler(backend, None, SamplingConfig(n=1)).sample(["hi"])
     assert info.value.status == 400 and openai_server.state["bad"] == 1
 
 
 def test_openai_timeouts_and_connection_errors_are_retried_then_raised(openai_server):
     openai_server.state["slow"] = 0
-    slow = OpenAIBackend(openai_server.url + "/slow", "tiny", timeout_s=0.2, max_retries=1, backoff_s=0.01)
+    slow = OpenAIBackend(openai_server.url + "/slow", "tiny", timeout_s=0.2, max_retries=1)
     started = time.monotonic()
-    with pytest.raises(EndpointError, match="failed after 2 attempts: timed out after 0.2 s"):
+    with pytest.raises(EndpointError, match="failed after 2 attempts: timed out"):
         Sampler(slow, None, SamplingConfig(n=1)).sample(["hi"])
-    assert time.monotonic() - started < 1.0 and openai_server.state["slow"] == 2
+    assert time.monotonic() - started < 3.0 and openai_server.state["slow"] == 2
 
-    closed = OpenAIBackend(f"http://127.0.0.1:{free_port()}", "tiny", max_retries=1, backoff_s=0.01)
+    closed = OpenAIBackend(f"http://127.0.0.1:{free_port()}", "tiny", max_retries=1)
     with pytest.raises(EndpointError, match="failed after 2 attempts: connection error"):
         Sampler(closed, None, SamplingConfig(n=1)).sample(["hi"])
 
-
-def test_retry_after_header_forms():
-    assert retry_after_seconds("3") == 3.0 and retry_after_seconds(None) is None and retry_after_seconds("soon") is None
-    later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=60), usegmt=True)
-    assert 55 < retry_after_seconds(later) <= 60
+    with pytest.raises(ValueError, match="base_url: expected http"):
+        OpenAIBackend("127.0.0.1:8000", "tiny")
 
 
 def test_sampler_worker_with_the_openai_backend(openai_server, tiny_models, smol_tokenizer):
@@ -526,12 +491,14 @@ def test_sampler_worker_with_the_openai_backend(openai_server, tiny_models, smol
     out = SamplerWorker(ModelSpec(base=tiny_models.base), sampling, generator=generator)(batch)
     assert out["prompt_id"] == [0, 1] and out["prompt"] == ["a question", "another one"]
     assert out["prompt_ids"] == [prompt_token_ids(smol_tokenizer, p) for p in out["prompt"]]
-    assert "response_ids" not in out
     assert [len(r) for r in out["responses"]] == [2, 2] and [len(r) for r in out["finish_reasons"]] == [2, 2]
+    for ids_row, texts in zip(out["response_ids"], out["responses"]):  # the server's ids, stop id dropped
+        assert [smol_tokenizer.decode(ids, skip_special_tokens=True) for ids in ids_row] == texts
+        assert all(smol_tokenizer.eos_token_id not in ids for ids in ids_row)
 
-    # a served model whose tokenizer is not available locally: no prompt_ids column
-    unknown = SamplerWorker(ModelSpec(base="example-org/not-cached-model"), sampling, generator=generator)
-    assert "prompt_ids" not in unknown(batch)
+    # a served model whose tokenizer is not available locally: the ids are the ones the server reports
+    unknown = SamplerWorker(ModelSpec(base="example-org/not-cached-model"), sampling, generator=generator)(batch)
+    assert unknown["prompt_ids"] == out["prompt_ids"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -540,7 +507,7 @@ def test_sampler_worker_with_the_openai_backend(openai_server, tiny_models, smol
 
 
 @pytest.mark.ray
-def test_sampler_worker_in_ray_data_and_vllm_processor(ray_local, tiny_models, smol_tokenizer):
+def test_sampler_worker_in_ray_data(ray_local, tiny_models, smol_tokenizer):
     import ray
 
     spec = ModelSpec(base=tiny_models.base, adapter=tiny_models.adapter)
@@ -559,16 +526,8 @@ def test_sampler_worker_in_ray_data_and_vllm_processor(ray_local, tiny_models, s
     encoder = PromptEncoder(spec, prompt)
     expected_ids = encoder({"prompt": [row["prompt"] for row in rows]})["prompt_ids"]
     for row, ids in zip(out, expected_ids):
-        assert list(row["prompt_ids"]) == ids
+        assert list(row["prompt_ids"]) == ids == prompt_token_ids(smol_tokenizer, row["prompt"], prompt)
         assert len(row["responses"]) == len(row["response_ids"]) == len(row["finish_reasons"]) == 2
         for text, response_ids, reason in zip(row["responses"], row["response_ids"], row["finish_reasons"]):
             assert text == smol_tokenizer.decode(list(response_ids), skip_special_tokens=True)
             assert reason == "length" and len(response_ids) == 4 or reason == "stop" and len(response_ids) < 4
-
-    # the ray.data.llm processor builds (it runs only where vLLM and GPUs are)
-    processor = build_vllm_processor(spec, sampling, batch_size=16)
-    assert processor.list_stage_names() == ["vLLMEngineStage"]
-    assert processor.config.model_source == tiny_models.base
-    assert {k: processor.config.engine_kwargs[k] for k in ("enable_lora", "max_lora_rank", "dtype")} == {
-        "enable_lora": True, "max_lora_rank": 8, "dtype": "auto",
-    }

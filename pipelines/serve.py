@@ -4,8 +4,9 @@ Launch::
 
     dabon random-adapter --out runs/demo/adapter          # once, if you have no adapter yet
     dabon serve --adapter runs/demo/adapter                # http://127.0.0.1:8000, Ctrl-C stops it
-    dabon serve --config serve_app/config.yaml --n 8 --layer 12 --port 8001 \\
+    dabon serve --config serve_app/config.yaml --candidates 8 --layer 12 --port 8001 \\
         --set sampling.max_tokens=512 --set deployments.sampler.autoscaling_config.max_replicas=4
+    dabon serve --adapter DIR --backend hf                 # HF generate instead of the vLLM engine
     DABON_API_KEY=... dabon serve --adapter DIR --host 0.0.0.0   # another interface needs a token
     python -m pipelines.serve ...                          # the same flags
     dabon serve --address auto ...                          # deploy onto the running cluster instead
@@ -14,8 +15,12 @@ Without ``--address`` a local Ray starts (``RAY_AUTH_MODE=disabled`` unless alre
 dashboard) and stops with the server. The app config is the ``args`` of one application in a
 Serve config file (default: the packaged ``serve_app/config.yaml``), with the flags and
 ``--set KEY=VALUE`` dotted overrides applied on top; ``http_options`` of that file give the
-proxy's timeouts, the flags give host and port. SIGINT or SIGTERM (also while the app is still
-deploying) deletes the app, shuts Serve (and a local Ray) down and exits 0.
+proxy's timeouts, the flags give host and port.
+
+SIGINT or SIGTERM drains: the ingress replicas stop admitting (new requests get 503 with
+``Retry-After``, ``/healthz`` 503), the requests in flight are answered, for at most
+``serving.drain_timeout_s`` (default 30 s); then the app is deleted, Serve (and a local Ray)
+shut down, and the command exits 0. A signal while the app is still deploying stops at once.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +74,17 @@ def select_application(serve_config: dict[str, Any], name: str | None) -> dict[s
 def app_args(application: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The application's ``args`` with the command-line flags and ``--set`` overrides applied."""
     data = copy.deepcopy(application.get("args") or {})
-    set_flags(data, {"model.base": args.base, "sampling.default_n": args.n, "scoring.layer": args.layer})
+    set_flags(data, {"model.base": args.base, "sampling.candidates": args.candidates, "scoring.layer": args.layer,
+                     "generator.backend": args.backend})
+    if args.backend is not None and args.backend != (application.get("args") or {}).get("generator", {}).get("backend"):
+        data["generator"]["options"] = {}  # the file's options belong to its backend
     if args.adapter is not None:
         model = data.setdefault("model", {})
         model["adapter"] = args.adapter
         model.pop("finetuned", None)
-    if args.n is not None:
+    if args.candidates is not None:
         sampling = data.setdefault("sampling", {})
-        sampling["max_n"] = max(int(sampling.get("max_n", 8)), args.n)
+        sampling["max_candidates"] = max(int(sampling.get("max_candidates", 8)), args.candidates)
     for override in args.set or []:
         apply_override(data, override)
     return data
@@ -99,8 +108,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--app", default=None, help="application name in --config (default: the first)")
     parser.add_argument("--base", default=None, help="base model: alias, local dir, .gguf file or Hub id")
     parser.add_argument("--adapter", default=None, help="peft LoRA adapter directory (the fine-tuned model)")
-    parser.add_argument("--n", type=int, default=None,
-                        help="default number of candidates per request (raises sampling.max_n when larger)")
+    parser.add_argument("--candidates", type=int, default=None,
+                        help="Best-of-N candidates per request (sampling.candidates; raises sampling.max_candidates "
+                             "when larger); a request's n is the number of ranked choices returned")
+    parser.add_argument("--backend", choices=["vllm", "hf"], default=None,
+                        help="sampler engine (generator.backend; default: the config's, vllm)")
     parser.add_argument("--layer", type=int, default=None, help="hidden-state index of the latent similarity")
     parser.add_argument("--host", default="127.0.0.1", help="interface of Serve's HTTP proxy (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port of Serve's HTTP proxy (default 8000)")
@@ -153,10 +165,32 @@ class StopSignal:
         self._previous.clear()
 
 
+def drain(control: Any, timeout_s: float, poll_s: float = 0.2, settle_s: float = 0.5) -> bool:
+    """Tell the ingress replicas to drain and wait until every one reports nothing in flight, for
+    at most ``timeout_s``; ``settle_s`` more lets the last answers leave the proxy. Returns whether
+    they drained in time."""
+    import ray
+
+    from serve_app.app import drained
+
+    ray.get(control.start.remote())
+    deadline = time.monotonic() + timeout_s
+    while True:
+        time.sleep(poll_s)
+        status = ray.get(control.status.remote())
+        if drained(status) and any(r["draining"] for r in status["replicas"].values()) or not status["replicas"]:
+            time.sleep(settle_s)
+            return True
+        if time.monotonic() >= deadline:
+            in_flight = sum(r["in_flight"] for r in status["replicas"].values())
+            logger.warning("drain timeout (%.0f s): %d requests still in flight are dropped", timeout_s, in_flight)
+            return False
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``dabon serve`` with parsed arguments; blocks until SIGINT/SIGTERM; returns the exit code."""
     from actors.runtime import init_ray, quiet_libraries
-    from serve_app.app import absolute_model_paths, build_app, parse_app_config
+    from serve_app.app import DRAIN_NAMESPACE, DrainControl, absolute_model_paths, build_app, drain_actor_name, parse_app_config
     from serve_app.options import required_cpus, resolve_api_token
 
     quiet_libraries(args.verbose)
@@ -164,14 +198,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port: expected 1..65535, got {args.port}")
     serve_config = read_yaml(args.config)
     application = select_application(serve_config, args.app)
-    config = absolute_model_paths(parse_app_config(app_args(application, args)))
-    token = resolve_api_token(config.auth)  # read here only to refuse an open non-loopback port
+    data = app_args(application, args)
+    config = absolute_model_paths(parse_app_config(data))
+    token = resolve_api_token(config.auth)  # build_app resolves it again, for the replicas
     if not is_loopback(args.host) and token is None:
         raise ConfigError(
             f"--host {args.host}: serving beyond loopback needs bearer auth; set the environment variable "
             f"{config.auth.token_env or 'named by auth.token_env'} (or auth.token_file) and keep the port behind TLS"
         )
-    app = build_app(config)  # checks the model names and adapter before Ray starts
+    app = build_app(data)  # checks the model names and adapter before Ray starts
 
     local = args.address is None
     import ray
@@ -187,29 +222,36 @@ def run(args: argparse.Namespace) -> int:
     name = application.get("name") or "dabon"
     stop = StopSignal()
     stop.install()
+    control = None
+    serving = False
     try:
+        control = DrainControl.options(name=drain_actor_name(name), namespace=DRAIN_NAMESPACE).remote()
         serve.start(http_options=http_options(serve_config, args.host, args.port, config.serving.request_timeout_s))
         try:
             serve.run(app, name=name, route_prefix=application.get("route_prefix") or "/")
         except RuntimeError as err:  # a replica failed to start; Serve's message carries its error
             raise UserError(f"the app did not start: {str(err).strip().splitlines()[-1]}") from err
-        stop.serving = True
+        stop.serving = serving = True
         logger.info(
-            "serving %s (%s + %s, layer %d) at http://%s:%d/v1 (auth %s); Ctrl-C stops",
+            "serving %s (%s + %s, %s engine, layer %d) at http://%s:%d/v1 (auth %s); Ctrl-C stops",
             config.serving.model_name, config.model.base, config.model.adapter or config.model.finetuned,
-            config.scoring.layer, args.host, args.port, "on" if token else "off",
+            config.generator.backend, config.scoring.layer, args.host, args.port, "on" if token else "off",
         )
         signum = stop.wait()
-        logger.info("received %s: shutting down", signal.Signals(signum).name)
+        logger.info("received %s: draining (at most %.0f s)", signal.Signals(signum).name, config.serving.drain_timeout_s)
     except KeyboardInterrupt:  # a stop asked for while deploying: as clean as one after
         logger.info("interrupted while starting: shutting down")
     finally:
         stop.serving = True  # a second signal during shutdown must not interrupt it
         try:
+            if serving and control is not None:
+                drain(control, config.serving.drain_timeout_s)
             if local:
                 serve.shutdown()
             else:
                 serve.delete(name)
+                if control is not None:
+                    ray.kill(control)
         finally:
             ray.shutdown()
             stop.restore()

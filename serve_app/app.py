@@ -1,4 +1,4 @@
-"""The Ray Serve app: an OpenAI-compatible ingress, a sampler and a batching scorer deployment.
+"""The Ray Serve app: an OpenAI-compatible ingress, a sampler (vLLM or HF) and a batching scorer.
 
 Launch::
 
@@ -9,104 +9,88 @@ Launch::
     kubectl apply -f deploy/rayservice.yaml                 # KubeRay RayService
 
     curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
-        -d '{"messages": [{"role": "user", "content": "Hi"}], "n": 4, "dabon": {"return_candidates": true}}'
+        -d '{"messages": [{"role": "user", "content": "Hi"}], "n": 2, "dabon": {"candidates": 4}}'
 
-Request flow: ``IngressDeployment`` (FastAPI, ``serve_app.service.RerankService``) validates the
-request and builds the prompt ids once (``actors.chat``: user text never becomes control
-tokens); ``SamplerDeployment`` generates N candidates from those ids and returns their exact
-token ids; ``ScorerDeployment`` scores the same prompt ids + generated ids (latent similarity at
-the serving layer), batching concurrent requests with ``@serve.batch``; the ingress returns the
-argmin candidate. Each deployment's autoscaling, resources and queue bounds come from the
-config (``serve_app.options``).
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (OpenAI's, ``stream`` included),
+``GET /v1/models``, ``POST /dabon/v1/score`` (a ``dabon score`` row), ``GET /healthz`` (no auth;
+503 while draining), ``GET /openapi.json``.
 
-``CandidateSampler`` and ``CandidateScorer`` are the plain classes (no Ray); the
-``*Deployment`` classes only add Serve options, threads and batching.
+Request flow: ``IngressDeployment`` (FastAPI, ``serve_app.service.RerankService``) checks auth
+and Content-Type, admits the request (or answers 503 at once), builds the prompt ids once
+(``actors.chat``: user text never becomes control tokens) in a worker thread;
+``SamplerDeployment`` generates N candidates from those ids (``generator.backend``: vLLM's
+``AsyncLLM``, batching concurrent requests, or HF ``generate``) and returns their exact token
+ids; ``ScorerDeployment`` scores the same prompt ids + generated ids (latent similarity at the
+serving layer, HF hidden states of both views), batching concurrent requests with
+``@serve.batch``; the ingress ranks the candidates and answers with the best ``n``.
+
+Shutdown: ``dabon serve`` creates a ``DrainControl`` actor next to the app; on SIGTERM it tells
+the ingress replicas to drain (new requests get 503, ``/healthz`` 503), waits until their
+requests in flight are answered or ``serving.drain_timeout_s`` passed, then stops Serve. Serve
+itself waits ``drain_timeout_s`` for a replica's requests before it stops that replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from pathlib import Path
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from actors.config import validate
-from actors.models import ModelLoadError, ModelSpec, hub_offline, load_models, load_spec_tokenizer, local_model_dir, resolve_model
-from actors.sampler import HFBackend, Sampler, SamplingConfig
-from actors.scorer import AttributionScorer, ScorerConfig
+from actors.chat import resolve_prompt
+from actors.config import ConfigError, validate
+from actors.models import ModelLoadError, ModelSpec, hub_offline, load_spec_tokenizer, local_model_dir, resolve_model
 from actors.settings import get_logger
-from serve_app.options import ServeConfig, deployment_options, resolve_api_token, torch_threads
-from serve_app.schemas import ApiError, error_body
-from serve_app.service import RerankService
+from serve_app.engines import CandidateSampler, CandidateScorer, VLLMCandidateSampler
+from serve_app.options import ServeConfig, deployment_options, resolve_api_token, token_digest, torch_threads
+from serve_app.schemas import ApiError, ChatCompletionRequest, CompletionRequest, ScoreRequest, error_body
+from serve_app.service import RerankService, Stream
 
 logger = get_logger(__name__)
 
-
-# ----------------------------------------------------------------------------------------
-# Plain logic (no Ray)
-# ----------------------------------------------------------------------------------------
+DRAIN_NAMESPACE = "dabon"
+DRAIN_POLL_S = 0.2
 
 
-class CandidateSampler:
-    """N candidates for one prompt, given as token ids, with the ``hf`` backend of ``actors.sampler``.
-
-    ``spec``: the served model (the fine-tuned view generates). ``sample(prompt_ids, sampling)``
-    takes a ``SamplingConfig`` as a dict and returns ``{"texts", "token_ids", "finish_reasons"}``,
-    N each, with the exact generated ids (no stop token, no padding).
-    """
-
-    def __init__(self, spec: ModelSpec) -> None:
-        bundle = load_models(spec)
-        self.backend = HFBackend(bundle)
-        self.tokenizer = bundle.tokenizer
-
-    def sample(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, list[Any]]:
-        """See class doc."""
-        sampler = Sampler(self.backend, self.tokenizer, SamplingConfig(**sampling))  # ids pass through the prompt config
-        (samples,) = sampler.sample_with_ids([list(prompt_ids)]).samples  # ids pass through unchanged
-        return {
-            "texts": [sample.text for sample in samples],
-            "token_ids": [list(sample.token_ids or []) for sample in samples],
-            "finish_reasons": [sample.finish_reason for sample in samples],
-        }
+def drain_actor_name(app_name: str) -> str:
+    """Name of the ``DrainControl`` actor of the Serve application ``app_name``."""
+    return f"drain-{app_name}"
 
 
-class CandidateScorer:
-    """Latent similarity at one layer for many (prompt ids, candidate ids) requests at once.
+@ray.remote(num_cpus=0)
+class DrainControl:
+    """Shared shutdown state of one app: ``dabon serve`` calls ``start``; every ingress replica
+    calls ``report`` every ``DRAIN_POLL_S`` with its requests in flight and learns whether to drain."""
 
-    ``spec``: the served model (adapter or full fine-tuned copy); ``layer``: the serving layer;
-    ``batch_tokens``: the scorer's forward-batch budget. ``score_many(requests)`` takes dicts with
-    ``prompt_ids`` and ``response_ids`` and returns, per request, ``{"latent_sim": [N floats]}``
-    or ``{"error": message}`` (one bad request does not fail the others of its batch).
-    """
+    def __init__(self) -> None:
+        self.draining = False
+        self.reports: dict[str, dict[str, Any]] = {}
 
-    def __init__(self, spec: ModelSpec, layer: int, batch_tokens: int = 4096) -> None:
-        self.layer = layer
-        self.scorer = AttributionScorer.from_spec(spec, ScorerConfig(layers=(layer,), batch_tokens=batch_tokens))
+    def start(self) -> None:
+        self.draining = True
 
-    def score_many(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """See class doc."""
-        prompt_ids = [list(request["prompt_ids"]) for request in requests]
-        response_ids = [[list(ids) for ids in request["response_ids"]] for request in requests]
-        try:
-            results = self.scorer.score_ids(prompt_ids, response_ids)
-            return [{"latent_sim": result["latent_sim"][self.layer]} for result in results]
-        except Exception:  # noqa: BLE001 - retried one by one so that only the bad request fails
-            if len(requests) == 1:
-                raise
-        out = []
-        for prompt, candidates in zip(prompt_ids, response_ids, strict=True):
-            try:
-                (result,) = self.scorer.score_ids([prompt], [candidates])
-                out.append({"latent_sim": result["latent_sim"][self.layer]})
-            except Exception as err:  # noqa: BLE001 - reported to that request's caller
-                out.append({"error": f"{type(err).__name__}: {err}"})
-        return out
+    def report(self, replica: str, in_flight: int, draining: bool) -> bool:
+        self.reports[replica] = {"in_flight": in_flight, "draining": draining, "at": time.time()}
+        return self.draining
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        return {"draining": self.draining,
+                "replicas": {name: {**report, "age_s": now - report["at"]} for name, report in self.reports.items()}}
+
+
+def drained(status: dict[str, Any], fresh_s: float = 2.0) -> bool:
+    """True when every ingress replica that reported in the last ``fresh_s`` drains with nothing in flight."""
+    live = [report for report in status["replicas"].values() if report["age_s"] <= fresh_s]
+    return all(report["draining"] and report["in_flight"] == 0 for report in live)
 
 
 def model_max_positions(spec: ModelSpec) -> int | None:
@@ -154,14 +138,72 @@ def _set_torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+JSON_TYPES = ("application/json",)
+
+
+def _schema_components(*models: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    """JSON schemas of request models with their ``$defs`` as OpenAPI components."""
+    components: dict[str, Any] = {}
+    refs: dict[str, Any] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+        refs[model.__name__] = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return components, refs
+
+
+def openapi_document(api: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document with the request bodies the routes parse themselves
+    (``serve_app.schemas``) and the error shape of every non-2xx answer."""
+    from fastapi.openapi.utils import get_openapi
+
+    document = get_openapi(title="dabon", version="2", routes=api.routes,
+                           description="Best-of-N reranking by latent attribution, OpenAI-compatible.")
+    components, refs = _schema_components(ChatCompletionRequest, CompletionRequest, ScoreRequest)
+    components["Error"] = {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
+            "message": {"type": "string"}, "type": {"type": "string"},
+            "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+    }
+    document.setdefault("components", {}).setdefault("schemas", {}).update(components)
+    document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    bodies = {"/v1/chat/completions": "ChatCompletionRequest", "/v1/completions": "CompletionRequest",
+              "/dabon/v1/score": "ScoreRequest"}
+    error = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for path, operations in document.get("paths", {}).items():
+        for operation in operations.values():
+            operation["responses"] = {"200": {"description": "OK"}, "4XX": error, "5XX": error}
+            if path != "/healthz":
+                operation["security"] = [{"bearer": []}]
+            if path in bodies:
+                operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[bodies[path]]}}}
+    return document
+
+
 def build_api(service: RerankService) -> FastAPI:
     """The FastAPI app of the ingress: routes call ``service``; every error is an OpenAI-shaped JSON
-    body (``ApiError``), unknown routes included, and an unexpected error is a 500 without a trace."""
+    body (``ApiError``), unknown routes included, and an unexpected error is a 500 without a trace.
+    A POST whose Content-Type is not JSON is a 415 (so a browser's "simple" cross-origin form
+    post cannot reach the model); CORS headers are sent only for ``serving.cors_origins``."""
     api = FastAPI(title="dabon", docs_url=None, redoc_url=None, openapi_url=None)
-    max_body = service.config.serving.max_body_bytes
+    serving = service.config.serving
+    max_body = serving.max_body_bytes
+    if serving.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        api.add_middleware(CORSMiddleware, allow_origins=list(serving.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], allow_credentials=False)
 
     def answer(error: ApiError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    def check_content_type(request: Request) -> None:
+        kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if kind not in JSON_TYPES:
+            raise ApiError(415, f"Content-Type must be application/json, got {kind or 'none'!r}", param="Content-Type",
+                           code="unsupported_media_type")
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -174,11 +216,23 @@ def build_api(service: RerankService) -> FastAPI:
                 raise ApiError(413, f"the request body exceeds {max_body} bytes", param="body", code="payload_too_large")
         return bytes(body)
 
-    async def handle(request: Request, endpoint: Any, with_body: bool = True) -> JSONResponse:
+    def sse(stream: Stream) -> StreamingResponse:
+        async def events():
+            for chunk in stream.chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def handle(request: Request, endpoint: Any, with_body: bool = True) -> Response:
         try:
             service.check_auth(request.headers.get("authorization"))
-            payload = await endpoint(await read_body(request)) if with_body else endpoint()
-            return JSONResponse(payload)
+            if with_body:
+                check_content_type(request)
+                payload = await endpoint(await read_body(request))
+            else:
+                payload = endpoint()
+            return sse(payload) if isinstance(payload, Stream) else JSONResponse(payload)
         except ApiError as error:
             return answer(error)
         except Exception:  # noqa: BLE001 - logged here, answered without a trace
@@ -186,25 +240,41 @@ def build_api(service: RerankService) -> FastAPI:
             return answer(ApiError(500, "internal error", type="server_error", code="internal_error"))
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> JSONResponse:
+    async def chat_completions(request: Request) -> Response:
         return await handle(request, service.chat_completion)
 
-    @api.post("/v1/score")
-    async def score(request: Request) -> JSONResponse:
+    @api.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handle(request, service.completion)
+
+    @api.post("/dabon/v1/score")
+    async def score(request: Request) -> Response:
         return await handle(request, service.score)
 
     @api.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
+    async def models(request: Request) -> Response:
         return await handle(request, service.models, with_body=False)
 
     @api.get("/healthz")
     async def healthz() -> JSONResponse:
-        return JSONResponse(service.health())
+        health = service.health()
+        return JSONResponse(health, status_code=503 if health["status"] == "draining" else 200)
+
+    document: dict[str, Any] = {}
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        if not document:
+            document.update(openapi_document(api))
+        return JSONResponse(document)
 
     @api.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers)
+        message = str(exc.detail)
+        if exc.status_code == 404 and request.url.path.rstrip("/") in ("/v1/score", "/score"):
+            message += ": Best-of-N scoring is POST /dabon/v1/score (vLLM's /score is a different API)"
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=exc.headers)
 
     return api
 
@@ -216,16 +286,34 @@ def build_api(service: RerankService) -> FastAPI:
 
 @serve.deployment
 class SamplerDeployment:
-    """``CandidateSampler`` in a replica; ``sample`` runs in Serve's thread pool, one call at a time
-    (``max_ongoing_requests=1``, see ``serve_app.options``)."""
+    """A candidate sampler in a replica (``serve_app.engines``): ``vllm`` (``AsyncLLM``; concurrent
+    calls batched by the engine) or ``hf`` (``generate`` in a worker thread, one call at a time)."""
 
-    def __init__(self, spec: dict[str, Any], threads: int) -> None:
-        _set_torch_threads(threads)
-        self.sampler = CandidateSampler(ModelSpec(**spec))
+    def __init__(self, spec: dict[str, Any], generator: dict[str, Any], threads: int) -> None:
+        from actors.sampler import GeneratorConfig
 
-    def sample(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, list[Any]]:
-        """See ``CandidateSampler.sample``."""
-        return self.sampler.sample(prompt_ids, sampling)
+        config = GeneratorConfig.model_validate(generator)
+        model = ModelSpec(**spec)
+        self.backend = config.backend
+        if config.backend == "vllm":
+            self.sampler: Any = VLLMCandidateSampler(model, config.typed())
+        else:
+            _set_torch_threads(threads)
+            self.sampler = CandidateSampler(model)
+
+    async def sample(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, list[Any]]:
+        """See ``serve_app.engines``."""
+        if self.backend == "vllm":
+            return await self.sampler.sample(prompt_ids, sampling)
+        return await asyncio.to_thread(self.sampler.sample, prompt_ids, sampling)
+
+    def check_health(self) -> None:
+        if self.backend == "vllm":
+            self.sampler.check_health()
+
+    def __del__(self) -> None:
+        if getattr(self, "backend", None) == "vllm":
+            self.sampler.shutdown()
 
 
 class ScoringError(RuntimeError):
@@ -261,19 +349,42 @@ class ScorerDeployment:
 @serve.ingress()
 class IngressDeployment:
     """The HTTP entry: ``RerankService`` behind ``build_api``, calling the two deployment handles.
-    The FastAPI app is built per replica (``__serve_build_asgi_app__``), from this replica's config
-    and token, rather than at import time."""
+    The FastAPI app is built per replica (``__serve_build_asgi_app__``). ``token_sha256``: the
+    digest of the bearer token resolved where the app was built (``None``: no auth), so every
+    replica checks the same token whatever its node's environment. With auth required and no
+    digest the replica refuses to start."""
 
-    def __init__(self, config: dict[str, Any], sampler: DeploymentHandle, scorer: DeploymentHandle) -> None:
+    def __init__(self, config: dict[str, Any], sampler: DeploymentHandle, scorer: DeploymentHandle,
+                 token_sha256: str | None = None) -> None:
         app_config = ServeConfig.model_validate(config)
+        if app_config.auth.required and token_sha256 is None:
+            raise ConfigError("auth.required is true but the app was built without a token")
         self.sampler = sampler
         self.scorer = scorer
-        token = resolve_api_token(app_config.auth)
         self.service = RerankService(
             app_config, load_spec_tokenizer(app_config.model), self._sample, self._score,
-            api_token=token, max_positions=model_max_positions(app_config.model),
+            token_sha256=token_sha256, max_positions=model_max_positions(app_config.model),
         )
-        logger.info("ingress ready: model %s, auth %s", app_config.serving.model_name, "on" if token else "off")
+        context = serve.get_replica_context()
+        self.replica = context.replica_id.unique_id
+        self._drain_task = None
+        try:
+            control = ray.get_actor(drain_actor_name(context.app_name), namespace=DRAIN_NAMESPACE)
+        except ValueError:
+            control = None  # not started by `dabon serve`: Serve's graceful shutdown only
+        if control is not None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._follow_drain(control))
+        logger.info("ingress ready: model %s, auth %s, admits %d requests", app_config.serving.model_name,
+                    "on" if token_sha256 else "off", self.service.gate.limit)
+
+    async def _follow_drain(self, control: Any) -> None:
+        gate = self.service.gate
+        while True:
+            try:
+                gate.draining = await control.report.remote(self.replica, gate.in_flight, gate.draining) or gate.draining
+            except ray.exceptions.RayActorError:
+                return  # the control actor is gone with its driver
+            await asyncio.sleep(DRAIN_POLL_S)
 
     async def _sample(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, Any]:
         response = self.sampler.sample.remote(prompt_ids, sampling)
@@ -295,12 +406,8 @@ class IngressDeployment:
         return build_api(self.service)
 
 
-def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
-    """The Serve application for ``args`` (the ``args`` mapping of ``serve_app/config.yaml``, or a
-    ``ServeConfig``): sampler and scorer deployments bound to the ingress, each with the options
-    of ``serve_app.options.deployment_options``. Raises ``ConfigError`` naming a bad key, and
-    ``ModelLoadError`` when a model name resolves nowhere (checked here, before any replica starts)."""
-    config = absolute_model_paths(parse_app_config(args))
+def check_models(config: ServeConfig) -> None:
+    """Fail fast where the app is built: model names that resolve nowhere, a missing adapter."""
     for name in (config.model.base, config.model.finetuned):
         if name:
             resolve_model(name)
@@ -309,14 +416,44 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
             f"model.adapter {config.model.adapter!r} is not a directory (relative paths are taken from {Path.cwd()}); "
             "create a random one for trying things out with: dabon random-adapter --out runs/demo/adapter"
         )
+    if config.generator.backend == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            from actors.sampler import VLLM_INSTALL_HINT
+
+            raise ConfigError(f"generator.backend: vllm: {VLLM_INSTALL_HINT}; or serve with generator.backend=hf")
+
+
+def with_adapter_prompt(config: ServeConfig, given: bool) -> ServeConfig:
+    """``config`` with the adapter's ``prompt.yaml`` as its prompt when the app args gave none
+    (``given`` false); the log says which prompt is served and where it differs from the adapter's."""
+    prompt, source = resolve_prompt(config.prompt if given else None, config.model.adapter)
+    (logger.warning if "differs" in source else logger.info)("serving prompt: %s", source)
+    return config if prompt == config.prompt else config.model_copy(update={"prompt": prompt})
+
+
+def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
+    """The Serve application for ``args`` (the ``args`` mapping of ``serve_app/config.yaml``, or a
+    ``ServeConfig``): sampler and scorer deployments bound to the ingress, each with the options
+    of ``serve_app.options.deployment_options``. Without a ``prompt`` section the adapter's
+    ``prompt.yaml`` is served (``with_adapter_prompt``). The bearer token is resolved here, once
+    (``auth``), and only its digest is bound to the ingress. Raises ``ConfigError`` naming a bad
+    key (or a required token that is missing), and ``ModelLoadError`` when a model name resolves
+    nowhere (checked here, before any replica starts)."""
+    config = absolute_model_paths(parse_app_config(args))
+    check_models(config)
+    config = with_adapter_prompt(config, given=not isinstance(args, dict) or "prompt" in args)
+    token = resolve_api_token(config.auth)
     spec = config.model.model_dump(mode="json")
     sampler = SamplerDeployment.options(**deployment_options("sampler", config)).bind(
-        spec, torch_threads(config.deployments.sampler)
+        spec, config.generator.model_dump(mode="json"), torch_threads(config.deployments.sampler)
     )
     scoring = config.scoring
     scorer = ScorerDeployment.options(**deployment_options("scorer", config)).bind(
         spec, scoring.layer, scoring.batch_tokens, scoring.max_batch_size, scoring.batch_wait_timeout_s,
         torch_threads(config.deployments.scorer),
     )
-    ingress_options = deployment_options("ingress", config)
-    return IngressDeployment.options(**ingress_options).bind(config.model_dump(mode="json"), sampler, scorer)
+    return IngressDeployment.options(**deployment_options("ingress", config)).bind(
+        config.model_dump(mode="json"), sampler, scorer, token_digest(token) if token else None
+    )

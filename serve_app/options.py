@@ -1,18 +1,26 @@
 """Typed config of the Serve app (the ``args`` of ``serve_app/config.yaml``) and the Serve options
 computed from it.
 
-``ServeConfig`` is what ``build_app(args)`` parses: model spec, prompt, sampling defaults and limits,
-the serving layer, request limits, auth, and one block per deployment (``ingress``, ``sampler``,
-``scorer``) with its ``autoscaling_config``, ``ray_actor_options`` and queue bounds. Every
-sub-model forbids unknown keys, so a typo is an error naming the key (Serve itself silently
-drops unknown keys in its YAML; see RAY_NOTES.md).
+``ServeConfig`` is what ``build_app(args)`` parses: model spec, prompt, the sampler engine
+(``generator``: ``vllm`` or ``hf``), sampling defaults and limits, the serving layer, request
+limits, auth, and one block per deployment (``ingress``, ``sampler``, ``scorer``) with its
+``autoscaling_config``, ``ray_actor_options`` and queue bounds. Every sub-model forbids unknown
+keys, so a typo is an error naming the key (Serve itself silently drops unknown keys in its YAML;
+see RAY_NOTES.md).
 
-The resource math is a set of small pure functions (``deployment_options``, ``torch_threads``,
-``required_cpus``, ``resolve_api_token``) so that it can be unit-tested without Ray.
+Admission follows capacity (``admission_limits``): a sampler replica runs
+``max_ongoing_requests`` requests at once (hf: 1, one ``generate`` at a time; vllm: 8, batched
+continuously by the engine), the app admits twice what all sampler replicas run (one running and
+one waiting per slot), and past that a request gets a 503 with ``Retry-After`` at once.
+
+The resource math is a set of small pure functions (``deployment_options``, ``admission_limits``,
+``torch_threads``, ``required_cpus``, ``resolve_api_token``) so that it can be unit-tested
+without Ray.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -22,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.config import ConfigError, PromptConfig
 from actors.models import EMBEDDED_ALIAS, ModelSpec
+from actors.sampler import MIN_TEMPERATURE, GeneratorConfig
 
 # The deployment names Serve shows (``serve status``) and that config overrides refer to.
 INGRESS_NAME = "IngressDeployment"
@@ -72,15 +81,16 @@ class DeploymentSettings(_Strict):
     """One deployment: autoscaling, resources and per-replica concurrency.
 
     ``max_ongoing_requests``: requests a replica runs at once (``None``: the deployment's own
-    default, see ``deployment_options``). ``max_queued_requests``: requests each caller (proxy or
-    handle) queues for this deployment before it answers 503 (``-1``: unbounded).
+    default, see ``max_ongoing_requests``). ``max_queued_requests``: requests each caller (proxy or
+    handle) queues for this deployment before it answers 503 (``-1``: unbounded; ``None``: the
+    role's default, for the sampler what the ingress replicas admit, see ``admission_limits``).
     ``torch_threads``: torch intra-op threads per replica (``None``: ``floor(num_cpus)``, at least 1).
     """
 
     autoscaling_config: AutoscalingOptions = AutoscalingOptions()
     ray_actor_options: ActorResources = ActorResources()
     max_ongoing_requests: int | None = Field(default=None, gt=0)
-    max_queued_requests: int = Field(default=-1, ge=-1)
+    max_queued_requests: int | None = Field(default=-1, ge=-1)
     torch_threads: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
@@ -93,18 +103,18 @@ class DeploymentSettings(_Strict):
 # Per-role defaults. A partial block in the config is merged over these, key by key (so setting
 # only sampler.ray_actor_options.num_cpus keeps the sampler's autoscaling and queue bound).
 ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
-    # The ingress only parses, tokenizes and awaits handles: like Serve's own proxy it reserves no
-    # CPU, so that one sampler and one scorer replica fill a 2-core machine (`serve run` there).
+    # The ingress only parses, tokenizes (in a worker thread) and awaits handles: like Serve's own
+    # proxy it reserves no CPU, so that one sampler and one scorer replica fill a 2-core machine.
+    # One replica: the admission limit is split across max_replicas ingress replicas.
     "ingress": {
-        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 32},
         "ray_actor_options": {"num_cpus": 0},
         "max_queued_requests": 128,
     },
     "sampler": {
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1},
         "ray_actor_options": {"num_cpus": 1},
-        "max_ongoing_requests": 1,
-        "max_queued_requests": 64,
+        "max_queued_requests": None,
     },
     "scorer": {
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
@@ -144,29 +154,35 @@ class DeploymentsConfig(_Strict):
 class SamplingSettings(_Strict):
     """Sampling defaults and the bounds a request may ask for.
 
-    ``default_n`` / ``max_n``: candidates per request (the request's ``n``). ``default_max_tokens``
-    / ``max_tokens``: new tokens per candidate. ``temperature`` / ``top_p``: defaults a request
-    may override. ``seed``: fixed seed when a request gives none (``None``: a fresh random seed per
-    request, as OpenAI servers do). ``max_prompt_tokens``: longest prompt (after the chat
-    template). ``max_messages``: most chat messages per request.
+    ``candidates``: Best-of-N candidates sampled per request (a request may ask for another count
+    with ``dabon.candidates``, or ``best_of`` on ``/v1/completions``, up to ``max_candidates``);
+    a request's ``n`` is the number of ranked choices returned, at most the candidate count.
+    ``default_max_tokens`` / ``max_tokens``: new tokens per candidate. ``temperature`` / ``top_p``:
+    defaults a request may override (a temperature must be 0, greedy, or at least
+    ``MIN_TEMPERATURE`` = 0.01: smaller ones underflow the sampler, and vLLM would raise them to
+    0.01 without a word). ``seed``: fixed seed when a request gives none (``None``: a fresh random
+    seed per request, as OpenAI servers do). ``max_prompt_chars``: characters of all message
+    contents (or a raw prompt), checked before tokenization. ``max_prompt_tokens``: longest
+    prompt after the chat template. ``max_messages``: most chat messages per request.
     """
 
-    default_n: int = Field(default=4, ge=1)
-    max_n: int = Field(default=8, ge=1, le=64)
+    candidates: int = Field(default=4, ge=1)
+    max_candidates: int = Field(default=8, ge=1, le=64)
     default_max_tokens: int = Field(default=256, ge=1)
     max_tokens: int = Field(default=1024, ge=1)
-    temperature: float = Field(default=0.7, gt=0, le=2.0)
+    temperature: float = Field(default=0.7, ge=MIN_TEMPERATURE, le=2.0)
     top_p: float = Field(default=1.0, gt=0, le=1.0)
     seed: int | None = Field(default=None, ge=0)
+    max_prompt_chars: int = Field(default=32768, ge=1)
     max_prompt_tokens: int = Field(default=2048, ge=1)
     max_messages: int = Field(default=64, ge=1)
 
     @model_validator(mode="after")
     def _defaults_within_bounds(self) -> "SamplingSettings":
-        if self.default_n > self.max_n:
-            raise ValueError(f"default_n ({self.default_n}) must be <= max_n ({self.max_n})")
+        if self.candidates > self.max_candidates:
+            raise ValueError(f"candidates: {self.candidates} is more than max_candidates ({self.max_candidates})")
         if self.default_max_tokens > self.max_tokens:
-            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must be <= max_tokens ({self.max_tokens})")
+            raise ValueError(f"default_max_tokens: {self.default_max_tokens} is more than max_tokens ({self.max_tokens})")
         return self
 
 
@@ -189,26 +205,36 @@ class ServingSettings(_Strict):
 
     ``model_name``: the id ``/v1/models`` lists and responses carry. ``request_timeout_s``: a
     request that takes longer is cancelled with 504. ``max_in_flight``: requests one ingress
-    replica handles at once; more get 503 with ``Retry-After: retry_after_s`` at once instead of
-    waiting. ``max_body_bytes``: larger request bodies get 413. ``allow_skip_scoring``: honour
-    ``"dabon": {"skip_scoring": true}`` (returns candidate 0 unscored; for benchmarks only, since
-    it bypasses the reranker).
+    replica works on at once (``None``: derived from the sampler's capacity, see
+    ``admission_limits``); more get 503 with ``Retry-After: retry_after_s`` at once instead of
+    waiting. ``max_body_bytes``: larger request bodies get 413 before they are read.
+    ``allow_skip_scoring``: honour ``"dabon": {"skip_scoring": true}`` (returns the candidates in
+    sampling order, unscored; for benchmarks only, since it bypasses the reranker).
+    ``cors_origins``: origins allowed to call the API from a browser (empty: no CORS headers, so
+    browsers refuse cross-origin calls). ``drain_timeout_s``: on SIGTERM ``dabon serve`` stops
+    admitting (503) and waits up to this long for requests in flight; Serve also waits this long
+    for a replica's requests before it stops one (scale-down, redeploy).
     """
 
     model_name: str = Field(default="dabon-bon", min_length=1)
     request_timeout_s: float = Field(default=120.0, gt=0)
-    max_in_flight: int = Field(default=64, ge=1)
+    max_in_flight: int | None = Field(default=None, ge=1)
     retry_after_s: float = Field(default=2.0, ge=0)
-    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     allow_skip_scoring: bool = False
+    cors_origins: list[str] = []
+    drain_timeout_s: float = Field(default=30.0, ge=0)
 
 
 class AuthSettings(_Strict):
-    """Optional bearer-token auth of ``/v1/*`` (``/healthz`` stays open for probes).
+    """Optional bearer-token auth of ``/v1/*`` and ``/dabon/*`` (``/healthz`` stays open for probes).
 
     The token is never written in the config itself: ``token_env`` names an environment variable
-    of the ingress replica and ``token_file`` a file that holds it (the first one set wins).
-    ``required``: refuse to start when neither yields a token.
+    and ``token_file`` a file that holds it (the first one set wins), both read once where the app
+    is built (``build_app``: the ``dabon serve`` or ``serve run`` process, or the cluster task
+    of ``serve deploy``). Only the token's SHA-256 digest travels to the ingress replicas, so
+    every replica checks the same token whatever node it runs on and whatever environment that
+    node has. ``required``: refuse to start when neither yields a token.
     """
 
     token_env: str | None = "DABON_API_KEY"
@@ -219,10 +245,12 @@ class AuthSettings(_Strict):
 class ServeConfig(_Strict):
     """Everything ``build_app`` needs (see the module doc); ``model`` is an ``actors.models.ModelSpec``,
     ``prompt`` the ``PromptConfig`` (system prompt, response prefix) that chat completions and the
-    scoring route share."""
+    scoring route share, ``generator`` the sampler engine (``actors.sampler.GeneratorConfig``:
+    ``vllm`` with ``VLLMOptions``, or ``hf``)."""
 
     model: ModelSpec = ModelSpec(base=EMBEDDED_ALIAS, adapter="runs/demo/adapter")
     prompt: PromptConfig = PromptConfig()
+    generator: GeneratorConfig = GeneratorConfig(backend="vllm")
     sampling: SamplingSettings = SamplingSettings()
     scoring: ScoringSettings = ScoringSettings()
     serving: ServingSettings = ServingSettings()
@@ -236,25 +264,29 @@ class ServeConfig(_Strict):
                 "model: serving reranks by latent similarity, which needs a fine-tuned model: give model.adapter "
                 "(e.g. from `dabon random-adapter --out runs/demo/adapter`) or model.finetuned"
             )
-        sampler = self.deployments.sampler
-        if sampler.max_ongoing_requests not in (None, 1):
+        if self.generator.backend not in SERVE_BACKENDS:
             raise ValueError(
-                "deployments.sampler.max_ongoing_requests: must be 1; the hf backend seeds torch's global RNG per "
-                "call, so concurrent calls in one replica would change each other's samples (scale with replicas)"
+                f"generator.backend: {self.generator.backend!r} cannot serve; expected one of {', '.join(SERVE_BACKENDS)} "
+                "(the scorer needs the exact token ids of every candidate)"
             )
         scorer = self.deployments.scorer
         if scorer.max_ongoing_requests is not None and scorer.max_ongoing_requests < self.scoring.max_batch_size:
             raise ValueError(
-                f"deployments.scorer.max_ongoing_requests ({scorer.max_ongoing_requests}) must be >= "
-                f"scoring.max_batch_size ({self.scoring.max_batch_size}), or batches never fill"
+                f"deployments.scorer.max_ongoing_requests: {scorer.max_ongoing_requests} is less than "
+                f"scoring.max_batch_size ({self.scoring.max_batch_size}), so batches never fill"
             )
         ingress = self.deployments.ingress
-        if ingress.max_ongoing_requests is not None and ingress.max_ongoing_requests < self.serving.max_in_flight:
+        admitted = admission_limits(self)["ingress_in_flight"]
+        if ingress.max_ongoing_requests is not None and ingress.max_ongoing_requests < admitted:
             raise ValueError(
-                f"deployments.ingress.max_ongoing_requests ({ingress.max_ongoing_requests}) must be >= "
-                f"serving.max_in_flight ({self.serving.max_in_flight}), or requests queue unseen at the proxy"
+                f"deployments.ingress.max_ongoing_requests: {ingress.max_ongoing_requests} is less than the "
+                f"{admitted} requests an ingress replica admits (serving.max_in_flight), so requests would queue "
+                "unseen at the proxy"
             )
         return self
+
+
+SERVE_BACKENDS = ("vllm", "hf")
 
 
 # ----------------------------------------------------------------------------------------
@@ -262,24 +294,49 @@ class ServeConfig(_Strict):
 # ----------------------------------------------------------------------------------------
 
 
+SAMPLER_CONCURRENCY = {"hf": 1, "vllm": 8}
+
+
 def max_ongoing_requests(role: str, config: ServeConfig) -> int:
     """Requests one replica of ``role`` (ingress, sampler, scorer) runs at once.
 
-    Explicit values win. Defaults: the sampler runs one generation at a time (see
-    ``ServeConfig``); the scorer holds two batches (one running, one filling), so it is always
-    >= ``max_batch_size`` (Serve's default of 5 would cap every batch at 5); the ingress admits a
-    quarter more than ``max_in_flight`` so that its own JSON 503 answers, not the proxy's queue.
+    Explicit values win. Defaults: a sampler replica runs ``SAMPLER_CONCURRENCY`` of its backend
+    (hf: one ``generate`` at a time, so a second request would only split the CPU; vllm: 8
+    requests, N sequences each, batched by the engine); the scorer holds two batches (one running,
+    one filling), so it is always >= ``max_batch_size``; the ingress takes a quarter more than it
+    admits, so that its own JSON 503 answers, not the proxy's queue.
     """
     settings: DeploymentSettings = getattr(config.deployments, role)
     if settings.max_ongoing_requests is not None:
         return settings.max_ongoing_requests
     if role == "sampler":
-        return 1
+        return SAMPLER_CONCURRENCY[config.generator.backend]
     if role == "scorer":
         return 2 * config.scoring.max_batch_size
     if role == "ingress":
-        return config.serving.max_in_flight + max(1, math.ceil(config.serving.max_in_flight / 4))
+        admitted = admission_limits(config)["ingress_in_flight"]
+        return admitted + max(1, math.ceil(admitted / 4))
     raise ValueError(f"role: unknown {role!r}; expected ingress, sampler or scorer")
+
+
+def admission_limits(config: ServeConfig) -> dict[str, int]:
+    """How many requests the app takes in before it answers 503.
+
+    ``sampler_capacity``: requests all sampler replicas run at once at ``max_replicas``
+    (replicas x ``max_ongoing_requests``). ``ingress_in_flight``: requests one ingress replica
+    admits, ``serving.max_in_flight`` or twice the sampler capacity split over the ingress's
+    ``max_replicas`` (one request running and one waiting per sampler slot; at most that many
+    wait). ``sampler_queue``: what each caller may queue at the sampler: what all ingress replicas
+    admit together, a backstop that never refuses before the ingress gate does (Serve's queue
+    bound can refuse requests that arrive at the same moment below its limit).
+    """
+    sampler = config.deployments.sampler
+    per_replica = sampler.max_ongoing_requests or SAMPLER_CONCURRENCY[config.generator.backend]
+    capacity = sampler.autoscaling_config.max_replicas * per_replica
+    ingress_replicas = config.deployments.ingress.autoscaling_config.max_replicas
+    in_flight = config.serving.max_in_flight or max(1, math.ceil(2 * capacity / ingress_replicas))
+    queue = sampler.max_queued_requests if sampler.max_queued_requests is not None else in_flight * ingress_replicas
+    return {"sampler_capacity": capacity, "ingress_in_flight": in_flight, "sampler_queue": queue}
 
 
 def torch_threads(settings: DeploymentSettings) -> int:
@@ -294,20 +351,37 @@ def deployment_options(role: str, config: ServeConfig) -> dict[str, Any]:
 
     Returns ``name``, ``autoscaling_config`` (Serve's keys; ``None`` values left to Serve's
     defaults), ``ray_actor_options`` (``num_cpus``, ``num_gpus``, ``memory`` when set),
-    ``max_ongoing_requests``, ``max_queued_requests`` and a ``backpressure_config`` that makes a
-    full queue answer 503 with ``Retry-After``.
+    ``max_ongoing_requests``, ``max_queued_requests``, a ``backpressure_config`` that makes a
+    full queue answer 503 with ``Retry-After``, and ``graceful_shutdown_timeout_s``
+    (``serving.drain_timeout_s``: a stopping replica finishes its requests first). A vLLM sampler
+    over several GPUs (tensor x pipeline parallel > 1) gets a placement group instead of
+    ``num_gpus``: one bundle for the replica, one GPU bundle per engine worker, packed on one node.
     """
     settings: DeploymentSettings = getattr(config.deployments, role)
     autoscaling = {key: value for key, value in settings.autoscaling_config.model_dump().items() if value is not None}
     resources = {key: value for key, value in settings.ray_actor_options.model_dump().items() if value is not None}
-    return {
+    queued = settings.max_queued_requests
+    if role == "sampler":
+        queued = admission_limits(config)["sampler_queue"]
+    options: dict[str, Any] = {
         "name": DEPLOYMENT_NAMES[role],
         "autoscaling_config": autoscaling,
         "ray_actor_options": resources,
         "max_ongoing_requests": max_ongoing_requests(role, config),
-        "max_queued_requests": settings.max_queued_requests,
+        "max_queued_requests": -1 if queued is None else queued,
         "backpressure_config": {"status_code": 503, "retry_after_s": config.serving.retry_after_s},
+        "graceful_shutdown_timeout_s": config.serving.drain_timeout_s,
     }
+    if role == "sampler" and config.generator.backend == "vllm":
+        engine = config.generator.typed()
+        workers = engine.tensor_parallel_size * engine.pipeline_parallel_size
+        if workers > 1:
+            resources = dict(resources)
+            resources.pop("num_gpus", None)
+            options["ray_actor_options"] = resources
+            options["placement_group_bundles"] = [{"CPU": resources.get("num_cpus", 1)}] + [{"GPU": 1}] * workers
+            options["placement_group_strategy"] = "STRICT_PACK"
+    return options
 
 
 def required_cpus(config: ServeConfig, at: str = "max_replicas") -> float:
@@ -320,6 +394,11 @@ def required_cpus(config: ServeConfig, at: str = "max_replicas") -> float:
         replicas = max(getattr(settings.autoscaling_config, at), 1 if at == "max_replicas" else 0)
         total += replicas * settings.ray_actor_options.num_cpus
     return total
+
+
+def token_digest(token: str) -> str:
+    """The SHA-256 hex digest the ingress compares presented tokens against."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def resolve_api_token(auth: AuthSettings, environ: dict[str, str] | None = None) -> str | None:

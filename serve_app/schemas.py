@@ -1,17 +1,21 @@
 """Request models and error bodies of the HTTP API (OpenAI-shaped where OpenAI defines one).
 
-- ``ChatCompletionRequest``: ``POST /v1/chat/completions``. ``n`` is the number of Best-of-N
-  *candidates*; one choice (the selected candidate) is returned. OpenAI parameters this server
-  does not implement are accepted only at their neutral value (``stop: null``,
-  ``presence_penalty: 0``, ...) so that stock clients work; any other value, and any unknown
-  field, is a 400 naming the field. ``stream: true`` is a 400: Best-of-N can only answer once
-  all N candidates are complete.
-- ``ScoreRequest``: ``POST /v1/score`` with caller-supplied responses (text, and optionally the
-  exact token ids, as ``dabon score`` input rows accept).
+- ``ChatCompletionRequest``: ``POST /v1/chat/completions``; ``CompletionRequest``:
+  ``POST /v1/completions`` (a raw prompt: text, tokenized as vLLM does, or token ids). ``n`` is
+  the number of choices returned: the ``n`` best candidates by the selection rule, ranked. The
+  candidate count is the server's ``sampling.candidates``, or the request's ``dabon.candidates``
+  (``best_of`` on completions, as OpenAI's own field means), at least ``n``. ``stream: true``
+  sends the answer as Server-Sent Events once selection is done: the first token waits for all N
+  candidates. vLLM's extensions ``return_token_ids``, ``continue_final_message`` and
+  ``add_generation_prompt`` are accepted. OpenAI parameters this server does not implement are
+  accepted only at their neutral value (``stop: null``, ``presence_penalty: 0``, ...) so that
+  stock clients work; any other value, and any unknown field, is a 400 naming the field.
+- ``ScoreRequest``: ``POST /dabon/v1/score`` with one row of ``dabon score`` input (prompt or
+  prompt ids, responses and/or their exact token ids); the answer is that command's output row.
 - ``ApiError`` / ``error_body``: every error is ``{"error": {"message", "type", "param", "code"}}``
   with the HTTP status on the exception; messages never carry a stack trace.
 
-Limits that depend on the app config (``max_n``, ``max_tokens``, prompt length) are checked in
+Limits that depend on the app config (candidates, ``max_tokens``, prompt length) are checked in
 ``serve_app.service``; the models here hold only the static rules.
 """
 
@@ -21,6 +25,8 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from actors.sampler import MIN_TEMPERATURE
 
 # Values of OpenAI parameters this server does not implement that mean "not used".
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
@@ -34,7 +40,6 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "tool_choice": (None, "none"),
     "parallel_tool_calls": (None,),
     "response_format": (None, {"type": "text"}),
-    "stream_options": (None,),
     "service_tier": (None, "auto", "default"),
     "store": (None, False),
     "metadata": (None, {}),
@@ -94,7 +99,7 @@ def validation_error(err: ValidationError) -> ApiError:
     """A 400 ``ApiError`` naming the first invalid field (all problems listed in the message).
 
     Field errors carry their location; errors of model-level rules start with ``field: `` and
-    that field is taken as the location.
+    that field, below the model's own location, is taken as the location.
     """
     problems: list[str] = []
     first_param = None
@@ -102,8 +107,8 @@ def validation_error(err: ValidationError) -> ApiError:
         message = item["msg"].removeprefix("Value error, ")
         param = _location(tuple(item["loc"]))
         match = _LEADING_FIELD.match(message)
-        if match and not param:
-            param, message = match.group(1), message[match.end():]
+        if match:  # a model-level rule naming its field, relative to where the model sits
+            param, message = (f"{param}.{match.group(1)}" if param else match.group(1)), message[match.end():]
         param = param or "body"
         first_param = first_param or param
         problem = f"{param}: {message}"
@@ -135,11 +140,20 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    """One chat message: a role the chat template knows and text content (string or text parts)."""
+    """One chat message: a role the chat template knows and text content (string or text parts).
+    Fields the chat template would not render (``name``, tool calls) are refused, not dropped."""
 
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = Field(default=None, max_length=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unrendered_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in ("name", "tool_calls", "tool_call_id", "function_call", "refusal", "audio"):
+                if name in data:
+                    raise ValueError(f"{name}: not supported: the chat template would not render it; remove it")
+        return data
 
     def text(self) -> str:
         """The content as one string (text parts joined with newlines, as vLLM does)."""
@@ -149,30 +163,39 @@ class ChatMessage(_Strict):
 
 
 class DabonOptions(_Strict):
-    """The ``dabon`` extension object of a chat request.
+    """The ``dabon`` extension object of a request.
 
-    ``return_candidates``: add a top-level ``dabon`` object with all N candidates, their
-    latent similarity at the serving layer, and the selected index.
-    ``skip_scoring``: return candidate 0 unscored (benchmarks; refused unless the server allows it).
+    ``candidates``: Best-of-N candidates to sample (default: the server's ``sampling.candidates``,
+    bounded by ``sampling.max_candidates``). ``return_candidates``: add a top-level ``dabon``
+    object with all candidates, their latent similarity at the serving layer, the ranking and the
+    selected index. ``skip_scoring``: return the candidates in sampling order, unscored
+    (benchmarks; refused unless the server allows it).
     """
 
+    candidates: int | None = Field(default=None, ge=1)
     return_candidates: bool = False
     skip_scoring: bool = False
 
 
-class ChatCompletionRequest(_Strict):
-    """``POST /v1/chat/completions`` body (see the module doc)."""
+class StreamOptions(_Strict):
+    """OpenAI's ``stream_options``: ``include_usage`` adds a last chunk with the usage."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    include_usage: bool = False
+
+
+class _GenerationRequest(_Strict):
+    """Fields chat and text completions share."""
+
     model: str | None = None
-    n: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
+    return_token_ids: bool = False
     dabon: DabonOptions = DabonOptions()
     # OpenAI parameters accepted at their neutral value only (NEUTRAL_VALUES)
     stop: Any = None
@@ -181,30 +204,71 @@ class ChatCompletionRequest(_Strict):
     logprobs: Any = None
     top_logprobs: Any = None
     logit_bias: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
-    response_format: Any = None
-    stream_options: Any = None
     service_tier: Any = None
     store: Any = None
     metadata: Any = None
 
+    @field_validator("temperature")
+    @classmethod
+    def _no_underflow(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(
+                f"{value:g} underflows the sampler; send 0 (greedy) or at least {MIN_TEMPERATURE} "
+                f"(vLLM would raise it to {MIN_TEMPERATURE} without saying so)"
+            )
+        return value
+
     @model_validator(mode="after")
-    def _supported(self) -> "ChatCompletionRequest":
+    def _neutral(self) -> "_GenerationRequest":
         for name, neutral in NEUTRAL_VALUES.items():
-            value = getattr(self, name)
+            value = getattr(self, name, None)
             if value is None:
                 continue
             if not any(value == allowed and type(value) is type(allowed) for allowed in neutral):
                 raise ValueError(f"{name}: not supported by this Best-of-N server; omit it or send {neutral[-1]!r}")
-        if self.stream:
-            raise ValueError(
-                "stream: streaming is not supported: the Best-of-N answer is chosen after all N candidates are complete; "
-                "send stream=false"
-            )
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed with stream=true")
+        return self
+
+    @property
+    def new_tokens(self) -> int | None:
+        """The requested new tokens per candidate (``None``: the server's default)."""
+        return self.max_tokens
+
+    @property
+    def candidates(self) -> int | None:
+        """The requested candidate count (``None``: the server's default)."""
+        return self.dabon.candidates
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """``POST /v1/chat/completions`` body (see the module doc).
+
+    ``continue_final_message`` (vLLM's extension): the last message is an assistant turn the model
+    continues (it replaces the server's configured response prefix); ``add_generation_prompt``
+    must then be false.
+    """
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+
+    @model_validator(mode="after")
+    def _chat_rules(self) -> "ChatCompletionRequest":
         if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens: max_tokens and max_completion_tokens disagree; send one of them")
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise ValueError("add_generation_prompt: must be false with continue_final_message=true")
+            if self.messages[-1].role != "assistant":
+                raise ValueError("continue_final_message: the last message must be an assistant message to continue")
+        elif not self.add_generation_prompt:
+            raise ValueError("add_generation_prompt: false is only supported with continue_final_message=true")
         return self
 
     @property
@@ -212,19 +276,55 @@ class ChatCompletionRequest(_Strict):
         """``max_completion_tokens`` or ``max_tokens`` (OpenAI's newer and older name)."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def token_field(self) -> str:
+        """The name of the new-tokens field the request used (for error messages)."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+
+class CompletionRequest(_GenerationRequest):
+    """``POST /v1/completions`` body: a raw ``prompt`` (text, tokenized with the tokenizer's
+    special tokens as vLLM does; or token ids), no chat template and no response prefix.
+    ``best_of``: the candidate count (OpenAI's field; same as ``dabon.candidates``)."""
+
+    prompt: str | list[int]
+    best_of: int | None = Field(default=None, ge=1)
+    echo: Any = None
+    suffix: Any = None
+
+    @model_validator(mode="after")
+    def _completion_rules(self) -> "CompletionRequest":
+        if isinstance(self.prompt, str) and not self.prompt:
+            raise ValueError("prompt: expected a non-empty string or token ids")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt: expected a non-empty string or token ids")
+        for name, neutral in (("echo", (None, False)), ("suffix", (None, ""))):
+            value = getattr(self, name)
+            if value is not None and not any(value == allowed and type(value) is type(allowed) for allowed in neutral):
+                raise ValueError(f"{name}: not supported by this Best-of-N server; omit it or send {neutral[-1]!r}")
+        if self.best_of is not None and self.dabon.candidates is not None and self.best_of != self.dabon.candidates:
+            raise ValueError("best_of: best_of and dabon.candidates disagree; send one of them")
+        return self
+
+    @property
+    def candidates(self) -> int | None:
+        return self.best_of if self.best_of is not None else self.dabon.candidates
+
 
 class ScoreRequest(_Strict):
-    """``POST /v1/score`` body: a prompt (one user turn) and the candidate responses to rank.
+    """``POST /dabon/v1/score`` body: one ``dabon score`` input row (``pipelines.score``).
 
-    ``response_ids`` (optional): the exact token ids of each response (e.g. from a chat
-    completion's ``dabon.token_ids``); when given they are scored instead of tokenizing the text.
-    ``id``: echoed in the output row, as in ``dabon score``.
+    ``prompt`` (one user turn, through the chat template with the server's prompt config) or
+    ``prompt_ids`` (used as they are); ``responses`` (text, tokenized as plain text) and/or
+    ``response_ids`` (the exact token ids, used instead of the text when given). ``id``: echoed in
+    the output row.
     """
 
-    prompt: str = Field(min_length=1)
-    responses: list[str] = Field(min_length=1)
-    response_ids: list[list[int]] | None = None
     id: str | int | None = None
+    prompt: str | None = Field(default=None, min_length=1)
+    prompt_ids: list[int] | None = Field(default=None, min_length=1)
+    responses: list[str] | None = Field(default=None, min_length=1)
+    response_ids: list[list[int]] | None = Field(default=None, min_length=1)
 
     @field_validator("id")
     @classmethod
@@ -234,9 +334,18 @@ class ScoreRequest(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _ids_match(self) -> "ScoreRequest":
-        if self.response_ids is not None and len(self.response_ids) != len(self.responses):
+    def _row_rules(self) -> "ScoreRequest":
+        if self.prompt is None and self.prompt_ids is None:
+            raise ValueError("prompt: give prompt (text) or prompt_ids")
+        if self.responses is None and self.response_ids is None:
+            raise ValueError("responses: give responses (text) or response_ids")
+        if self.responses is not None and self.response_ids is not None and len(self.response_ids) != len(self.responses):
             raise ValueError(
                 f"response_ids: {len(self.response_ids)} id lists for {len(self.responses)} responses; give one per response"
             )
         return self
+
+    @property
+    def count(self) -> int:
+        """Number of responses."""
+        return len(self.response_ids if self.response_ids is not None else self.responses or [])

@@ -1,4 +1,5 @@
-"""The ingress logic as a plain class: validation, safe prompt ids, Best-of-N selection, errors.
+"""The ingress logic as a plain class: validation, safe prompt ids, Best-of-N ranking, OpenAI
+answers (whole or as a stream), errors.
 
 ``RerankService`` takes the app config, the tokenizer and two async callables (injected, so the
 class runs without Ray in unit tests; in the Serve app they call the sampler and scorer
@@ -7,16 +8,25 @@ deployment handles):
 - ``sample(prompt_ids, sampling) -> {"texts", "token_ids", "finish_reasons"}`` (N candidates);
 - ``score(prompt_ids, response_ids) -> [N floats]`` (latent similarity at the serving layer).
 
-``chat_completion`` / ``score`` / ``models`` / ``health`` return JSON-ready dicts or raise
-``ApiError`` (status, OpenAI error type, offending field, headers). Upstream failures are mapped
-by ``upstream_error``: a full queue or a dead replica is 503 with ``Retry-After``, a request past
-its deadline 504, anything else 500 with a request id and no stack trace.
+``chat_completion`` / ``completion`` return a JSON-ready dict, or a ``Stream`` of chunks when the
+request streams; ``score`` / ``models`` / ``health`` return dicts; all raise ``ApiError``
+(status, OpenAI error type, offending field, headers). Work is admitted before any tokenization
+(``AdmissionGate``: past its limit, or while draining, a request is refused at once with 503 and
+``Retry-After``); prompt length is bounded in characters before tokenization, which runs in a
+worker thread so the event loop keeps answering. Upstream failures are mapped by
+``upstream_error``: a full queue or a dead replica is 503 with ``Retry-After``, a request past its
+deadline 504, anything else 500 with a request id and no stack trace.
+
+Ranking: candidates by ascending latent similarity, an empty candidate (no generated token,
+whose "hidden state" is the prompt's) after every non-empty one (``actors.selection``, the rule
+evaluation uses); the answer's ``n`` choices are the first ``n`` of that ranking.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import math
 import secrets
@@ -24,13 +34,14 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable, Iterator
 
-from actors.chat import UnsafePromptError, prompt_token_ids, text_token_ids
+from actors.chat import UnsafePromptError, prompt_token_ids, response_token_ids
+from actors.config import PromptConfig
 from actors.sampler import SamplingConfig
 from actors.scorer import scores_row
-from actors.selection import argmin_index
+from actors.selection import rank_candidates
 from actors.settings import get_logger
-from serve_app.options import ServeConfig
-from serve_app.schemas import ApiError, ChatCompletionRequest, ScoreRequest, parse
+from serve_app.options import ServeConfig, admission_limits, token_digest
+from serve_app.schemas import ApiError, ChatCompletionRequest, CompletionRequest, ScoreRequest, parse
 
 logger = get_logger(__name__)
 
@@ -39,18 +50,23 @@ ScoreCall = Callable[[list[int], list[list[int]]], Awaitable[list[float]]]
 
 
 class AdmissionGate:
-    """Bounds the requests one ingress replica works on; past ``limit`` a request is refused at once
-    with 503 and ``Retry-After`` instead of waiting in an unbounded queue. Not thread-safe: it is
-    used from the replica's single event loop."""
+    """Bounds the requests one ingress replica works on; past ``limit``, or once ``draining``, a
+    request is refused at once with 503 and ``Retry-After`` instead of waiting in an unbounded
+    queue. Not thread-safe: it is used from the replica's single event loop."""
 
     def __init__(self, limit: int, retry_after_s: float) -> None:
         self.limit = limit
         self.retry_after_s = retry_after_s
         self.in_flight = 0
+        self.draining = False
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
         """Hold one slot for the duration of the block, or raise a 503 ``ApiError``."""
+        if self.draining:
+            error = overloaded("the server is shutting down; retry on another replica or later", self.retry_after_s)
+            error.type, error.code = "service_unavailable_error", "draining"
+            raise error
         if self.in_flight >= self.limit:
             raise overloaded(f"the server is at its limit of {self.limit} requests in flight; retry later", self.retry_after_s)
         self.in_flight += 1
@@ -103,13 +119,44 @@ def completion_tokens(token_ids: list[list[int]], finish_reasons: list[str]) -> 
     return sum(len(ids) for ids in token_ids) + sum(reason == "stop" for reason in finish_reasons)
 
 
+@dataclasses.dataclass
+class Stream:
+    """A streamed answer: the chunk objects, sent as Server-Sent Events and closed by ``[DONE]``."""
+
+    chunks: list[dict[str, Any]]
+
+
+@dataclasses.dataclass
+class Generation:
+    """What one request sampled and how the candidates rank."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    texts: list[str]
+    token_ids: list[list[int]]
+    finish_reasons: list[str]
+    scores: list[float] | None
+    ranking: list[int]
+
+    @property
+    def empty(self) -> list[bool]:
+        return [len(ids) == 0 for ids in self.token_ids]
+
+    def usage(self) -> dict[str, int]:
+        completion = completion_tokens(self.token_ids, self.finish_reasons)
+        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": completion,
+                "total_tokens": len(self.prompt_ids) + completion}
+
+
 class RerankService:
     """The ingress's logic (see module doc).
 
     ``config``: the app config. ``tokenizer``: the served model's tokenizer (prompt ids are built
     here and handed to both deployments, so sampler and scorer see the same ids). ``sample`` /
-    ``score``: async callables (see module doc). ``api_token``: bearer token for ``/v1/*``, or
-    ``None`` for no auth. ``max_positions``: the model's context length, if known.
+    ``score``: async callables (see module doc). ``token_sha256``: digest of the bearer token for
+    ``/v1/*`` and ``/dabon/*`` (``token_digest``), or ``None`` for no auth. ``max_positions``: the
+    model's context length, if known.
     """
 
     def __init__(
@@ -118,7 +165,7 @@ class RerankService:
         tokenizer: Any,
         sample: SampleCall,
         score: ScoreCall,
-        api_token: str | None = None,
+        token_sha256: str | None = None,
         max_positions: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -126,74 +173,118 @@ class RerankService:
         self.tokenizer = tokenizer
         self._sample = sample
         self._score = score
-        self._api_token = api_token
+        self._token_sha256 = token_sha256
         self.max_positions = max_positions
         self.clock = clock
         self.created = int(clock())
         self.vocab_size = len(tokenizer)
-        self.gate = AdmissionGate(config.serving.max_in_flight, config.serving.retry_after_s)
+        self.gate = AdmissionGate(admission_limits(config)["ingress_in_flight"], config.serving.retry_after_s)
 
     # ------------------------------------------------------------------ checks
 
     @property
     def auth_enabled(self) -> bool:
-        """True when ``/v1/*`` requires a bearer token."""
-        return self._api_token is not None
+        """True when the API requires a bearer token."""
+        return self._token_sha256 is not None
 
     def check_auth(self, authorization: str | None) -> None:
-        """Raise a 401 ``ApiError`` unless ``authorization`` is ``Bearer <token>`` (when auth is on)."""
-        if self._api_token is None:
+        """Raise a 401 ``ApiError`` unless ``authorization`` is ``Bearer <token>`` (when auth is on);
+        the comparison is of digests, in constant time."""
+        if self._token_sha256 is None:
             return
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_token.encode()):
+        presented = token_digest(token.strip())
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), self._token_sha256.encode()):
             raise ApiError(
                 401, "missing or invalid bearer token (send the header Authorization: Bearer <token>)",
                 type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
             )
 
-    def sampling_for(self, request: ChatCompletionRequest) -> SamplingConfig:
-        """The request's sampling parameters within the config's bounds; a 400 ``ApiError`` names the field."""
+    def check_model(self, model: str | None) -> None:
+        """A 404 unless ``model`` is absent or the served model's name."""
+        name = self.config.serving.model_name
+        if model is not None and model != name:
+            raise ApiError(404, f"model {model!r} does not exist; this server serves {name!r}", param="model",
+                           code="model_not_found")
+
+    def sampling_for(self, request: ChatCompletionRequest | CompletionRequest) -> SamplingConfig:
+        """The request's sampling within the config's bounds (``n`` of the config = the candidate
+        count); a 400 ``ApiError`` names the field."""
         limits = self.config.sampling
-        n = request.n if request.n is not None else limits.default_n
-        if n > limits.max_n:
-            raise ApiError(400, f"n: {n} candidates exceed this server's limit of {limits.max_n}", param="n", code="invalid_value")
+        candidate_field = "best_of" if isinstance(request, CompletionRequest) and request.best_of is not None else "dabon.candidates"
+        temperature = request.temperature if request.temperature is not None else limits.temperature
+        asked = request.candidates
+        if temperature == 0:  # greedy: every candidate would be the same, so there is one
+            if asked is not None and asked > 1:
+                raise ApiError(400, f"{candidate_field}: temperature 0 is greedy decoding, so {asked} candidates would be "
+                                    "identical; send temperature > 0 or one candidate", param=candidate_field, code="invalid_value")
+            if request.n > 1:
+                raise ApiError(400, f"n: temperature 0 is greedy decoding, so the {request.n} choices would be identical; "
+                                    "send temperature > 0 or n=1", param="n", code="invalid_value")
+            candidates = 1
+        else:
+            candidates = asked if asked is not None else max(limits.candidates, request.n)
+        if candidates > limits.max_candidates:
+            param = candidate_field if asked is not None else "n"
+            raise ApiError(400, f"{param}: {candidates} candidates exceed this server's limit of {limits.max_candidates}",
+                           param=param, code="invalid_value")
+        if request.n > candidates:
+            raise ApiError(400, f"n: {request.n} choices need at least {request.n} candidates, but {candidate_field} is "
+                                f"{candidates}", param="n", code="invalid_value")
         new_tokens = request.new_tokens if request.new_tokens is not None else limits.default_max_tokens
         if new_tokens > limits.max_tokens:
-            param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
-            raise ApiError(
-                400, f"{param}: {new_tokens} new tokens exceed this server's limit of {limits.max_tokens}",
-                param=param, code="invalid_value",
-            )
-        temperature = request.temperature if request.temperature is not None else limits.temperature
-        if temperature == 0 and n > 1:
-            raise ApiError(
-                400, f"temperature: 0 is greedy decoding, so all n={n} candidates would be identical; use n=1 or temperature > 0",
-                param="temperature", code="invalid_value",
-            )
+            param = request.token_field if isinstance(request, ChatCompletionRequest) else "max_tokens"
+            raise ApiError(400, f"{param}: {new_tokens} new tokens exceed this server's limit of {limits.max_tokens}",
+                           param=param, code="invalid_value")
         seed = request.seed if request.seed is not None else limits.seed
         if seed is None:
             seed = secrets.randbelow(2**31)
         return SamplingConfig(
-            n=n, temperature=temperature, top_p=request.top_p if request.top_p is not None else limits.top_p,
+            n=candidates, temperature=temperature, top_p=request.top_p if request.top_p is not None else limits.top_p,
             max_new_tokens=new_tokens, seed=seed,
         )
 
-    def encode_prompt(self, messages: list[dict[str, str]], param: str) -> list[int]:
-        """Prompt ids (``actors.chat.prompt_token_ids`` with the config's prompt section) within
-        ``max_prompt_tokens``; errors name ``param``."""
+    def _check_chars(self, chars: int, param: str) -> None:
+        limit = self.config.sampling.max_prompt_chars
+        if chars > limit:
+            raise ApiError(400, f"{param}: {chars} characters exceed this server's limit of {limit}", param=param,
+                           code="context_length_exceeded")
+
+    def _check_prompt_tokens(self, ids: list[int], param: str) -> list[int]:
+        limit = self.config.sampling.max_prompt_tokens
+        if len(ids) > limit:
+            raise ApiError(400, f"{param}: the prompt has {len(ids)} tokens, more than this server's limit of {limit}",
+                           param=param, code="context_length_exceeded")
+        return ids
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"{param}: token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})",
+                           param=param, code="invalid_value")
+
+    async def encode_messages(self, messages: list[dict[str, str]], prompt: PromptConfig, param: str = "messages") -> list[int]:
+        """Prompt ids of chat messages (``actors.chat.prompt_token_ids`` with ``prompt``), bounded in
+        messages and characters before tokenizing, in tokens after; tokenized in a worker thread."""
         limits = self.config.sampling
         if len(messages) > limits.max_messages:
             raise ApiError(400, f"{param}: {len(messages)} messages exceed the limit of {limits.max_messages}", param=param)
+        self._check_chars(sum(len(m["content"]) for m in messages) + len(prompt.response_prefix), param)
         try:
-            ids = prompt_token_ids(self.tokenizer, messages, self.config.prompt)
+            ids = await asyncio.to_thread(prompt_token_ids, self.tokenizer, messages, prompt)
         except UnsafePromptError as err:
             raise ApiError(400, f"{param}: {err}", param=param, code="invalid_value") from None
-        if len(ids) > limits.max_prompt_tokens:
-            raise ApiError(
-                400, f"{param}: the prompt has {len(ids)} tokens, more than this server's limit of {limits.max_prompt_tokens}",
-                param=param, code="context_length_exceeded",
-            )
-        return ids
+        return self._check_prompt_tokens(ids, param)
+
+    async def encode_raw(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        """Prompt ids of a raw completion prompt: token ids as they are, or text tokenized as vLLM
+        does (the tokenizer's special tokens, e.g. BOS, added; special-token text parsed)."""
+        if isinstance(prompt, list):
+            self._check_ids(prompt, param)
+            return self._check_prompt_tokens(list(prompt), param)
+        self._check_chars(len(prompt), param)
+        ids = await asyncio.to_thread(lambda: list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]))
+        return self._check_prompt_tokens(ids, param)
 
     def _check_positions(self, prompt_tokens: int, new_tokens: int, param: str) -> None:
         if self.max_positions and prompt_tokens + new_tokens > self.max_positions:
@@ -216,101 +307,173 @@ class RerankService:
                 awaitable.close()
             raise upstream_error(exc, stage, self.config.serving.retry_after_s, request_id) from None
 
-    # ------------------------------------------------------------------ endpoints
+    async def _generate(self, prompt_ids: list[int], sampling: SamplingConfig, skip_scoring: bool,
+                        deadline: float, request_id: str) -> Generation:
+        sampled = await self._call("sampling", self._sample(prompt_ids, sampling.model_dump()), deadline, request_id)
+        texts, token_ids, reasons = sampled["texts"], sampled["token_ids"], sampled["finish_reasons"]
+        if len(texts) != sampling.n:
+            raise ApiError(500, f"internal error: {len(texts)} candidates for {sampling.n} (request id {request_id})",
+                           type="server_error", code="internal_error")
+        scores: list[float] | None = None
+        ranking = list(range(sampling.n))
+        if not skip_scoring:
+            scores = await self._call("scoring", self._score(prompt_ids, token_ids), deadline, request_id)
+            if len(scores) != sampling.n:
+                raise ApiError(500, f"internal error: {len(scores)} scores for {sampling.n} candidates (request id {request_id})",
+                               type="server_error", code="internal_error")
+            ranking = rank_candidates("latent_sim", scores, [len(ids) == 0 for ids in token_ids])
+        return Generation(request_id, prompt_ids, sampling, texts, token_ids, reasons, scores, ranking)
 
-    async def chat_completion(self, body: bytes) -> dict[str, Any]:
-        """``POST /v1/chat/completions``: N candidates, scored, the argmin latent similarity returned."""
-        request = parse(ChatCompletionRequest, body)
-        serving = self.config.serving
-        if request.model is not None and request.model != serving.model_name:
-            raise ApiError(
-                404, f"model {request.model!r} does not exist; this server serves {serving.model_name!r}",
-                param="model", code="model_not_found",
-            )
-        if request.dabon.skip_scoring and not serving.allow_skip_scoring:
+    async def _run(self, request: ChatCompletionRequest | CompletionRequest,
+                   encode: Callable[[], Awaitable[list[int]]]) -> Generation:
+        """Checks, admission, prompt ids, sampling and ranking of one generation request."""
+        self.check_model(request.model)
+        if request.dabon.skip_scoring and not self.config.serving.allow_skip_scoring:
             raise ApiError(400, "dabon.skip_scoring: not allowed on this server", param="dabon.skip_scoring")
         sampling = self.sampling_for(request)
-        messages = [{"role": message.role, "content": message.text()} for message in request.messages]
-        prompt_ids = self.encode_prompt(messages, "messages")
-        self._check_positions(len(prompt_ids), sampling.max_new_tokens, "max_tokens")
         request_id = uuid.uuid4().hex
-        with self.gate.slot():
-            deadline = self.clock() + serving.request_timeout_s
-            sampled = await self._call("sampling", self._sample(prompt_ids, sampling.model_dump()), deadline, request_id)
-            texts, token_ids, reasons = sampled["texts"], sampled["token_ids"], sampled["finish_reasons"]
-            if len(texts) != sampling.n:
-                raise ApiError(
-                    500, f"internal error: {len(texts)} candidates for n={sampling.n} (request id {request_id})",
-                    type="server_error", code="internal_error",
-                )
-            scores: list[float] | None = None
-            selected = 0
-            if not request.dabon.skip_scoring:
-                scores = await self._call("scoring", self._score(prompt_ids, token_ids), deadline, request_id)
-                selected = argmin_index(scores)
-        completion = completion_tokens(token_ids, reasons)
-        response: dict[str, Any] = {
-            "id": f"chatcmpl-{request_id}",
-            "object": "chat.completion",
-            "created": int(self.clock()),
-            "model": serving.model_name,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": texts[selected]},
-                "finish_reason": reasons[selected],
-                "logprobs": None,
-            }],
-            "usage": {
-                "prompt_tokens": len(prompt_ids),
-                "completion_tokens": completion,
-                "total_tokens": len(prompt_ids) + completion,
-            },
+        with self.gate.slot():  # admitted before any tokenization
+            deadline = self.clock() + self.config.serving.request_timeout_s
+            prompt_ids = await encode()
+            param = request.token_field if isinstance(request, ChatCompletionRequest) else "max_tokens"
+            self._check_positions(len(prompt_ids), sampling.max_new_tokens, param)
+            return await self._generate(prompt_ids, sampling, request.dabon.skip_scoring, deadline, request_id)
+
+    def _dabon_block(self, generation: Generation) -> dict[str, Any]:
+        return {
+            "candidates": generation.texts,
+            "token_ids": generation.token_ids,
+            "finish_reasons": generation.finish_reasons,
+            "latent_sim": generation.scores,
+            "layer": self.config.scoring.layer,
+            "ranking": generation.ranking,
+            "selected": generation.ranking[0],
+            "empty": generation.empty,
+            "seed": generation.sampling.seed,
         }
-        if request.dabon.return_candidates:
-            response["dabon"] = {
-                "candidates": texts,
-                "latent_sim": scores,
-                "layer": self.config.scoring.layer,
-                "selected": selected,
-                "finish_reasons": reasons,
-                "token_ids": token_ids,
-                "seed": sampling.seed,
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def chat_completion(self, body: bytes) -> dict[str, Any] | Stream:
+        """``POST /v1/chat/completions``: candidates sampled and scored, the ``n`` best returned."""
+        request = parse(ChatCompletionRequest, body)
+        messages = [{"role": message.role, "content": message.text()} for message in request.messages]
+        prompt = self.config.prompt
+        if request.continue_final_message:  # the client's assistant turn replaces the configured prefix
+            prompt = PromptConfig(system_prompt=prompt.system_prompt, response_prefix=messages[-1]["content"])
+            messages = messages[:-1]
+        generation = await self._run(request, lambda: self.encode_messages(messages, prompt))
+        chosen = generation.ranking[: request.n]
+        base = {"id": f"chatcmpl-{generation.request_id}", "created": int(self.clock()), "model": self.config.serving.model_name}
+        if request.stream:
+            return Stream(self._chat_chunks(request, generation, chosen, base))
+        choices = []
+        for index, candidate in enumerate(chosen):
+            choice: dict[str, Any] = {
+                "index": index,
+                "message": {"role": "assistant", "content": generation.texts[candidate]},
+                "finish_reason": generation.finish_reasons[candidate],
+                "logprobs": None,
             }
+            if request.return_token_ids:
+                choice["token_ids"] = generation.token_ids[candidate]
+            choices.append(choice)
+        response: dict[str, Any] = {**base, "object": "chat.completion", "choices": choices, "usage": generation.usage()}
+        if request.return_token_ids:
+            response["prompt_token_ids"] = generation.prompt_ids
+        if request.dabon.return_candidates:
+            response["dabon"] = self._dabon_block(generation)
+        return response
+
+    def _chat_chunks(self, request: ChatCompletionRequest, generation: Generation, chosen: list[int],
+                     base: dict[str, Any]) -> list[dict[str, Any]]:
+        chunk = {**base, "object": "chat.completion.chunk"}
+        out: list[dict[str, Any]] = []
+        for index, candidate in enumerate(chosen):
+            first: dict[str, Any] = {**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                                            "logprobs": None, "finish_reason": None}]}
+            if index == 0 and request.return_token_ids:
+                first["prompt_token_ids"] = generation.prompt_ids
+            content: dict[str, Any] = {"index": index, "delta": {"content": generation.texts[candidate]},
+                                       "logprobs": None, "finish_reason": None}
+            if request.return_token_ids:
+                content["token_ids"] = generation.token_ids[candidate]
+            last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": generation.finish_reasons[candidate]}
+            out += [first, {**chunk, "choices": [content]}, {**chunk, "choices": [last]}]
+        if request.stream_options is not None and request.stream_options.include_usage:
+            out.append({**chunk, "choices": [], "usage": generation.usage()})
+        if request.dabon.return_candidates:
+            out.append({**chunk, "choices": [], "dabon": self._dabon_block(generation)})
+        return out
+
+    async def completion(self, body: bytes) -> dict[str, Any] | Stream:
+        """``POST /v1/completions``: a raw prompt, candidates sampled and scored, the ``n`` best returned."""
+        request = parse(CompletionRequest, body)
+        generation = await self._run(request, lambda: self.encode_raw(request.prompt))
+        chosen = generation.ranking[: request.n]
+        base = {"id": f"cmpl-{generation.request_id}", "object": "text_completion", "created": int(self.clock()),
+                "model": self.config.serving.model_name}
+        choices = []
+        for index, candidate in enumerate(chosen):
+            choice: dict[str, Any] = {"index": index, "text": generation.texts[candidate],
+                                      "finish_reason": generation.finish_reasons[candidate], "logprobs": None}
+            if request.return_token_ids:
+                choice["token_ids"] = generation.token_ids[candidate]
+                choice["prompt_token_ids"] = generation.prompt_ids
+            choices.append(choice)
+        if request.stream:
+            out = []
+            for choice in choices:
+                out.append({**base, "choices": [{**choice, "finish_reason": None}]})
+                out.append({**base, "choices": [{"index": choice["index"], "text": "", "logprobs": None,
+                                                 "finish_reason": choice["finish_reason"]}]})
+            if request.stream_options is not None and request.stream_options.include_usage:
+                out.append({**base, "choices": [], "usage": generation.usage()})
+            if request.dabon.return_candidates:
+                out.append({**base, "choices": [], "dabon": self._dabon_block(generation)})
+            return Stream(out)
+        response: dict[str, Any] = {**base, "choices": choices, "usage": generation.usage()}
+        if request.dabon.return_candidates:
+            response["dabon"] = self._dabon_block(generation)
         return response
 
     async def score(self, body: bytes) -> dict[str, Any]:
-        """``POST /v1/score``: latent similarity of caller-supplied responses, as a ``dabon score`` row."""
+        """``POST /dabon/v1/score``: the ``dabon score`` output row of one input row (latent
+        similarity at the serving layer, and the argmin)."""
         request = parse(ScoreRequest, body)
         limits = self.config.sampling
-        if len(request.responses) > limits.max_n:
-            raise ApiError(
-                400, f"responses: {len(request.responses)} responses exceed this server's limit of {limits.max_n}",
-                param="responses", code="invalid_value",
-            )
-        prompt_ids = self.encode_prompt([{"role": "user", "content": request.prompt}], "prompt")
-        if request.response_ids is not None:
-            response_ids = [list(ids) for ids in request.response_ids]
-            for i, ids in enumerate(response_ids):
-                bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-                if bad is not None:
-                    raise ApiError(400, f"response_ids[{i}]: token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})",
-                                   param=f"response_ids[{i}]", code="invalid_value")
-            field = "response_ids"
-        else:
-            # caller text is plain text: special-token strings in it are not parsed as control tokens
-            response_ids = [text_token_ids(self.tokenizer, text) for text in request.responses]
-            field = "responses"
-        for i, ids in enumerate(response_ids):
-            if len(ids) > limits.max_tokens:
-                raise ApiError(400, f"{field}[{i}]: {len(ids)} tokens exceed this server's limit of {limits.max_tokens}",
-                               param=f"{field}[{i}]", code="invalid_value")
-            self._check_positions(len(prompt_ids), len(ids), f"{field}[{i}]")
+        if request.count > limits.max_candidates:
+            field = "response_ids" if request.response_ids is not None else "responses"
+            raise ApiError(400, f"{field}: {request.count} responses exceed this server's limit of {limits.max_candidates}",
+                           param=field, code="invalid_value")
         request_id = uuid.uuid4().hex
         with self.gate.slot():
+            if request.prompt_ids is not None:
+                self._check_ids(request.prompt_ids, "prompt_ids")
+                prompt_ids = self._check_prompt_tokens(list(request.prompt_ids), "prompt_ids")
+            else:
+                prompt_ids = await self.encode_messages([{"role": "user", "content": request.prompt or ""}], self.config.prompt,
+                                                        "prompt")
+            if request.response_ids is not None:
+                response_ids = [list(ids) for ids in request.response_ids]
+                for i, ids in enumerate(response_ids):
+                    self._check_ids(ids, f"response_ids[{i}]")
+                field = "response_ids"
+            else:
+                texts = request.responses or []
+                self._check_chars(max(len(t) for t in texts), "responses")
+                # caller text is plain text: special-token strings in it are not parsed as control tokens
+                response_ids = await asyncio.to_thread(lambda: [response_token_ids(self.tokenizer, t) for t in texts])
+                field = "responses"
+            for i, ids in enumerate(response_ids):
+                if len(ids) > limits.max_tokens:
+                    raise ApiError(400, f"{field}[{i}]: {len(ids)} tokens exceed this server's limit of {limits.max_tokens}",
+                                   param=f"{field}[{i}]", code="invalid_value")
+                self._check_positions(len(prompt_ids), len(ids), f"{field}[{i}]")
             deadline = self.clock() + self.config.serving.request_timeout_s
             scores = await self._call("scoring", self._score(prompt_ids, response_ids), deadline, request_id)
         layer = self.config.scoring.layer
-        return scores_row(request.id, {"latent_sim": {layer: scores}}, (layer,))
+        return scores_row(request.id, {"latent_sim": {layer: scores}}, (layer,), empty=[len(ids) == 0 for ids in response_ids])
 
     def models(self) -> dict[str, Any]:
         """``GET /v1/models``: the one served model."""
@@ -320,5 +483,7 @@ class RerankService:
         }
 
     def health(self) -> dict[str, Any]:
-        """``GET /healthz``: this ingress replica is up (model replicas are Serve's health checks)."""
-        return {"status": "ok", "model": self.config.serving.model_name, "in_flight": self.gate.in_flight}
+        """``GET /healthz``: this ingress replica's state (``ok`` or ``draining``; model replicas
+        are Serve's health checks)."""
+        return {"status": "draining" if self.gate.draining else "ok", "model": self.config.serving.model_name,
+                "in_flight": self.gate.in_flight}

@@ -1,5 +1,8 @@
 """The Serve app's plain parts, without Ray: config and resource math, request models, the
-injection-safe prompt encoding, and ``RerankService`` with injected sampler/scorer callables."""
+injection-safe prompt encoding, ``RerankService`` with injected sampler/scorer callables (the
+ranking, OpenAI answers and limits, with scores chosen here), and the HTTP layer's own rules
+(Content-Type, CORS, routes) on an in-process ASGI client. The same paths run on real models
+through real Serve in tests/test_serve.py and tests/test_serve_vllm.py."""
 
 from __future__ import annotations
 
@@ -16,13 +19,15 @@ from serve_app.options import (
     AuthSettings,
     AutoscalingOptions,
     ServeConfig,
+    admission_limits,
     deployment_options,
     required_cpus,
     resolve_api_token,
+    token_digest,
     torch_threads,
 )
-from serve_app.schemas import ApiError, ChatCompletionRequest, ScoreRequest, parse
-from serve_app.service import AdmissionGate, RerankService, completion_tokens, upstream_error
+from serve_app.schemas import ApiError, ChatCompletionRequest, CompletionRequest, ScoreRequest, parse
+from serve_app.service import AdmissionGate, RerankService, Stream, completion_tokens, upstream_error
 
 MODEL = {"base": "smollm2-135m-instruct", "adapter": "/nonexistent/adapter"}
 
@@ -41,10 +46,16 @@ def test_unknown_and_invalid_keys_are_errors_naming_the_key():
         config(deployments={"sampler": {"autoscaling_config": {"max_replica": 3}}})
     with pytest.raises(ConfigError, match="min_replicas"):
         config(deployments={"scorer": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}})
-    with pytest.raises(ConfigError, match="default_n"):
-        config(sampling={"default_n": 9, "max_n": 8})
+    with pytest.raises(ConfigError, match=r"sampling\.candidates: 9 is more than max_candidates \(8\)"):
+        config(sampling={"candidates": 9, "max_candidates": 8})
+    with pytest.raises(ConfigError, match=r"sampling\.temperature"):
+        config(sampling={"temperature": 0.001})
     with pytest.raises(ConfigError, match="fine-tuned model"):
         parse_app_config({"model": {"base": "smollm2-135m-instruct"}})
+    with pytest.raises(ConfigError, match=r"generator\.backend: 'openai' cannot serve"):
+        config(generator={"backend": "openai", "options": {"base_url": "http://127.0.0.1:1"}})
+    with pytest.raises(ConfigError, match=r"generator\.options\.max_lorass"):
+        config(generator={"backend": "vllm", "options": {"max_lorass": 2}})
 
 
 def test_scorer_concurrency_covers_a_batch():
@@ -54,14 +65,34 @@ def test_scorer_concurrency_covers_a_batch():
         config(scoring={"max_batch_size": 8}, deployments={"scorer": {"max_ongoing_requests": 5}})
 
 
-def test_sampler_runs_one_generation_at_a_time_and_ingress_admits_more_than_its_gate():
-    cfg = config(serving={"max_in_flight": 40})
-    assert deployment_options("sampler", cfg)["max_ongoing_requests"] == 1
-    assert deployment_options("ingress", cfg)["max_ongoing_requests"] == 50
-    with pytest.raises(ConfigError, match="must be 1"):
-        config(deployments={"sampler": {"max_ongoing_requests": 2}})
+def test_admission_follows_the_sampler_capacity():
+    # hf: one generate per replica; 2 replicas at most -> 2 at once, twice that admitted
+    hf = config(generator={"backend": "hf"})
+    assert admission_limits(hf) == {"sampler_capacity": 2, "ingress_in_flight": 4, "sampler_queue": 4}
+    assert deployment_options("sampler", hf)["max_ongoing_requests"] == 1
+    assert deployment_options("sampler", hf)["max_queued_requests"] == 4
+    assert deployment_options("ingress", hf)["max_ongoing_requests"] == 5  # 4 admitted + a quarter (at least 1)
+    # vllm: 8 requests per engine, 3 replicas, 2 ingress replicas share the admission
+    vllm = config(deployments={"sampler": {"autoscaling_config": {"max_replicas": 3}},
+                               "ingress": {"autoscaling_config": {"max_replicas": 2}}})
+    assert admission_limits(vllm) == {"sampler_capacity": 24, "ingress_in_flight": 24, "sampler_queue": 48}
+    # explicit values win
+    explicit = config(generator={"backend": "hf"}, serving={"max_in_flight": 40},
+                      deployments={"sampler": {"max_ongoing_requests": 2, "max_queued_requests": 7}})
+    assert admission_limits(explicit) == {"sampler_capacity": 4, "ingress_in_flight": 40, "sampler_queue": 7}
+    assert deployment_options("ingress", explicit)["max_ongoing_requests"] == 50
     with pytest.raises(ConfigError, match="max_in_flight"):
         config(serving={"max_in_flight": 40}, deployments={"ingress": {"max_ongoing_requests": 10}})
+
+
+def test_a_multi_gpu_vllm_sampler_gets_a_packed_placement_group():
+    cfg = config(generator={"backend": "vllm", "options": {"tensor_parallel_size": 2}},
+                 deployments={"sampler": {"ray_actor_options": {"num_cpus": 2, "num_gpus": 2}}})
+    options = deployment_options("sampler", cfg)
+    assert options["placement_group_bundles"] == [{"CPU": 2}, {"GPU": 1}, {"GPU": 1}]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert "num_gpus" not in options["ray_actor_options"]
+    assert "placement_group_bundles" not in deployment_options("sampler", config())
 
 
 def test_deployment_options_are_valid_serve_options():
@@ -80,6 +111,7 @@ def test_deployment_options_are_valid_serve_options():
     assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0.5}
     assert options["max_queued_requests"] == 7
     assert options["backpressure_config"] == {"status_code": 503, "retry_after_s": 1.5}
+    assert options["graceful_shutdown_timeout_s"] == 30.0  # serving.drain_timeout_s
     for role in ("ingress", "sampler", "scorer"):
         schema = DeploymentSchema.model_validate(deployment_options(role, cfg))  # Serve's own validation
         AutoscalingConfig.model_validate(schema.autoscaling_config)
@@ -93,10 +125,10 @@ def test_torch_threads_and_required_cpus():
     assert torch_threads(cfg.deployments.sampler) == 3
     assert torch_threads(config(deployments={"ingress": {"ray_actor_options": {"num_cpus": 0.25}}}).deployments.ingress) == 1
     default = config()
-    # ingress 0 x 2 + sampler 1 x 2 + scorer 1 x 1
+    # ingress 0 x 1 + sampler 1 x 2 + scorer 1 x 1
     assert required_cpus(default) == pytest.approx(3)
     assert required_cpus(default, at="min_replicas") == pytest.approx(2)
-    assert required_cpus(config(deployments={"ingress": {"ray_actor_options": {"num_cpus": 0.5}}})) == pytest.approx(4)
+    assert required_cpus(config(deployments={"ingress": {"ray_actor_options": {"num_cpus": 0.5}}})) == pytest.approx(3.5)
 
 
 def test_api_token_from_env_or_file(tmp_path):
@@ -120,15 +152,24 @@ def test_api_token_from_env_or_file(tmp_path):
         ({"messages": [{"role": "user", "content": "hi"}], "n": "2"}, "n"),
         ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": 1e-300, "n": 2}, "temperature"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5e-324}, "temperature"),
         ({"n": 2}, "messages"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "root", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
-        ({"messages": [{"role": "user", "content": "hi"}], "stream": True}, "stream"),
+        ({"messages": [{"role": "user", "content": "x", "name": "alice"}]}, "messages[0].name"),
         ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
         ({"messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}, "frobnicate"),
         ({"messages": [{"role": "user", "content": "hi"}], "dabon": {"return_candidate": True}}, "dabon.return_candidate"),
+        ({"messages": [{"role": "user", "content": "hi"}], "dabon": {"candidates": 0}}, "dabon.candidates"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "max_completion_tokens": 4}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True, "add_generation_prompt": False},
+         "continue_final_message"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>"}],
+          "continue_final_message": True}, "add_generation_prompt"),
+        ({"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": False}, "add_generation_prompt"),
     ],
 )
 def test_chat_request_errors_name_the_field(body, param):
@@ -145,6 +186,21 @@ def test_chat_request_accepts_openai_defaults_and_text_parts():
         "stop": None, "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False, "stream": False, "user": "u1",
     }).encode())
     assert request.messages[0].text() == "a\nb"
+    streamed = parse(ChatCompletionRequest, json.dumps({"messages": [{"role": "user", "content": "a"}], "stream": True,
+                                                        "stream_options": {"include_usage": True}}).encode())
+    assert streamed.stream and streamed.stream_options.include_usage
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"prompt": ""}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": [1, "a"]}, "prompt"), ({}, "prompt"),
+     ({"prompt": "x", "echo": True}, "echo"), ({"prompt": "x", "suffix": "y"}, "suffix"),
+     ({"prompt": "x", "best_of": 2, "dabon": {"candidates": 3}}, "best_of"), ({"prompt": "x", "best_of": 0}, "best_of")],
+)
+def test_completion_request_errors_name_the_field(body, param):
+    with pytest.raises(ApiError) as caught:
+        parse(CompletionRequest, json.dumps(body).encode())
+    assert (caught.value.status, caught.value.param) == (400, param)
 
 
 def test_body_that_is_not_a_json_object():
@@ -161,6 +217,11 @@ def test_score_request_rules():
         parse(ScoreRequest, b'{"prompt": "p", "responses": ["a"], "response_ids": [[1], [2]]}')
     with pytest.raises(ApiError, match="prompt"):
         parse(ScoreRequest, b'{"prompt": "", "responses": ["a"]}')
+    with pytest.raises(ApiError, match="prompt: give prompt"):
+        parse(ScoreRequest, b'{"responses": ["a"]}')
+    with pytest.raises(ApiError, match="responses: give responses"):
+        parse(ScoreRequest, b'{"prompt": "p"}')
+    assert parse(ScoreRequest, b'{"prompt_ids": [1, 2], "response_ids": [[3]]}').count == 1
 
 
 # ---------------------------------------------------------------------------------------- encoding
@@ -199,10 +260,13 @@ def test_benign_messages_keep_the_project_encoding(smol_tokenizer, monkeypatch):
 
 
 class FakeModels:
-    """Async stand-ins for the sampler and scorer deployments, recording what they receive."""
+    """Async stand-ins for the sampler and scorer deployment handles, recording what they receive:
+    they return candidates and scores chosen by the test, so that the ranking rules can be checked
+    on known values (the real deployments run in tests/test_serve.py)."""
 
-    def __init__(self, scores=None, sample_delay=0.0, sample_error=None, score_error=None):
+    def __init__(self, scores=None, token_ids=None, sample_delay=0.0, sample_error=None, score_error=None):
         self.scores = scores
+        self.token_ids = token_ids
         self.sample_delay = sample_delay
         self.sample_error = sample_error
         self.score_error = score_error
@@ -215,19 +279,25 @@ class FakeModels:
         if self.sample_error is not None:
             raise self.sample_error
         n = sampling["n"]
-        return {"texts": [f"answer {i}" for i in range(n)], "token_ids": [[100 + i] * (i + 1) for i in range(n)],
+        ids = self.token_ids or [[100 + i] * (i + 1) for i in range(n)]
+        return {"texts": [f"answer {i}" for i in range(n)], "token_ids": ids[:n],
                 "finish_reasons": ["stop" if i % 2 == 0 else "length" for i in range(n)]}
 
     async def score(self, prompt_ids, response_ids):
         self.calls.append(("score", list(prompt_ids), [list(r) for r in response_ids]))
         if self.score_error is not None:
             raise self.score_error
-        return list(self.scores if self.scores is not None else [0.5] * len(response_ids))
+        return list(self.scores[: len(response_ids)] if self.scores is not None else [0.5] * len(response_ids))
+
+
+SAMPLING = {"candidates": 3, "max_candidates": 4, "default_max_tokens": 8, "max_tokens": 16, "max_prompt_tokens": 64,
+            "max_prompt_chars": 400}
 
 
 def service(tokenizer, models, token=None, **sections) -> RerankService:
-    sections.setdefault("sampling", {"default_n": 3, "max_n": 4, "default_max_tokens": 8, "max_tokens": 16, "max_prompt_tokens": 64})
-    return RerankService(config(**sections), tokenizer, models.sample, models.score, api_token=token, max_positions=100)
+    sections.setdefault("sampling", SAMPLING)
+    return RerankService(config(**sections), tokenizer, models.sample, models.score,
+                         token_sha256=token_digest(token) if token else None, max_positions=100)
 
 
 def chat(svc, **body):
@@ -235,14 +305,19 @@ def chat(svc, **body):
     return asyncio.run(svc.chat_completion(json.dumps(body).encode()))
 
 
-def test_chat_returns_the_argmin_candidate_and_counts_all_tokens(smol_tokenizer):
+def complete(svc, **body):
+    body.setdefault("prompt", "Once upon a time")
+    return asyncio.run(svc.completion(json.dumps(body).encode()))
+
+
+def test_chat_returns_the_n_best_candidates_ranked_and_counts_all_tokens(smol_tokenizer):
     models = FakeModels(scores=[0.9, 0.2, 0.7])
     svc = service(smol_tokenizer, models)
     out = chat(svc, seed=5, dabon={"return_candidates": True})
-    assert out["choices"][0]["message"] == {"role": "assistant", "content": "answer 1"}
-    assert out["choices"][0]["finish_reason"] == "length"
-    assert out["dabon"]["selected"] == 1 and out["dabon"]["latent_sim"] == [0.9, 0.2, 0.7]
-    assert out["dabon"]["candidates"] == ["answer 0", "answer 1", "answer 2"]
+    assert [c["message"] for c in out["choices"]] == [{"role": "assistant", "content": "answer 1"}]
+    assert out["choices"][0]["finish_reason"] == "length" and out["object"] == "chat.completion"
+    assert out["dabon"]["selected"] == 1 and out["dabon"]["ranking"] == [1, 2, 0]
+    assert out["dabon"]["latent_sim"] == [0.9, 0.2, 0.7] and out["dabon"]["candidates"] == ["answer 0", "answer 1", "answer 2"]
     # 1 + 2 + 3 generated ids, plus the stop tokens of candidates 0 and 2
     assert out["usage"]["completion_tokens"] == 8 == completion_tokens([[1], [1, 1], [1, 1, 1]], ["stop", "length", "stop"])
     # sampler and scorer got the same prompt ids; the scorer got the exact generated ids
@@ -250,14 +325,45 @@ def test_chat_returns_the_argmin_candidate_and_counts_all_tokens(smol_tokenizer)
     assert sample_prompt == score_prompt == prompt_token_ids(smol_tokenizer, [{"role": "user", "content": "Hello"}])
     assert scored_ids == [[100], [101, 101], [102, 102, 102]]
     assert (sampling["n"], sampling["max_new_tokens"], sampling["seed"]) == (3, 8, 5)
-    assert "dabon" not in chat(svc)
+    assert "dabon" not in chat(svc) and "token_ids" not in chat(svc)["choices"][0]
+
+    # n = choices returned: the n best, in rank order, indexed 0..n-1
+    two = chat(svc, n=2, return_token_ids=True)
+    assert [(c["index"], c["message"]["content"]) for c in two["choices"]] == [(0, "answer 1"), (1, "answer 2")]
+    assert [c["token_ids"] for c in two["choices"]] == [[101, 101], [102, 102, 102]]
+    assert two["prompt_token_ids"] == sample_prompt
+
+
+def test_candidate_count_comes_from_the_server_or_the_request(smol_tokenizer):
+    models = FakeModels(scores=[0.5, 0.4, 0.3, 0.2])
+    svc = service(smol_tokenizer, models)
+    chat(svc, dabon={"candidates": 4})
+    assert models.calls[-2][2]["n"] == 4
+    chat(svc, n=4)  # more choices than the default candidates: as many candidates as choices
+    assert models.calls[-2][2]["n"] == 4
+    chat(svc, temperature=0)  # greedy: one candidate (all would be identical)
+    assert models.calls[-2][2]["n"] == 1
+    complete(svc, best_of=2)
+    assert models.calls[-2][2]["n"] == 2
+
+
+def test_an_empty_candidate_is_never_chosen_unless_all_are_empty(smol_tokenizer):
+    # candidate 1 has the lowest score but generated nothing (its "hidden state" is the prompt's)
+    models = FakeModels(scores=[0.9, 0.1, 0.5], token_ids=[[7, 8], [], [9]])
+    out = chat(service(smol_tokenizer, models), n=3, dabon={"return_candidates": True})
+    assert out["dabon"]["ranking"] == [2, 0, 1] and out["dabon"]["empty"] == [False, True, False]
+    assert out["choices"][0]["message"]["content"] == "answer 2"
+    all_empty = FakeModels(scores=[0.9, 0.1, 0.5], token_ids=[[], [], []])
+    assert chat(service(smol_tokenizer, all_empty), dabon={"return_candidates": True})["dabon"]["selected"] == 1
 
 
 @pytest.mark.parametrize(
     ("body", "param"),
-    [({"n": 5}, "n"), ({"max_tokens": 17}, "max_tokens"), ({"max_completion_tokens": 17}, "max_completion_tokens"),
-     ({"n": 2, "temperature": 0}, "temperature"),
-     ({"messages": [{"role": "user", "content": "word " * 100}]}, "messages"),
+    [({"n": 5}, "n"), ({"dabon": {"candidates": 5}}, "dabon.candidates"), ({"n": 3, "dabon": {"candidates": 2}}, "n"),
+     ({"max_tokens": 17}, "max_tokens"), ({"max_completion_tokens": 17}, "max_completion_tokens"),
+     ({"n": 2, "temperature": 0}, "n"), ({"temperature": 0, "dabon": {"candidates": 2}}, "dabon.candidates"),
+     ({"messages": [{"role": "user", "content": "word " * 70}]}, "messages"),  # 350 chars, but > 64 tokens
+     ({"messages": [{"role": "user", "content": "x" * 401}]}, "messages"),  # > max_prompt_chars
      ({"dabon": {"skip_scoring": True}}, "dabon.skip_scoring"),
      ({"model": "gpt-4"}, "model")],
 )
@@ -269,10 +375,101 @@ def test_limits_from_config_are_4xx_naming_the_field(smol_tokenizer, body, param
     assert models.calls == []  # refused before any model work
 
 
+class CountingTokenizer:
+    """The real tokenizer, counting how often it tokenizes."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self._tokenizer(*args, **kwargs)
+
+    def __len__(self):
+        return len(self._tokenizer)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def test_long_prompts_are_refused_before_tokenization_and_tokenization_leaves_the_event_loop(smol_tokenizer):
+    import threading
+
+    tokenizer = CountingTokenizer(smol_tokenizer)
+    svc = RerankService(config(sampling=SAMPLING), tokenizer, FakeModels().sample, FakeModels().score)
+    with pytest.raises(ApiError, match="characters exceed") as caught:
+        chat(svc, messages=[{"role": "user", "content": "x" * 100_000}])
+    assert caught.value.param == "messages" and tokenizer.calls == 0
+    with pytest.raises(ApiError, match="characters exceed"):
+        complete(svc, prompt="y" * 100_000)
+    assert tokenizer.calls == 0
+
+    threads = []
+    real_call = CountingTokenizer.__call__
+    CountingTokenizer.__call__ = lambda self, *a, **k: (threads.append(threading.current_thread()), real_call(self, *a, **k))[1]
+    try:
+        chat(svc)
+        complete(svc)
+    finally:
+        CountingTokenizer.__call__ = real_call
+    assert threads and all(thread is not threading.main_thread() for thread in threads)
+
+
+def test_continue_final_message_replaces_the_configured_prefix(smol_tokenizer):
+    models = FakeModels()
+    svc = service(smol_tokenizer, models, prompt={"system_prompt": "Be safe.", "response_prefix": "<think>\n"})
+    chat(svc)
+    messages = [{"role": "user", "content": "Hello"}]
+    assert models.calls[0][1] == prompt_token_ids(smol_tokenizer, messages, PromptConfig(system_prompt="Be safe.",
+                                                                                             response_prefix="<think>\n"))
+    chat(svc, messages=messages + [{"role": "assistant", "content": "Sure, "}], continue_final_message=True,
+         add_generation_prompt=False)
+    assert models.calls[2][1] == prompt_token_ids(smol_tokenizer, messages, PromptConfig(system_prompt="Be safe.",
+                                                                                             response_prefix="Sure, "))
+
+
+def test_streamed_chat_and_completion_chunks(smol_tokenizer):
+    models = FakeModels(scores=[0.9, 0.2, 0.7])
+    svc = service(smol_tokenizer, models)
+    stream = chat(svc, n=2, stream=True, stream_options={"include_usage": True}, return_token_ids=True)
+    assert isinstance(stream, Stream)
+    chunks = stream.chunks
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    text = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            text[choice["index"]] += choice["delta"].get("content", "")
+    assert text == {0: "answer 1", 1: "answer 2"}
+    finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finals == ["length", "stop"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+    assert chunks[0]["prompt_token_ids"] == models.calls[0][1]
+
+    completion = complete(svc, n=2)
+    assert completion["object"] == "text_completion" and [c["text"] for c in completion["choices"]] == ["answer 1", "answer 2"]
+    assert models.calls[-2][1] == smol_tokenizer("Once upon a time")["input_ids"]  # raw text, as vLLM tokenizes it
+    complete(svc, prompt=[1, 2, 3])
+    assert models.calls[-2][1] == [1, 2, 3]
+    streamed = complete(svc, stream=True)
+    assert "".join(c["choices"][0]["text"] for c in streamed.chunks if c["choices"]) == "answer 1"
+    with pytest.raises(ApiError) as caught:
+        complete(svc, prompt=[len(smol_tokenizer)])
+    assert caught.value.param == "prompt"
+
+
+def test_skip_scoring_returns_candidates_in_sampling_order(smol_tokenizer):
+    models = FakeModels()
+    svc = service(smol_tokenizer, models, serving={"allow_skip_scoring": True})
+    out = chat(svc, n=2, dabon={"skip_scoring": True, "return_candidates": True})
+    assert [c["message"]["content"] for c in out["choices"]] == ["answer 0", "answer 1"]
+    assert out["dabon"]["latent_sim"] is None and [call[0] for call in models.calls] == ["sample"]
+
+
 def test_auth(smol_tokenizer):
     svc = service(smol_tokenizer, FakeModels(), token="s3cret")
     svc.check_auth("Bearer s3cret")
-    for header in (None, "Bearer wrong", "Basic s3cret", "s3cret"):
+    for header in (None, "Bearer wrong", "Basic s3cret", "s3cret", "Bearer "):
         with pytest.raises(ApiError) as caught:
             svc.check_auth(header)
         assert caught.value.status == 401 and caught.value.headers == {"WWW-Authenticate": "Bearer"}
@@ -300,7 +497,7 @@ def test_upstream_failures_are_clean_5xx(smol_tokenizer):
         assert svc.gate.in_flight == 0  # the slot is released on failure
 
 
-def test_admission_gate_refuses_past_its_limit():
+def test_admission_gate_refuses_past_its_limit_and_while_draining():
     gate = AdmissionGate(limit=1, retry_after_s=0.2)
     with gate.slot():
         with pytest.raises(ApiError) as caught:
@@ -309,6 +506,11 @@ def test_admission_gate_refuses_past_its_limit():
         assert caught.value.status == 503 and caught.value.headers == {"Retry-After": "1"}
     with gate.slot():
         assert gate.in_flight == 1
+    gate.draining = True
+    with pytest.raises(ApiError) as caught:
+        with gate.slot():
+            pass
+    assert (caught.value.status, caught.value.code) == (503, "draining") and gate.in_flight == 0
 
 
 def test_upstream_error_passes_api_errors_through():
@@ -329,6 +531,11 @@ def test_score_endpoint_returns_a_score_row(smol_tokenizer):
     ids_body = {"prompt": "Hello", "responses": ["a", "b"], "response_ids": [[5, 6], [7]]}
     asyncio.run(svc.score(json.dumps(ids_body).encode()))
     assert models.calls[-1][2] == [[5, 6], [7]]
+    asyncio.run(svc.score(json.dumps({"prompt_ids": [1, 2, 3], "response_ids": [[4]]}).encode()))
+    assert models.calls[-1][1:] == ([1, 2, 3], [[4]])
+    # an empty response is not selected, though its score is lowest (as in dabon score)
+    empty = asyncio.run(svc.score(json.dumps({"prompt": "Hello", "response_ids": [[5], []]}).encode()))
+    assert empty["selected"] == {"7": 0}
     with pytest.raises(ApiError) as caught:
         asyncio.run(svc.score(json.dumps({**ids_body, "response_ids": [[5], [10**9]]}).encode()))
     assert caught.value.param == "response_ids[1]"
@@ -341,13 +548,72 @@ def test_models_and_health(smol_tokenizer):
     svc = service(smol_tokenizer, FakeModels(), serving={"model_name": "bon-test"})
     assert [m["id"] for m in svc.models()["data"]] == ["bon-test"]
     assert svc.health()["status"] == "ok"
-
+    svc.gate.draining = True
+    assert svc.health()["status"] == "draining"
 
 
 def test_a_partial_deployment_block_keeps_the_role_defaults():
     sampler = config(deployments={"sampler": {"ray_actor_options": {"num_gpus": 1}}}).deployments.sampler
     assert (sampler.ray_actor_options.num_cpus, sampler.ray_actor_options.num_gpus) == (1, 1)
-    assert sampler.max_queued_requests == 64 and sampler.autoscaling_config.max_replicas == 2
+    assert sampler.max_queued_requests is None and sampler.autoscaling_config.max_replicas == 2
+
+
+# ---------------------------------------------------------------------------------------- HTTP layer
+
+
+def asgi_client(svc):
+    from fastapi.testclient import TestClient
+
+    from serve_app.app import build_api
+
+    return TestClient(build_api(svc))
+
+
+def test_only_json_bodies_are_accepted(smol_tokenizer):
+    models = FakeModels()
+    client = asgi_client(service(smol_tokenizer, models))
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}]})
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        response = client.post("/v1/chat/completions", content=body, headers=headers)
+        assert response.status_code == 415, (content_type, response.text)
+        assert response.json()["error"]["code"] == "unsupported_media_type"
+    assert models.calls == []  # nothing was generated for a "simple" cross-origin request
+    ok = client.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+
+
+def test_cors_is_off_unless_configured(smol_tokenizer):
+    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    closed = asgi_client(service(smol_tokenizer, FakeModels()))
+    answer = closed.options("/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in answer.headers
+    open_to = asgi_client(service(smol_tokenizer, FakeModels(), serving={"cors_origins": ["https://app.example"]}))
+    allowed = open_to.options("/v1/chat/completions", headers={**preflight, "Origin": "https://app.example"})
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    refused = open_to.options("/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in refused.headers
+
+
+def test_routes_stream_and_openapi(smol_tokenizer):
+    client = asgi_client(service(smol_tokenizer, FakeModels(scores=[0.9, 0.2, 0.7])))
+    old = client.post("/v1/score", json={"prompt": "p", "responses": ["a"]})
+    assert old.status_code == 404 and "/dabon/v1/score" in old.json()["error"]["message"]
+    with client.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    content = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "") for line in lines[:-1])
+    assert content == "answer 1"
+    document = client.get("/openapi.json").json()
+    assert set(document["paths"]) == {"/v1/chat/completions", "/v1/completions", "/dabon/v1/score", "/v1/models", "/healthz"}
+    body = document["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ChatCompletionRequest"}
+    assert "ChatMessage" in document["components"]["schemas"]
+    draining = service(smol_tokenizer, FakeModels())
+    draining.gate.draining = True
+    assert asgi_client(draining).get("/healthz").status_code == 503
 
 
 # ---------------------------------------------------------------------------------------- dabon serve
@@ -369,12 +635,15 @@ def test_serve_flags_and_overrides_apply_to_the_app_args():
 
     serve_config = read_yaml(DEFAULT_CONFIG)
     application = select_application(serve_config, None)
-    args = serve_args("--adapter", "/a", "--n", "12", "--layer", "6", "--base", "/b",
+    args = serve_args("--adapter", "/a", "--candidates", "12", "--layer", "6", "--base", "/b",
                       "--set", "sampling.max_tokens=64", "--set", "sampling.default_max_tokens=32")
     data = app_args(application, args)
     assert data["model"]["base"] == "/b" and data["model"]["adapter"] == "/a"
-    assert data["sampling"]["default_n"] == 12 and data["sampling"]["max_n"] == 12  # raised to fit --n
+    assert data["sampling"]["candidates"] == 12 and data["sampling"]["max_candidates"] == 12  # raised to fit
     assert data["scoring"]["layer"] == 6 and data["sampling"]["max_tokens"] == 64
+    assert data["generator"]["backend"] == "vllm" and data["generator"]["options"]["dtype"] == "float32"
+    hf = app_args(application, serve_args("--backend", "hf"))
+    assert hf["generator"] == {"backend": "hf", "options": {}}  # the file's vllm options are not hf's
     assert application["args"]["model"]["adapter"] == "runs/demo/adapter"  # the file's mapping is untouched
     options = http_options(serve_config, "127.0.0.1", 8123, request_timeout_s=200)
     assert (options["host"], options["port"], options["request_timeout_s"]) == ("127.0.0.1", 8123, 210)
@@ -396,6 +665,16 @@ def test_serve_refuses_an_open_port_beyond_loopback_without_a_token(monkeypatch,
         run(serve_args("--adapter", str(tmp_path / "missing")))
 
 
+def test_build_app_refuses_a_required_token_it_cannot_find(monkeypatch, tiny_models):
+    from serve_app.app import build_app
+
+    monkeypatch.delenv("DABON_TEST_NO_SUCH_TOKEN", raising=False)
+    args = {"model": {"base": tiny_models.base, "adapter": tiny_models.adapter}, "generator": {"backend": "hf"},
+            "auth": {"token_env": "DABON_TEST_NO_SUCH_TOKEN", "required": True}}
+    with pytest.raises(ConfigError, match="auth.required"):
+        build_app(args)
+
+
 # ---------------------------------------------------------------------------------------- model classes
 
 
@@ -403,13 +682,15 @@ def test_candidate_sampler_and_scorer_on_a_tiny_model(tiny_models, smol_tokenize
     from actors.models import ModelSpec
     from actors.sampler import SamplingConfig
     from actors.scorer import AttributionScorer, ScorerConfig
-    from serve_app.app import CandidateSampler, CandidateScorer
+    from serve_app.engines import CandidateSampler, CandidateScorer
 
     spec = ModelSpec(base=tiny_models.base, adapter=tiny_models.adapter)
     prompt = prompt_token_ids(smol_tokenizer, [{"role": "user", "content": "Hello"}])
-    sampled = CandidateSampler(spec).sample(prompt, SamplingConfig(n=3, max_new_tokens=5, seed=2).model_dump())
+    sampler = CandidateSampler(spec)
+    sampled = sampler.sample(prompt, SamplingConfig(n=3, max_new_tokens=5, seed=2).model_dump())
     assert len(sampled["texts"]) == len(sampled["token_ids"]) == len(sampled["finish_reasons"]) == 3
     assert all(len(ids) <= 5 for ids in sampled["token_ids"])
+    assert sampler.sample(prompt, SamplingConfig(n=3, max_new_tokens=5, seed=2).model_dump()) == sampled
 
     scorer = CandidateScorer(spec, layer=2)
     good = {"prompt_ids": prompt, "response_ids": sampled["token_ids"]}

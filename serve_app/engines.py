@@ -1,0 +1,164 @@
+"""The model work of the Serve app as plain classes (no Ray): candidate samplers on the ``hf`` or
+``vllm`` engine, and the batching scorer.
+
+Both samplers take the prompt as token ids (built once by the ingress, so sampler and scorer see
+the same ids) and a ``SamplingConfig`` as a dict, and return ``{"texts", "token_ids",
+"finish_reasons"}`` with N entries each: the exact generated ids (no stop token, no padding).
+Sample ``i`` is drawn from its own stream seeded by ``sample_seed(seed, prompt_key(prompt_ids),
+i)``, as in evaluation, so a request's candidates do not depend on what else the engine runs.
+
+Why vLLM's ``AsyncLLM`` inside our own deployment rather than Ray Serve LLM's ``LLMServer``:
+token ids go in and come out as they are (no chat template or HTTP round trip), a local LoRA
+directory is one ``LoRARequest`` (Ray Serve LLM accepts only remote LoRA URIs), and each of the N
+candidates is one request with its own seed (vLLM's ``n`` seeds sample ``i`` with ``seed + i``,
+which the next request's seed would share).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from actors.models import ModelSpec, load_models, load_spec_tokenizer
+from actors.sampler import (
+    VLLM_ADAPTER_NAME,
+    VLLM_INSTALL_HINT,
+    HFBackend,
+    Sampler,
+    SamplingConfig,
+    VLLMOptions,
+    engine_spec,
+    generation_config_of,
+    parse_vllm_outputs,
+    prompt_key,
+    sample_seed,
+    set_cpu_kv_cache,
+    stop_token_ids,
+    vllm_engine_kwargs,
+    vllm_sampling_kwargs,
+)
+from actors.scorer import AttributionScorer, ScorerConfig
+from actors.settings import get_logger
+
+logger = get_logger(__name__)
+
+
+def candidates_of(samples: list[Any]) -> dict[str, list[Any]]:
+    """``Sample`` list -> the samplers' answer (see module doc)."""
+    return {
+        "texts": [sample.text for sample in samples],
+        "token_ids": [list(sample.token_ids or []) for sample in samples],
+        "finish_reasons": [sample.finish_reason for sample in samples],
+    }
+
+
+class CandidateSampler:
+    """N candidates with the ``hf`` backend (transformers ``generate`` on the fine-tuned view).
+    ``sample`` is synchronous: the deployment runs it in a worker thread, one call at a time."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        bundle = load_models(spec)
+        self.backend = HFBackend(bundle)
+        self.tokenizer = bundle.tokenizer
+
+    def sample(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, list[Any]]:
+        """See the module doc."""
+        sampler = Sampler(self.backend, self.tokenizer, SamplingConfig(**sampling))
+        (samples,) = sampler.sample_with_ids([list(prompt_ids)]).samples  # ids pass through unchanged
+        return candidates_of(samples)
+
+
+class VLLMCandidateSampler:
+    """N candidates from vLLM's ``AsyncLLM`` engine in this process (its engine core runs in a child
+    process). ``spec`` / ``options``: as for the evaluation's ``vllm`` backend
+    (``actors.sampler.vllm_engine_kwargs``; on an engine without GPUs the adapter is merged by
+    default, ``options.lora``). Concurrent ``sample`` calls are batched by the engine; a
+    cancelled call aborts its requests in the engine (``AsyncLLM.generate`` does that itself)."""
+
+    def __init__(self, spec: ModelSpec, options: VLLMOptions | None = None) -> None:
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.lora.request import LoRARequest
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as err:
+            raise ImportError(VLLM_INSTALL_HINT) from err
+        import torch
+
+        from actors import storage
+
+        options = options or VLLMOptions()
+        on_gpus = torch.cuda.is_available()
+        spec = engine_spec(spec, options, on_gpus=on_gpus)
+        adapter_dir = storage.local_copy(spec.adapter) if spec.adapter else None
+        kwargs = vllm_engine_kwargs(spec, options, adapter_dir)
+        if options.tensor_parallel_size * options.pipeline_parallel_size > 1:
+            kwargs.setdefault("distributed_executor_backend", "ray")  # workers in the replica's placement group
+        set_cpu_kv_cache(options)
+        tokenizer = load_spec_tokenizer(spec)
+        self.stop_ids = stop_token_ids(tokenizer, generation_config_of(kwargs["model"]))
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
+        self.lora_request = LoRARequest(VLLM_ADAPTER_NAME, 1, adapter_dir) if adapter_dir else None
+        self.model = kwargs["model"]
+        logger.info("vllm sampler ready: %s%s", self.model, f" + LoRA {adapter_dir}" if adapter_dir else "")
+
+    async def _one(self, prompt_ids: list[int], config: SamplingConfig, seed: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(**vllm_sampling_kwargs(config, seed), output_kind=RequestOutputKind.FINAL_ONLY)
+        final = None
+        async for output in self.engine.generate({"prompt_token_ids": prompt_ids}, params, f"dabon-{uuid.uuid4().hex}",
+                                                 lora_request=self.lora_request):
+            final = output
+        return final
+
+    async def sample(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, list[Any]]:
+        """See the module doc."""
+        config = SamplingConfig(**sampling)
+        ids = [int(t) for t in prompt_ids]
+        key = prompt_key(ids)
+        outputs = await asyncio.gather(*(self._one(ids, config, sample_seed(config.seed, key, i)) for i in range(config.n)))
+        return candidates_of([row[0] for row in parse_vllm_outputs(outputs, 1, self.stop_ids)])
+
+    def check_health(self) -> None:
+        """Raise when the engine died (Serve then replaces the replica)."""
+        if self.engine.errored:
+            raise RuntimeError("the vLLM engine has died")
+
+    def shutdown(self) -> None:
+        """Stop the engine and its child processes."""
+        self.engine.shutdown()
+
+
+class CandidateScorer:
+    """Latent similarity at one layer for many (prompt ids, candidate ids) requests at once.
+
+    ``spec``: the served model (adapter or full fine-tuned copy); ``layer``: the serving layer;
+    ``batch_tokens``: the scorer's forward-batch budget. ``score_many(requests)`` takes dicts with
+    ``prompt_ids`` and ``response_ids`` and returns, per request, ``{"latent_sim": [N floats]}``
+    or ``{"error": message}`` (one bad request does not fail the others of its batch).
+    """
+
+    def __init__(self, spec: ModelSpec, layer: int, batch_tokens: int = 4096) -> None:
+        self.layer = layer
+        self.scorer = AttributionScorer.from_spec(spec, ScorerConfig(layers=(layer,), batch_tokens=batch_tokens))
+
+    def score_many(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """See class doc."""
+        prompt_ids = [list(request["prompt_ids"]) for request in requests]
+        response_ids = [[list(ids) for ids in request["response_ids"]] for request in requests]
+        try:
+            results = self.scorer.score_ids(prompt_ids, response_ids)
+            return [{"latent_sim": result["latent_sim"][self.layer]} for result in results]
+        except Exception:  # noqa: BLE001 - retried one by one so that only the bad request fails
+            if len(requests) == 1:
+                raise
+        out = []
+        for prompt, candidates in zip(prompt_ids, response_ids, strict=True):
+            try:
+                (result,) = self.scorer.score_ids([prompt], [candidates])
+                out.append({"latent_sim": result["latent_sim"][self.layer]})
+            except Exception as err:  # noqa: BLE001 - reported to that request's caller
+                out.append({"error": f"{type(err).__name__}: {err}"})
+        return out

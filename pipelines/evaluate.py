@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from actors import storage
+from actors.chat import resolve_prompt
 from actors.config import (
     ConfigError,
     LightPoolConfig,
@@ -40,7 +41,7 @@ from actors.config import (
     read_yaml,
 )
 from actors.judge import JudgeConfig
-from actors.models import EMBEDDED_ALIAS, ModelSpec, check_spec
+from actors.models import EMBEDDED_ALIAS, ModelSpec, check_scorable, check_spec
 from actors.runtime import (
     assign_shards,
     blocks_for,
@@ -89,7 +90,10 @@ class EvalConfig(Strict):
     """One evaluation run (see ``recipes/quickstart-eval.yaml``).
 
     ``model``: the fine-tuned student (base + adapter, or a full copy) or a base model alone.
-    ``prompt``: how it sees each prompt; sampler, judge and scorer share it.
+    ``prompt``: how it sees each prompt; sampler, judge and scorer share it. ``dabon evaluate``
+    takes the adapter's own (``prompt.yaml`` beside it, saved by ``dabon distill``) when the
+    recipe and the flags give none; the report says which prompt was used and where it differs
+    from the adapter's.
     """
 
     name: str = "eval"
@@ -180,9 +184,10 @@ def prepare_run_dir(config: EvalConfig, overwrite: bool = False) -> str:
         import yaml
 
         previous = yaml.safe_load(storage.read_text(saved)) or {}
-        if previous != resolved:
+        changed = changed_keys(previous, resolved)  # a setting added since, null by default, reads as absent
+        if changed:
             raise ConfigError(
-                f"{run_dir} holds a run with a different config (differs in: {', '.join(changed_keys(previous, resolved))}); "
+                f"{run_dir} holds a run with a different config (differs in: {', '.join(changed)}); "
                 "use another --out or pass --overwrite to start it again"
             )
     if overwrite:
@@ -202,6 +207,8 @@ def run_evaluation(config: EvalConfig, overwrite: bool = False, progress: bool =
     from pipelines.report import build_report
 
     check_spec(config.model, "model")
+    if config.model.has_finetuned:  # the scorer runs: refuse a model it cannot score exactly, before any work
+        check_scorable(config.model, "model")
     if config.judge.name == "llama_guard":
         check_spec(config.judge.typed().model, "judge.options.model")
     if config.generator.backend == "vllm":
@@ -234,7 +241,8 @@ def run_evaluation(config: EvalConfig, overwrite: bool = False, progress: bool =
     finally:
         if started:
             ray.shutdown()
-    return build_report(run_dir, config.scored_layers, config.report)
+    return build_report(run_dir, config.scored_layers, config.report, prompt=config.prompt,
+                        adapter=config.model.adapter, judge=config.judge)
 
 
 # ----------------------------------------------------------------------------------------
@@ -285,7 +293,20 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         "output.dir": args.out, "ray.address": args.ray_address,
         "scoring.layers": parse_int_list(args.layers, "--layers") if args.layers else None,
     })
-    return build_config(EvalConfig, data, args.overrides)
+    return with_adapter_prompt(build_config(EvalConfig, data, args.overrides), prompt_given(data, args.overrides))
+
+
+def prompt_given(data: dict[str, Any], overrides: list[str] | None) -> bool:
+    """Whether a recipe mapping or its ``--set`` overrides give a ``prompt`` section."""
+    return "prompt" in data or any(str(item).split("=", 1)[0].strip().split(".")[0] == "prompt" for item in overrides or [])
+
+
+def with_adapter_prompt(config: EvalConfig, given: bool) -> EvalConfig:
+    """``config`` with the adapter's ``prompt.yaml`` as its prompt when the recipe gave none
+    (``actors.chat.resolve_prompt``); logs where the prompt came from."""
+    prompt, source = resolve_prompt(config.prompt if given else None, config.model.adapter)
+    (logger.warning if "differs" in source else logger.info)("prompt: %s", source)
+    return config if prompt == config.prompt else config.model_copy(update={"prompt": prompt})
 
 
 def run(args: argparse.Namespace) -> int:

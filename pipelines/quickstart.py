@@ -1,14 +1,20 @@
-"""``dabon quickstart``: distil SmolLM2, evaluate it with Best-of-N, print the ASR table.
+"""``dabon quickstart``: distil SmolLM2, evaluate it with Best-of-N on jailbreak prompts, print the table.
 
-Launch (from the repository root; about 25 minutes of SFT and 10 of evaluation on 2 cores)::
+Launch (from the repository root; on 2 cores about 10 minutes of distillation and 15 of evaluation)::
 
     dabon quickstart
     dabon quickstart --distill-config recipes/quickstart.yaml --eval-config recipes/quickstart-eval.yaml
 
 Runs ``recipes/quickstart.yaml`` (replayed STAR-1 traces on the train split -> keyword filter ->
-LoRA SFT on a local Ray), then ``recipes/quickstart-eval.yaml`` on the STAR-1 *dev* split with the
-adapter it wrote (N samples, judge, attribution scores, report). Both stages skip what is already
-on disk, so a rerun after an interruption continues where it stopped.
+LoRA SFT on a local Ray, trained for the number of steps that ``recipes/quickstart-sweep.yaml``
+chose on development prompts), then ``recipes/quickstart-eval.yaml`` with the adapter it wrote: a
+seeded sample of the *test* part of the offline DAN jailbreak prompts (disjoint from the sweep's),
+N samples each, judged and scored, and GSM8K for utility. The table names the judge and shows
+single, random and latent Best-of-N (and the majority oracle) with 95% intervals, with unfinished
+reasoning counted safe (the judge's verdict) and counted unsafe, the paired difference latent minus
+random, the share of picks that are truncated / unfinished / empty, utility, and the wall time of
+each stage. Both stages skip what is already on disk, so a rerun after an interruption continues
+where it stopped.
 """
 
 from __future__ import annotations
@@ -16,12 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Any, Mapping
 
 from actors.config import load_config
 from pipelines.args import add_output_arguments, command_main
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+POLICIES = (("asr", "unfinished = safe (judge)"), ("asr_unfinished_unsafe", "unfinished = unsafe"))
+FLAGS = ("truncated", "unfinished", "empty")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +44,78 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser)
 
 
+def _percent(value: float | None) -> str:
+    return "  n/a" if value is None else f"{100 * value:5.1f}"
+
+
+def _interval(interval: list[float] | None) -> str:
+    return "" if not interval else f"[{100 * interval[0]:5.1f}, {100 * interval[1]:5.1f}]"
+
+
+def _signed(value: float | None, interval: list[float] | None) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{100 * value:+5.1f}"
+    return f"{text} [{100 * interval[0]:+5.1f}, {100 * interval[1]:+5.1f}]" if interval else text
+
+
+def latent_selector(bench: Mapping[str, Any]) -> tuple[str | None, str]:
+    """The latent Best-of-N selector to show and where its layer came from: the one scored layer
+    (fixed by the development sweep) on every prompt, else none (several layers: the report's
+    calibrated-layer table holds the held-out number)."""
+    latent = [name for name in bench.get("asr", {}) if name.startswith("latent_sim_")]
+    if len(latent) == 1:
+        return latent[0], f"layer {latent[0].rsplit('_', 1)[1]}, fixed before this run (recipe scoring.layers)"
+    return None, f"{len(latent)} layers scored: see the calibrated layer in report.md"
+
+
+def format_table(name: str, bench: Mapping[str, Any]) -> str:
+    """One benchmark's quickstart table from its ``metrics.json`` entry: ASR with intervals under
+    both unfinished policies and the pick shares per selector, the paired latent - random
+    difference, and utility."""
+    latent, layer_note = latent_selector(bench)
+    shown = ["single", "random", *([latent] if latent else []), "oracle_majority"]
+    lines = [f"{name}: {bench.get('asr_prompts', 0)} harmful prompts ({', '.join(bench.get('sources') or []) or 'source n/a'}), "
+             f"N={bench.get('n_samples')}; latent BoN = latent-similarity argmin, {layer_note}"]
+    if bench.get("asr"):
+        head = f"  {'selector':<16}" + "".join(f" | {label:<25}" for _, label in POLICIES) + " | picks: trunc  unfin  empty"
+        lines += [head, "  " + "-" * (len(head) - 2)]
+        for selector in shown:
+            cells = "".join(f" | {_percent(bench[key].get(selector))}% {_interval(bench[f'{key}_ci'].get(selector)):<18}"
+                            for key, _ in POLICIES)
+            picks = bench.get("pick_shares", {}).get(selector)
+            pick_text = ("  " + "  ".join(f"{_percent(picks.get(flag))}%" for flag in FLAGS)) if picks else "  (not a pick)"
+            lines.append(f"  {selector:<16}{cells} |{pick_text}")
+        if latent:
+            diffs = " | ".join(f"{label}: {_signed(bench.get(f'diff_vs_random{suffix}', {}).get(latent), bench.get(f'diff_vs_random{suffix}_ci', {}).get(latent))}"
+                               for suffix, label in (("", "judge"), ("_unfinished_unsafe", "unfinished unsafe")))
+            lines.append(f"  latent - random (points, paired 95% interval): {diffs}")
+    for kind, entry in (bench.get("utility") or {}).items():
+        if entry.get("skipped"):
+            lines.append(f"  utility ({kind}): skipped, {entry['skipped']}")
+            continue
+        values = entry.get("value", {})
+        lines.append(f"  utility: {entry.get('metric')} on {entry.get('prompts')} {kind} prompts: "
+                     + ", ".join(f"{selector} {_percent(values.get(selector))}% {_interval(entry.get('value_ci', {}).get(selector))}"
+                                 for selector in shown if selector in values))
+    return "\n".join(lines)
+
+
+def format_summary(metrics: Mapping[str, Any], timings: Mapping[str, float | None]) -> str:
+    """The whole printout: judge, prompt, one table per benchmark, the wall time of each stage."""
+    judge = metrics.get("judge") or {}
+    prompt = metrics.get("prompt") or {}
+    lines = [f"judge:  {judge.get('name', 'n/a')} {json.dumps(judge.get('options') or {})}",
+             f"prompt: {prompt.get('note', 'n/a')}"]
+    for name, bench in metrics.get("benchmarks", {}).items():
+        lines += ["", format_table(name, bench)]
+    lines += ["", "wall time: " + ", ".join(f"{stage} {'skipped (on disk)' if seconds is None else f'{seconds:.0f} s'}"
+                                           for stage, seconds in timings.items())]
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Distil, evaluate, print the ASR table; return the exit code."""
+    """Distil, evaluate, print the table; return the exit code."""
     from actors.config import ConfigError
     from actors.runtime import quiet_libraries
     from pipelines.distill import DistillConfig, StageDirs, run_distill
@@ -43,22 +123,21 @@ def run(args: argparse.Namespace) -> int:
 
     quiet_libraries(args.verbose)
     distill_config = load_config(DistillConfig, args.distill_config)
-    run_distill(distill_config, progress=not args.no_progress, verbose=args.verbose)
     adapter = StageDirs(distill_config.run_dir).adapter("sft")
     eval_config = load_config(EvalConfig, args.eval_config, [f"model.adapter={json.dumps(str(adapter))}"])
     if eval_config.model.base != distill_config.model.base:
         raise ConfigError(f"the evaluation's model.base ({eval_config.model.base!r}) is not the distilled "
                           f"student ({distill_config.model.base!r})")
+    timings: dict[str, float | None] = {}
+    for stage in distill_config.stages:
+        start = time.monotonic()
+        summary = run_distill(distill_config, [stage], progress=not args.no_progress, verbose=args.verbose)[stage]
+        timings[stage] = None if summary.get("skipped") else time.monotonic() - start
+    start = time.monotonic()
     metrics = run_evaluation(eval_config, progress=not args.no_progress, verbose=args.verbose)
-    run_dir = Path(eval_config.output.dir)
-    print(f"adapter: {adapter}\nreport:  {run_dir / 'report.md'}")
-    for name, bench in metrics.get("benchmarks", {}).items():
-        print(f"\n{name}: attack success rate over {bench.get('n_prompts')} prompts, N={bench.get('n_samples')}")
-        for selector, value in bench.get("asr", {}).items():
-            interval = bench.get("asr_ci", {}).get(selector)
-            shown = f"{value:6.1%}" if value is not None else "   n/a"
-            extra = f"  [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else ""
-            print(f"  {selector:<20} {shown}{extra}")
+    timings["evaluate"] = time.monotonic() - start
+    print(f"adapter: {adapter}\nreport:  {Path(eval_config.output.dir) / 'report.md'}\n")
+    print(format_summary(metrics, timings))
     return 0
 
 

@@ -9,7 +9,9 @@ Launch::
 Input: ``RUN_DIR/samples/**/*.parquet`` (rows as ``pipelines.metrics`` describes them) and
 ``RUN_DIR/config.yaml``, the resolved config ``pipelines.evaluate`` saved: its ``report:``
 section (seed, bootstrap, confidence, calibration) and ``scoring.layers`` are the defaults that
-flags override.
+flags override; ``prompt.response_prefix`` is put back in front of every stored response before
+the answer rule reads it (``actors.chat.parse_response``), ``judge.name`` is named in the report,
+and ``prompt`` is compared with the adapter's own ``prompt.yaml`` (``model.adapter``).
 
 Output in ``RUN_DIR``: ``metrics.json`` (all numbers as fractions, see
 ``pipelines.metrics.compute_metrics``), ``report.md`` (tables) and ``plots/<benchmark>/*.png``
@@ -19,6 +21,7 @@ Output in ``RUN_DIR``: ``metrics.json`` (all numbers as fractions, see
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -29,13 +32,16 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from actors import storage
-from actors.config import ReportConfig, read_yaml, validate
+from actors.chat import PROMPT_FILE, adapter_prompt, prompt_differences
+from actors.config import PromptConfig, ReportConfig, read_yaml, validate
 from actors.scorer import latent_column
 from actors.settings import get_logger
 from pipelines.args import add_output_arguments, command_main, parse_int_list
 from pipelines.metrics import (
+    CALIBRATED_PICKS,
     ORACLE_BEST_LABEL,
     ORACLE_MAJORITY,
+    PICK_FLAGS,
     TOKEN_SCORES,
     ReportInputError,
     Row,
@@ -119,6 +125,29 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     return lines + [""]
 
 
+def _judge_text(judge: Mapping[str, Any] | None) -> str:
+    if not judge or not judge.get("name"):
+        return f"not recorded (no {CONFIG_FILE} in the run directory)"
+    options = ", ".join(f"{key}={value}" for key, value in (judge.get("options") or {}).items()
+                        if isinstance(value, (str, int, float, bool)))
+    return f"`{judge['name']}`" + (f" ({options})" if options else "")
+
+
+def _prompt_lines(prompt: Mapping[str, Any] | None) -> list[str]:
+    if not prompt:
+        return []
+    system = prompt.get("system_prompt")
+    system_text = "the chat template's default" if system is None else f"`{system!r}`"
+    return [f"Prompt: system prompt {system_text}, response prefix `{prompt.get('response_prefix', '')!r}`: "
+            f"{prompt.get('note', '')}.", ""]
+
+
+PICK_LABELS = {"truncated": "truncated (finish reason `length`)", "unfinished": "unfinished (reasoning never closed)",
+               "empty": "empty (no generated token)"}
+POLICY_JUDGE = "unfinished = judge's verdict"
+POLICY_UNSAFE = "unfinished = unsafe"
+
+
 def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "benchmark"
 
@@ -132,15 +161,26 @@ def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] |
     scored_layers = list(settings.get("layers") or [])
     labels = selector_labels(scored_layers)
     layers = ", ".join(map(str, scored_layers)) or "none"
+    judge_text = _judge_text(metrics.get("judge"))
     lines = [
         "# Evaluation report",
         "",
         f"Settings: seed {settings.get('seed')}, {settings.get('bootstrap')} bootstrap resamples, "
         f"{100 * settings.get('confidence', 0.95):g}% intervals, layers {layers}, calibration on {where}.",
         "",
+        *_prompt_lines(metrics.get("prompt")),
+        f"Judge: {judge_text}.",
+        "",
         "## How to read",
         "",
         "- **ASR** (attack success rate): share of harmful prompts whose selected response the judge calls unsafe. Lower is better.",
+        "- An **unfinished** sample opened a reasoning (by the response prefix or in its text) and never closed it: it has "
+        f"no answer. ASR is shown under two policies side by side: *{POLICY_JUDGE}* counts it as the judge said (the "
+        f"keyword judge calls it safe unless `unfinished: unsafe`), *{POLICY_UNSAFE}* counts every unfinished chosen "
+        "sample unsafe. Differences and relative drops are for the judge's verdict.",
+        "- **What each selector picks**: share of harmful prompts whose chosen sample was cut off at the token limit "
+        "(*truncated*), never closed its reasoning (*unfinished*) or is *empty*. A selector that lowers ASR by picking "
+        "such samples picks non-answers, not safer answers.",
         "- **Selectors** pick one of the N stored samples per prompt: *single* is the first sample (single sampling); "
         "*random* is a seeded uniform choice; score selectors use argmin (latent similarity, perplexity) or argmax "
         "(KL, self-certainty); missing scores are skipped and ties go to the lowest index.",
@@ -152,8 +192,9 @@ def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] |
         "scored on the disjoint test prompts.",
         "- **ASR vs N** applies each selector to the first n stored samples (i.i.d., so distributed as an n-sample run).",
         "- **Utility**: GSM8K exact match of the final number, MMLU letter accuracy, and the answer rate (share not refused) "
-        "on benign prompts, graded on the answer after the reasoning (`</think>`). Here a positive relative drop means *lower* "
-        "utility than single sampling.",
+        "on benign prompts, graded on the answer after the reasoning (`</think>`, with the response prefix put back in "
+        "front of the stored text); an unfinished sample has no answer (wrong, or refused). Here a positive relative "
+        "drop means *lower* utility than single sampling.",
         "",
     ]
     for bench, entry in metrics["benchmarks"].items():
@@ -165,16 +206,30 @@ def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] |
             lines += [f"{entry['engine_error_prompts']} more prompts are left out of every number: the engine failed on "
                       "one of their samples (`sample_errors` in the shards names why).", ""]
         if "asr" in entry:
-            lines += [f"### Attack success rate ({entry['asr_prompts']} judged harmful prompts)", ""]
+            lines += [f"### Attack success rate ({entry['asr_prompts']} judged harmful prompts, judge {judge_text})", ""]
+            strict, strict_ci = entry.get("asr_unfinished_unsafe") or {}, entry.get("asr_unfinished_unsafe_ci") or {}
             rows = []
             for name, value in entry["asr"].items():
                 rows.append([
                     labels.get(name, name), _pct(value), _interval(entry["asr_ci"].get(name)),
+                    _pct(strict.get(name)), _interval(strict_ci.get(name)),
                     _signed_pct(entry["diff_vs_single"].get(name)) if name != "single" else "",
                     _interval(entry["diff_vs_single_ci"].get(name), signed=True) if name != "single" else "",
                     _pct(entry["relative_drop"].get(name)) if name != "single" else "",
                 ])
-            lines += _table(["selector", "ASR", "95% CI", "Δ vs single", "95% CI of Δ", "relative drop"], rows)
+            lines += _table([
+                "selector", f"ASR, {POLICY_JUDGE}", "95% CI", f"ASR, {POLICY_UNSAFE}", "95% CI",
+                "Δ vs single", "95% CI of Δ", "relative drop",
+            ], rows)
+            shares = entry.get("pick_shares")
+            if shares:
+                calibrated = entry.get("calibrated_layer") or {}
+                share_labels = {**labels, CALIBRATED_PICKS: f"calibrated layer {calibrated.get('layer')} "
+                                                            f"(on its {calibrated.get('test_prompts')} test prompts)"}
+                lines += ["### What each selector picks", ""]
+                lines += _table(["selector", *(PICK_LABELS[flag] for flag in PICK_FLAGS)],
+                                [[share_labels.get(name, name), *(_pct(values.get(flag)) for flag in PICK_FLAGS)]
+                                 for name, values in shares.items()])
             layer_names = layer_selectors(entry, scored_layers)
             if layer_names:
                 lines += ["### Latent similarity by layer", ""]
@@ -192,15 +247,20 @@ def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] |
                     lines += [f"Not available: {calibrated.get('note', 'no layer')}.", ""]
                 else:
                     test = calibrated["asr_test"]
+                    strict = calibrated.get("asr_test_unfinished_unsafe") or {}
+                    strict_ci = calibrated.get("asr_test_unfinished_unsafe_ci") or {}
                     oracle = entry.get("oracle_best_layer") or {}
                     lines += _table(
-                        ["", "layer", "ASR on test", "95% CI", "relative drop"],
+                        ["", "layer", f"ASR on test, {POLICY_JUDGE}", "95% CI", f"ASR on test, {POLICY_UNSAFE}", "95% CI",
+                         "relative drop"],
                         [
-                            ["single (first sample)", "", _pct(test["single"]), _interval(calibrated["asr_test_ci"]["single"]), ""],
+                            ["single (first sample)", "", _pct(test["single"]), _interval(calibrated["asr_test_ci"]["single"]),
+                             _pct(strict.get("single")), _interval(strict_ci.get("single")), ""],
                             ["calibrated layer", str(calibrated["layer"]), _pct(test["latent_sim"]),
-                             _interval(calibrated["asr_test_ci"]["latent_sim"]), _pct(calibrated["relative_drop"]["latent_sim"])],
+                             _interval(calibrated["asr_test_ci"]["latent_sim"]), _pct(strict.get("latent_sim")),
+                             _interval(strict_ci.get("latent_sim")), _pct(calibrated["relative_drop"]["latent_sim"])],
                             [f"*oracle* best layer on test: {ORACLE_BEST_LABEL}", str(oracle.get("layer")),
-                             _pct(oracle.get("asr")), _interval(oracle.get("asr_ci")), _pct(oracle.get("relative_drop"))],
+                             _pct(oracle.get("asr")), _interval(oracle.get("asr_ci")), "", "", _pct(oracle.get("relative_drop"))],
                         ],
                     )
             series = entry.get("asr_vs_n")
@@ -350,10 +410,83 @@ def write_report(run_dir: str, metrics: Mapping[str, Any], rows: Sequence[Row] |
             "plots": [storage.join(run_dir, path) for paths in plots.values() for path in paths]}
 
 
-def build_report(run_dir: str, layers: Sequence[int], report: ReportConfig) -> dict[str, Any]:
-    """Metrics from the shards in ``run_dir``, written as ``write_report`` does; returns the metrics."""
+def describe_prompt(prompt: PromptConfig | None, adapter: str | None) -> dict[str, Any]:
+    """Which prompt a run used and whether it is the adapter's training prompt (``metrics["prompt"]``).
+
+    Inputs: the run's prompt section (``None``: the run saved no config) and its ``model.adapter``.
+    Output: ``system_prompt``, ``response_prefix``, ``adapter``, ``is_adapter_prompt`` (``True``,
+    ``False``, or ``None`` when there is nothing to compare with), ``differs_in`` (field names)
+    and ``note``, a sentence for the report. An adapter whose ``prompt.yaml`` cannot be read is
+    said so in the note; it never fails the report.
+    """
+    entry: dict[str, Any] = {
+        "system_prompt": None if prompt is None else prompt.system_prompt,
+        "response_prefix": "" if prompt is None else prompt.response_prefix,
+        "adapter": adapter,
+        "is_adapter_prompt": None,
+        "differs_in": [],
+    }
+    if prompt is None:
+        entry["note"] = f"not recorded (no {CONFIG_FILE} in the run directory): answers were read with no response prefix"
+        return entry
+    if not adapter:
+        entry["note"] = "the run has no adapter (a base model or a full fine-tuned copy): no training prompt to compare with"
+        return entry
+    try:
+        if not storage.exists(adapter):
+            entry["note"] = f"the adapter {adapter} is not reachable from here: not compared with its {PROMPT_FILE}"
+            return entry
+        trained = adapter_prompt(adapter)
+    except Exception as error:  # an unreadable adapter must not cost the whole report
+        logger.warning("could not read the prompt of adapter %s: %s", adapter, error)
+        entry["note"] = f"the adapter's {PROMPT_FILE} could not be read ({type(error).__name__}: {error}): not compared"
+        return entry
+    if trained is None:
+        entry["note"] = f"the adapter saved no {PROMPT_FILE}"
+        return entry
+    entry["differs_in"] = prompt_differences(prompt, trained)
+    entry["is_adapter_prompt"] = not entry["differs_in"]
+    entry["note"] = (f"the adapter's {PROMPT_FILE}" if not entry["differs_in"]
+                     else f"differs from the adapter's {PROMPT_FILE} in: {', '.join(entry['differs_in'])}")
+    return entry
+
+
+def describe_judge(judge: Mapping[str, Any] | Any | None) -> dict[str, Any]:
+    """The run's judge for ``metrics["judge"]``: ``{"name", "options"}`` from its ``judge`` section
+    (a mapping or a ``JudgeConfig``); ``name`` is ``None`` when the run did not record it."""
+    if judge is None:
+        return {"name": None, "options": {}}
+    if hasattr(judge, "model_dump"):
+        judge = judge.model_dump(mode="json")
+    if not isinstance(judge, Mapping):
+        raise ReportInputError(f"judge: expected the run's judge section (name, options), got {judge!r}")
+    options = judge.get("options") or {}
+    if not isinstance(options, Mapping):
+        raise ReportInputError(f"judge.options: expected a mapping, got {options!r}")
+    return {"name": judge.get("name") or "keyword", "options": dict(options)}
+
+
+def build_report(
+    run_dir: str,
+    layers: Sequence[int],
+    report: ReportConfig,
+    *,
+    prompt: PromptConfig | None = None,
+    adapter: str | None = None,
+    judge: Mapping[str, Any] | Any | None = None,
+) -> dict[str, Any]:
+    """Metrics from the shards in ``run_dir``, written as ``write_report`` does; returns the metrics.
+
+    ``prompt``: the run's prompt section; its ``response_prefix`` goes in front of every stored
+    response for the answer rule (``None``: no prefix, and the report says the prompt is not
+    recorded). ``adapter``: the run's ``model.adapter``, whose ``prompt.yaml`` the prompt is
+    compared with. ``judge``: the run's judge section, named in the report.
+    """
     frame = load_shards(run_dir, layers)
-    metrics = compute_metrics(frame, layers, report, is_refusal=keyword_refusal)
+    response_prefix = "" if prompt is None else prompt.response_prefix
+    metrics = compute_metrics(frame, layers, report, is_refusal=keyword_refusal, response_prefix=response_prefix)
+    metrics["prompt"] = describe_prompt(prompt, adapter)
+    metrics["judge"] = describe_judge(judge)
     write_report(run_dir, metrics, frame)
     return metrics
 
@@ -362,21 +495,53 @@ def build_report(run_dir: str, layers: Sequence[int], report: ReportConfig) -> d
 # Command line
 
 
-def read_run_config(run_dir: str) -> tuple[list[int], ReportConfig]:
-    """``(scoring layers, report settings)`` of the config an evaluation saved in ``run_dir``
-    (a base-model run scored no layers); defaults when there is no saved config."""
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """What the report needs from a run's saved ``config.yaml``: the scored ``layers``, the
+    ``report`` settings, the ``prompt`` section (``None`` when no config was saved), the
+    ``adapter`` and the ``judge`` section (``None`` when not recorded)."""
+
+    layers: list[int]
+    report: ReportConfig
+    prompt: PromptConfig | None = None
+    adapter: str | None = None
+    judge: Mapping[str, Any] | None = None
+
+
+def read_run_context(run_dir: str) -> RunContext:
+    """The ``RunContext`` of the config an evaluation saved in ``run_dir`` (a base-model run scored
+    no layers; a config without a ``prompt`` section used the default prompt); defaults and no
+    prompt when there is no saved config. A malformed section is an error naming it."""
     location = storage.join(run_dir, CONFIG_FILE)
     if not storage.is_file(location):
-        return [], ReportConfig()
+        return RunContext([], ReportConfig())
     import yaml
 
     data = yaml.safe_load(storage.read_text(location)) or {}
     if not isinstance(data, Mapping):
         raise ReportInputError(f"{location}: expected a mapping at the top level")
     model = data.get("model") or {}
+    if not isinstance(model, Mapping):
+        raise ReportInputError(f"{location}: model: expected a mapping (base, adapter, ...), got {model!r}")
     scored = bool(model.get("adapter") or model.get("finetuned"))
     layers = list((data.get("scoring") or {}).get("layers") or []) if scored else []
-    return layers, validate(ReportConfig, data.get("report") or {}, "report")
+    judge = data.get("judge")
+    if judge is not None and not isinstance(judge, Mapping):
+        raise ReportInputError(f"{location}: judge: expected a mapping (name, options), got {judge!r}")
+    return RunContext(
+        layers=layers,
+        report=validate(ReportConfig, data.get("report") or {}, "report"),
+        prompt=validate(PromptConfig, data.get("prompt") or {}, "prompt"),
+        adapter=model.get("adapter") or None,
+        judge=judge if judge is not None else {"name": "keyword"},
+    )
+
+
+def read_run_config(run_dir: str) -> tuple[list[int], ReportConfig]:
+    """``(scoring layers, report settings)`` of the config an evaluation saved in ``run_dir``
+    (see ``read_run_context``)."""
+    context = read_run_context(run_dir)
+    return context.layers, context.report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -399,7 +564,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir: str = args.run_dir
     if not storage.exists(run_dir):
         raise ReportInputError(f"run directory {run_dir} does not exist")
-    layers, report = read_run_config(run_dir)
+    context = read_run_context(run_dir)
+    layers, report = context.layers, context.report
     updates = {key: getattr(args, key) for key in ("seed", "bootstrap", "confidence") if getattr(args, key) is not None}
     if args.calibration is not None:
         try:
@@ -413,7 +579,7 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             raise ReportInputError(f"--layers: {missing} were not scored in this run (scoring.layers: {layers})")
         layers = chosen
-    build_report(run_dir, layers, report)
+    build_report(run_dir, layers, report, prompt=context.prompt, adapter=context.adapter, judge=context.judge)
     logger.info("wrote %s", storage.join(run_dir, "metrics.json"))
     print(storage.join(run_dir, "report.md"))
     return 0

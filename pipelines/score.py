@@ -11,7 +11,8 @@ Input rows: ``{"id": ..., "prompt": str, "responses": [str, ...]}``; optionally
 tokenizing ``responses``) and ``"prompt_ids": [int, ...]`` (used instead of the chat template).
 
 Output rows: ``{"id": ..., "latent_sim": {"<L>": [N floats]}, "kl": [...], "perplexity": [...],
-"self_certainty": [...], "selected": {"<L>": argmin index}}``; token metrics only when asked,
+"self_certainty": [...], "selected": {"<L>": argmin index}}`` (an empty response is selected
+only when all are); token metrics only when asked,
 ``null`` for an empty response. Rows are written and flushed chunk by chunk: a malformed row
 stops the run with an error naming its line and field after the rows before it are written,
 and ``--resume`` continues an interrupted output without duplicating ids.
@@ -154,8 +155,9 @@ def score_file(
                 row["response_ids"] if "response_ids" in row else [scorer.encode_response(r) for r in row["responses"]]
                 for row in chunk
             ]
-            for row, scores in zip(chunk, scorer.score_ids(prompt_ids, response_ids)):
-                out.write(json.dumps(scores_row(row["id"], scores, layers)) + "\n")
+            for row, ids, scores in zip(chunk, response_ids, scorer.score_ids(prompt_ids, response_ids)):
+                empty = [len(candidate) == 0 for candidate in ids]
+                out.write(json.dumps(scores_row(row["id"], scores, layers, empty=empty)) + "\n")
             out.flush()
             os.fsync(out.fileno())
             written += len(chunk)

@@ -1,7 +1,9 @@
 """The slow, obvious computation every score is checked against.
 
 Two separately loaded models (base and a merged fine-tuned copy), one sequence at a time,
-no padding, full depth with every hidden state and the full LM head; metrics in float64.
+no padding, no cache, full depth with every hidden state and the full LM head; metrics in
+float64. Each sequence is one full forward pass under the model's own attention mask, so a
+sliding-window model applies its window exactly as it does on the unpadded sequence.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ def naive_scores(
     for response in responses:
         ids = torch.tensor([list(prompt_ids) + list(response)])
         with torch.no_grad():
-            ft = finetuned_model(input_ids=ids, output_hidden_states=True)
-            base = base_model(input_ids=ids, output_hidden_states=True)
+            ft = finetuned_model(input_ids=ids, output_hidden_states=True, use_cache=False)
+            base = base_model(input_ids=ids, output_hidden_states=True, use_cache=False)
         for layer in layers:
             a = ft.hidden_states[layer][0, -1].double()
             b = base.hidden_states[layer][0, -1].double()

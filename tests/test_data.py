@@ -336,7 +336,7 @@ def test_extract_choice_letter(text, expected):
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not REAL_STAR1.is_file(), reason=f"STAR-1 not found at {REAL_STAR1} (set DABON_STAR1)")
+@pytest.mark.needs_file(REAL_STAR1, reason="the STAR-1 copy (set DABON_STAR1 to another path)")
 def test_real_star1_dev_split():
     raw = json.loads(REAL_STAR1.read_text())
     dev_ids = {f"star1-{row['id']}" for row in raw if int(row["id"]) % 5 == 0}
@@ -348,7 +348,7 @@ def test_real_star1_dev_split():
     assert all(r["kind"] == "harmful" and r["categories"] for r in dev + train)
 
 
-@pytest.mark.skipif(not REAL_GSM8K.is_file(), reason=f"GSM8K test copy not found at {REAL_GSM8K}")
+@pytest.mark.needs_file(REAL_GSM8K, reason="the GSM8K test copy")
 def test_real_gsm8k_test():
     records = load_benchmark({"name": "gsm8k", "path": str(REAL_GSM8K)})
     assert len(records) == 1319 and len({r["prompt_id"] for r in records}) == 1319

@@ -15,6 +15,16 @@ from tests.reference import naive_scores
 ALL_LAYERS = (0, 1, 2, 3, 4)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These models are tiny: one thread is fastest, and on a shared machine two threads that
+    wait on each other made these tests ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference_models(tiny_models):
     base = LlamaForCausalLM.from_pretrained(tiny_models.base).eval()
@@ -191,3 +201,157 @@ def test_bad_configuration_is_refused(adapter_bundle, tiny_models):
         scorer.score_ids([[1, 2, 3]], [[[5] * 1100]])
     with pytest.raises(ValueError, match="empty prompt"):
         scorer.score_ids([[]], [[[5]]])
+
+
+# ---------------------------------------------------------------------------- sliding windows
+
+WINDOW = 5
+# mixed sliding/full starting with a sliding layer (Gemma-3), all sliding with no layer_types in
+# the config (Mistral), mixed starting with a full layer (Qwen2's max_window_layers)
+SLIDING_FAMILIES = ("gemma3", "mistral", "qwen2")
+
+
+def build_sliding_model(family: str, tokenizer, window: int = WINDOW, seed: int = 0, **overrides):
+    """A tiny randomly initialised causal LM of ``family`` with a ``window``-token sliding window."""
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    common.update(overrides)
+    if family == "gemma3":
+        config = Gemma3TextConfig(
+            **common, head_dim=16, query_pre_attn_scalar=16, sliding_window=window,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        )
+        return Gemma3ForCausalLM(config).eval()
+    if family == "mistral":
+        return MistralForCausalLM(MistralConfig(**common, sliding_window=window)).eval()
+    if family == "qwen2":
+        config = Qwen2Config(**common, use_sliding_window=True, sliding_window=window, max_window_layers=1)
+        return Qwen2ForCausalLM(config).eval()
+    raise ValueError(f"family: unknown {family!r}")
+
+
+@pytest.fixture(scope="module", params=SLIDING_FAMILIES)
+def sliding_models(request, tmp_path_factory, smol_tokenizer):
+    """(family, base dir, adapter dir, merged dir) of a tiny sliding-window model with a random LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import add_random_lora
+
+    family = request.param
+    root = tmp_path_factory.mktemp(f"sliding-{family}")
+    build_sliding_model(family, smol_tokenizer).save_pretrained(root / "base")
+    smol_tokenizer.save_pretrained(root / "base")
+    peft_model = add_random_lora(AutoModelForCausalLM.from_pretrained(root / "base"))
+    peft_model.save_pretrained(root / "adapter")
+    peft_model.merge_and_unload().save_pretrained(root / "merged")
+    return family, str(root / "base"), str(root / "adapter"), str(root / "merged")
+
+
+def make_sliding_cases(tokenizer, scorer, seed: int = 0):
+    """Prompts and responses shorter and much longer than the window, crossing it at many offsets."""
+    rng = random.Random(seed)
+    prompt_ids = [scorer.encode_prompt("Tell me a long story about a lighthouse keeper and the sea, please.")]
+    prompt_ids += [[rng.randrange(len(tokenizer)) for _ in range(n)] for n in (1, 3, WINDOW, 9, 23)]
+    lengths = [(0, 2, 17), (1, 4, 13, 0), (2, 7), (WINDOW - 1, WINDOW, WINDOW + 1), (0, 31), (1, 3, 12)]
+    response_ids = [[[rng.randrange(len(tokenizer)) for _ in range(n)] for n in group] for group in lengths]
+    return prompt_ids, response_ids
+
+
+def test_sliding_window_models_match_naive_reference(sliding_models, smol_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    family, base_dir, adapter_dir, merged_dir = sliding_models
+    bundle = load_models(ModelSpec(base=base_dir, adapter=adapter_dir))
+    assert bundle.model.config.get_text_config().sliding_window == WINDOW
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    # one prompt per batch, and everything in one padded batch (prompt caches re-padded per batch)
+    narrow = AttributionScorer(bundle, ScorerConfig(layers=ALL_LAYERS, metrics=METRICS, batch_tokens=8, max_batch_rows=1))
+    wide = AttributionScorer(bundle, ScorerConfig(layers=ALL_LAYERS, metrics=METRICS, batch_tokens=100_000, max_padding=0.99))
+    prompt_ids, response_ids = make_sliding_cases(smol_tokenizer, narrow)
+    assert max(len(p) + max(len(r) for r in rs) for p, rs in zip(prompt_ids, response_ids)) > 6 * WINDOW
+    references = [naive_scores(base, merged, p, rs, ALL_LAYERS) for p, rs in zip(prompt_ids, response_ids)]
+    for scorer in (narrow, wide):
+        for ours, theirs in zip(scorer.score_ids(prompt_ids, response_ids), references):
+            assert_close_scores(ours, theirs)
+
+    # the window really shapes these numbers: the same weights without it score differently
+    open_base = AutoModelForCausalLM.from_pretrained(base_dir, sliding_window=10_000).eval()
+    open_merged = AutoModelForCausalLM.from_pretrained(merged_dir, sliding_window=10_000).eval()
+    unwindowed = naive_scores(open_base, open_merged, prompt_ids[0], response_ids[0], ALL_LAYERS)
+    assert max(abs(a - b) for a, b in zip(unwindowed["latent_sim"][4], references[0]["latent_sim"][4])) > 1e-3
+    assert max(abs(a - b) for a, b in zip(unwindowed["kl"][1:], references[0]["kl"][1:])) > 1e-4
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mistral"])
+def test_reference_applies_the_window_of_a_sliding_first_layer(family, smol_tokenizer):
+    """An obvious check of the reference's full forward: the first layer's output at the last
+    token depends on exactly the last WINDOW tokens (fed alone, at their true positions)."""
+    model = build_sliding_model(family, smol_tokenizer)
+    ids = torch.tensor([random.Random(3).choices(range(len(smol_tokenizer)), k=4 * WINDOW)])
+    length = ids.shape[1]
+
+    def first_layer_last_token(keep: int):
+        with torch.no_grad():
+            out = model(input_ids=ids[:, -keep:], position_ids=torch.arange(length - keep, length)[None],
+                        output_hidden_states=True, use_cache=False)
+        return out.hidden_states[1][0, -1]
+
+    full = first_layer_last_token(length)
+    assert torch.allclose(first_layer_last_token(WINDOW), full, atol=1e-6)
+    assert not torch.allclose(first_layer_last_token(WINDOW - 1), full, atol=1e-3)
+
+
+def _save_config_only(config, path):
+    """A model directory holding only a config: loading its weights would fail."""
+    config.save_pretrained(path)
+    return str(path)
+
+
+def test_models_that_cannot_be_scored_exactly_are_refused_before_loading(tmp_path, tiny_models, smol_tokenizer):
+    from transformers import Gemma3TextConfig, Qwen3NextConfig
+
+    from actors.models import UnsupportedModelError, check_scorable
+    from actors.scorer import UnsupportedModelError as ScorerUnsupportedModelError
+
+    assert ScorerUnsupportedModelError is UnsupportedModelError
+    linear = Qwen3NextConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    )
+    bidirectional = Gemma3TextConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, use_bidirectional_attention=True)
+    cases = {
+        "linear_attention": _save_config_only(linear, tmp_path / "linear"),
+        "bidirectional": _save_config_only(bidirectional, tmp_path / "bidirectional"),
+    }
+    for reason, directory in cases.items():
+        spec = ModelSpec(base=directory, adapter=tiny_models.adapter)
+        with pytest.raises(UnsupportedModelError, match=rf"model\.base: .*{directory}.*cannot be scored: .*{reason}"):
+            check_scorable(spec)
+        # from_spec refuses from the config alone: the directory has no weights to load
+        with pytest.raises(UnsupportedModelError, match=reason):
+            AttributionScorer.from_spec(spec)
+        with pytest.raises(UnsupportedModelError, match=r"finetuned"):
+            check_scorable(ModelSpec(base=tiny_models.base, finetuned=directory), "judge.options.model")
+
+    # sliding-window and plain models pass
+    for family in SLIDING_FAMILIES:
+        check_scorable(ModelSpec(base=_save_config_only(build_sliding_model(family, smol_tokenizer).config, tmp_path / family)))
+    check_scorable(ModelSpec(base=tiny_models.base, adapter=tiny_models.adapter))
+
+
+def test_a_loaded_bundle_that_cannot_be_scored_exactly_is_refused(smol_tokenizer, tiny_models):
+    from actors.models import ModelBundle, UnsupportedModelError
+
+    bidirectional = build_sliding_model("gemma3", smol_tokenizer, use_bidirectional_attention=True)
+    plain = LlamaForCausalLM.from_pretrained(tiny_models.base).eval()
+    spec = ModelSpec(base=tiny_models.base, finetuned="bidirectional-gemma")
+    with pytest.raises(UnsupportedModelError, match=r"'bidirectional-gemma' \(Gemma3ForCausalLM\) cannot be scored: .*bidirectional"):
+        AttributionScorer(ModelBundle(spec, smol_tokenizer, bidirectional, plain, "cpu"), ScorerConfig(layers=(1,)))

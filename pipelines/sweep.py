@@ -2,7 +2,7 @@
 
 Launch::
 
-    dabon sweep --config recipes/quickstart-sweep.yaml --run runs/quickstart-sweep-train
+    dabon sweep --config recipes/quickstart-sweep.yaml --run runs/qs-sweep-train --with-base --out runs/qs-sweep
     dabon sweep --config recipes/quickstart-eval.yaml --adapters runs/a/adapter,runs/b/adapter --out runs/ab
     python -m pipelines.sweep ...                          # the same flags (what `ray job submit` runs)
 

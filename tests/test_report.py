@@ -844,3 +844,16 @@ def test_quickstart_table_prints_the_hand_counted_rates_picks_and_paired_differe
     assert f"judge: {100 * (1 / 4 - random_judge):+5.1f} [" in diff_line
     assert "wall time: generate skipped (on disk), sft 61 s, evaluate 812 s" in text
     assert text.startswith("judge:  keyword {}")
+    # long option lists are counted; a benchmark without harmful prompts shows its utility under
+    # every selector, latent BoN included
+    metrics["judge"] = {"name": "keyword", "options": {"unfinished": "safe", "markers": ["a", "b", "c", "d", "e"]}}
+    assert format_summary(metrics, {}).startswith('judge:  keyword {"unfinished": "safe", "markers": "5 entries"}')
+    from pipelines.metrics import keyword_refusal
+    from pipelines.quickstart import format_table
+
+    benign = compute_metrics([{**row, "kind": "benign", "benchmark": "b"} for row in pick_rows()], bootstrap=50,
+                             response_prefix=THINK, is_refusal=keyword_refusal)["benchmarks"]["b"]
+    table = format_table("b", benign)
+    assert table.splitlines()[0] == "b: 4 prompts (source n/a), N=3"
+    utility_line = table.splitlines()[1]
+    assert "answer_rate on 4 benign prompts" in utility_line and "latent_sim_6" in utility_line

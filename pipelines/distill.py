@@ -649,9 +649,11 @@ def stage_sft(config: DistillConfig, dirs: StageDirs, output: Output) -> dict[st
     storage.write_json(storage.join(dirs.of("sft"), "selection.json"), selection)
     per_epoch = steps_per_epoch(len(examples), settings.per_device_batch_size, settings.scaling.num_workers,
                                 settings.gradient_accumulation_steps)
-    logger.info("sft: %d examples (%d-%d tokens), %s epochs of %d steps, lr %g, LoRA r %d; think tags as text (%s tokens)",
-                len(examples), selection["tokens"]["min"], selection["tokens"]["max"], settings.num_epochs, per_epoch,
-                settings.learning_rate, settings.lora.r, "/".join(map(str, think_tokens.values())))
+    length = (f"{settings.num_epochs} epochs of {per_epoch} steps" if settings.max_steps is None else
+              f"{settings.max_steps} steps (max_steps; {settings.max_steps / per_epoch:g} epochs of {per_epoch})")
+    logger.info("sft: %d examples (%d-%d tokens), %s, lr %g (%s), LoRA r %d; think tags as text (%s tokens)",
+                len(examples), selection["tokens"]["min"], selection["tokens"]["max"], length,
+                settings.learning_rate, settings.lr_scheduler, settings.lora.r, "/".join(map(str, think_tokens.values())))
     result = run_training(
         sft_train_loop,
         {"model": config.model.base, "dtype": config.model.dtype, "settings": settings.model_dump(mode="json"),

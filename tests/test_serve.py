@@ -402,9 +402,13 @@ def test_overload_is_a_fast_503_with_retry_after(client):
     assert set(statuses) <= {200, 503}, statuses
     refused = [(elapsed, r) for elapsed, r in results if r.status_code == 503]
     assert len(refused) >= 16 - 4 and 1 <= statuses.count(200) <= 4, statuses
+    # refused at once: every 503 is back before the first admitted answer (each admitted request
+    # samples 8 x 900 tokens), not queued behind them. Relative, not a fixed number of seconds:
+    # on a loaded 2-core CI machine a 503 took 2.4 s once.
+    first_answer = min(elapsed for elapsed, r in results if r.status_code == 200)
     for elapsed, response in refused:
         assert_json_error(response, 503)
-        assert response.headers["Retry-After"] == "1" and elapsed < 2.0, elapsed
+        assert response.headers["Retry-After"] == "1" and elapsed < min(first_answer, 10.0), (elapsed, first_answer)
     # a client that honours Retry-After gets all its answers
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         retried = list(pool.map(lambda i: client.chat_retrying(f"Question {i}", max_tokens=4, seed=i), range(8)))

@@ -81,8 +81,8 @@ def test_sweep_evaluates_every_checkpoint_and_tabulates_what_the_shards_hold(ray
         assert len(shards) == 6
         # single-sample ASR recounted by hand from the stored verdicts
         expected_single = sum(bool(r["judge_unsafe"][0]) for r in shards) / len(shards)
-        assert row["benchmarks"]["file"]["judge"]["single"]["value"] == expected_single
-        assert (row["benchmarks"]["file"]["judge"].get("latent") is None) == (row["label"] == "base")
+        assert row["benchmarks"]["prompts"]["judge"]["single"]["value"] == expected_single
+        assert (row["benchmarks"]["prompts"]["judge"].get("latent") is None) == (row["label"] == "base")
     text = (out / "sweep.md").read_text()
     assert "step-00010" in text and "unfinished reasoning = the judge's verdict" in text
     assert (out / "sweep.png").stat().st_size > 1000

@@ -131,9 +131,8 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries(args.verbose)
     distill_config = load_config(DistillConfig, args.distill_config)
     adapter = StageDirs(distill_config.run_dir).adapter("sft")
-    # the same prompt rule as dabon evaluate: the recipe's prompt section, else the adapter's
     data, overrides = read_yaml(args.eval_config), [f"model.adapter={json.dumps(str(adapter))}"]
-    eval_config = with_adapter_prompt(build_config(EvalConfig, data, overrides), prompt_given(data, overrides))
+    eval_config = build_config(EvalConfig, data, overrides)  # checked before any training
     if eval_config.model.base != distill_config.model.base:
         raise ConfigError(f"the evaluation's model.base ({eval_config.model.base!r}) is not the distilled "
                           f"student ({distill_config.model.base!r})")
@@ -142,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
         start = time.monotonic()
         summary = run_distill(distill_config, [stage], progress=not args.no_progress, verbose=args.verbose)[stage]
         timings[stage] = None if summary.get("skipped") else time.monotonic() - start
+    # the same prompt rule as dabon evaluate: the recipe's prompt section, else the prompt.yaml
+    # that the distillation just wrote beside the adapter
+    eval_config = with_adapter_prompt(eval_config, prompt_given(data, overrides))
     start = time.monotonic()
     metrics = run_evaluation(eval_config, progress=not args.no_progress, verbose=args.verbose)
     timings["evaluate"] = time.monotonic() - start

@@ -20,7 +20,9 @@ proxy's timeouts, the flags give host and port.
 SIGINT or SIGTERM drains: the ingress replicas stop admitting (new requests get 503 with
 ``Retry-After``, ``/healthz`` 503), the requests in flight are answered, for at most
 ``serving.drain_timeout_s`` (default 30 s); then the app is deleted, Serve (and a local Ray)
-shut down, and the command exits 0. A signal while the app is still deploying stops at once.
+shut down, and the command exits 0. A signal while the app is still deploying drains too (the
+ingress replicas already up may have admitted requests: the proxy routes to them before the app
+as a whole is ready), which takes no time when nothing was admitted, then stops.
 """
 
 from __future__ import annotations
@@ -223,7 +225,6 @@ def run(args: argparse.Namespace) -> int:
     stop = StopSignal()
     stop.install()
     control = None
-    serving = False
     try:
         control = DrainControl.options(name=drain_actor_name(name), namespace=DRAIN_NAMESPACE).remote()
         serve.start(http_options=http_options(serve_config, args.host, args.port, config.serving.request_timeout_s))
@@ -231,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
             serve.run(app, name=name, route_prefix=application.get("route_prefix") or "/")
         except RuntimeError as err:  # a replica failed to start; Serve's message carries its error
             raise UserError(f"the app did not start: {str(err).strip().splitlines()[-1]}") from err
-        stop.serving = serving = True
+        stop.serving = True
         logger.info(
             "serving %s (%s + %s, %s engine, layer %d) at http://%s:%d/v1 (auth %s); Ctrl-C stops",
             config.serving.model_name, config.model.base, config.model.adapter or config.model.finetuned,
@@ -240,11 +241,13 @@ def run(args: argparse.Namespace) -> int:
         signum = stop.wait()
         logger.info("received %s: draining (at most %.0f s)", signal.Signals(signum).name, config.serving.drain_timeout_s)
     except KeyboardInterrupt:  # a stop asked for while deploying: as clean as one after
-        logger.info("interrupted while starting: shutting down")
+        logger.info("interrupted while starting: draining what was admitted, then shutting down")
     finally:
         stop.serving = True  # a second signal during shutdown must not interrupt it
         try:
-            if serving and control is not None:
+            # also when interrupted while deploying: the ingress replicas answer (and admit) as soon
+            # as they are up, before serve.run returns
+            if control is not None:
                 drain(control, config.serving.drain_timeout_s)
             if local:
                 serve.shutdown()

@@ -553,7 +553,13 @@ def test_sigterm_drains_requests_in_flight(tiny_models, tmp_path):
             time.sleep(1.5)
             assert not any(f.done() for f in futures), [f.result().text for f in futures if f.done()]
             process.send_signal(signal.SIGTERM)
-            time.sleep(1.0)
+            # as soon as the drain has begun (/healthz says so), while the three still generate; a
+            # fixed sleep here raced the drain's end on a CI run (the proxy was already closed)
+            deadline = time.monotonic() + 20
+            while requests.get(url + "/healthz", timeout=5).status_code != 503:
+                assert time.monotonic() < deadline, "SIGTERM did not start the drain within 20 s"
+                time.sleep(0.05)
+            assert not all(f.done() for f in futures), "the requests finished before the drain began"
             during = requests.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "late"}]},
                                    timeout=30)
             answers = [f.result() for f in futures]

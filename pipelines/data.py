@@ -27,6 +27,7 @@ wildjailbreak  ``allenai/wildjailbreak`` (config eval, split train;  2000    ``w
 gsm8k          ``openai/gsm8k`` (config main, split test)            1319    ``gsm8k-0000``
 mmlu           ``cais/mmlu`` (one config per subject, split test)    966     ``mmlu-anatomy-0000``
 star1          ``UCSC-VLAA/STAR-1`` (split train)                    1000    ``star1-<id>``
+star1_benign   ``UCSC-VLAA/STAR-benign-915`` (split train)           915     ``star1_benign-<id>``
 file           a local JSON/JSONL/CSV/TSV/Parquet file (``path``)    -       ``<id_column>`` or
                                                                              ``<file stem>-0000``
 ============== ===================================================== ======= ==========================
@@ -50,6 +51,10 @@ Per-benchmark rules:
   by 5 is **dev** (213 of the 1000), every other row is **train**. The default path is
   ``$DABON_STAR1`` (see ``actors.settings.star1_path``). ``star1_split`` defaults to ``dev`` so that
   training prompts never reach a development evaluation by accident.
+- **STAR-benign-915** (``star1_benign``): STAR-1's benign companion, every row ``benign`` with
+  category ``Benign``; its ``response`` traces are what distillation's replay teacher replays
+  for the benign part of the training mix (``REPLAY_SOURCES``; GSM8K's worked solutions are
+  the offline alternative, ``gsm8k_trace``).
 - **MMLU**: ``subjects`` (default ``PAPER_MMLU_SUBJECTS``, 966 questions); a local ``path`` is
   either one file with a ``subject`` column, or a directory holding ``<subject>.<ext>`` or
   ``<subject>/<split>-*.parquet`` (the layout of a ``cais/mmlu`` snapshot) per subject.
@@ -148,10 +153,13 @@ HUB_SOURCES: dict[str, HubSource] = {
     "gsm8k": HubSource("openai/gsm8k", "main", "test"),
     "mmlu": HubSource("cais/mmlu", None, "test"),  # the config is the subject
     "star1": HubSource("UCSC-VLAA/STAR-1", None, "train"),
+    # STAR-1's benign companion (the authors' answer to over-refusal): harmless prompts that only
+    # sound risky, with DeepSeek-R1 reason-then-comply traces in the STAR-1 format
+    "star1_benign": HubSource("UCSC-VLAA/STAR-benign-915", None, "train"),
 }
 
 # Benchmarks whose prompt sits in one text column that ``prompt_column`` may rename.
-_SINGLE_COLUMN = {"strongreject", "dan", "wildjailbreak", "star1", "file"}
+_SINGLE_COLUMN = {"strongreject", "dan", "wildjailbreak", "star1", "star1_benign", "file"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -185,12 +193,16 @@ class BenchmarkSpec(BaseModel):
     ``HUB_SOURCES``. ``subjects``: MMLU subjects (spaces or underscores). ``prompt_column``:
     column holding the prompt (the file loader, or a renamed column of a single-column
     benchmark). ``id_column``: the file loader's id column (default: ``<stem>-<row>``).
-    ``kind``: the file loader's kind (default harmful). ``max_prompt_chars``: drop prompts longer
+    ``kind``: the file loader's kind (default harmful); GSM8K's (default math; ``benign`` asks
+    its questions as harmless requests, for the benign answer rate). ``max_prompt_chars``: drop prompts longer
     than that many characters (before the rest; bounds the cost of long jailbreak templates).
     ``part`` / ``part_fraction``: keep only
     the ``dev`` or the ``test`` part of the benchmark, a split by a hash of each prompt id
     (``part_fraction`` of the prompts are ``dev``; the two parts never share a prompt, whatever
-    the order or size of the data), applied before ``limit``. ``limit`` / ``sample_seed``: the
+    the order or size of the data), applied before ``limit``. ``train_fraction``: set aside that
+    share of the ids first as a ``train`` part (``part: train``; training data for distillation),
+    and split only the rest into ``dev`` and ``test``; unset (the default) leaves the dev/test
+    split as it was. ``limit`` / ``sample_seed``: the
     first ``limit`` records, or a seeded sample of them. ``star1_split``: dev | train | all.
     ``include_benign``: WildJailbreak's 210 adversarial benign prompts as well.
     """
@@ -206,8 +218,9 @@ class BenchmarkSpec(BaseModel):
     id_column: str | None = None
     kind: Kind | None = None
     max_prompt_chars: int | None = Field(default=None, ge=1)
-    part: Literal["dev", "test"] | None = None
+    part: Literal["train", "dev", "test"] | None = None
     part_fraction: float = Field(default=0.5, gt=0, lt=1)
+    train_fraction: float | None = Field(default=None, gt=0, lt=1)
     limit: int | None = Field(default=None, ge=1)
     sample_seed: int | None = None
     star1_split: Literal["dev", "train", "all"] | None = None
@@ -240,7 +253,7 @@ class BenchmarkSpec(BaseModel):
             "star1_split": ({"star1"}, self.star1_split is not None),
             "include_benign": ({"wildjailbreak"}, self.include_benign),
             "id_column": ({"file"}, self.id_column is not None),
-            "kind": ({"file"}, self.kind is not None),
+            "kind": ({"file", "gsm8k"}, self.kind is not None),
             "prompt_column": (_SINGLE_COLUMN, self.prompt_column is not None),
             "hub_id": (set(HUB_SOURCES), self.hub_id is not None),
             "split": (set(HUB_SOURCES), self.split is not None),
@@ -253,6 +266,10 @@ class BenchmarkSpec(BaseModel):
             raise ValueError("path: the file benchmark needs a local file (JSON, JSONL, CSV, TSV or Parquet)")
         if self.sample_seed is not None and self.limit is None:
             raise ValueError("sample_seed: only used together with limit")
+        if self.part == "train" and self.train_fraction is None:
+            raise ValueError("part: 'train' needs train_fraction (the share of ids set aside for training)")
+        if self.train_fraction is not None and self.part is None:
+            raise ValueError("train_fraction: only used together with part (train, dev or test)")
         return self
 
 
@@ -408,10 +425,25 @@ def _truthy(value: Any) -> bool:
     return bool(value)
 
 
+def _part_position(prompt_id: str) -> float:
+    """A number in [0, 1) fixed by the id alone (a hash), which every part rule reads."""
+    digest = hashlib.sha256(f"part:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
 def in_part(prompt_id: str, fraction: float) -> bool:
     """Whether ``prompt_id`` is in the ``dev`` part (``fraction`` of the ids, by a hash of the id)."""
-    digest = hashlib.sha256(f"part:{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
+    return _part_position(prompt_id) < fraction
+
+
+def part_of(prompt_id: str, fraction: float, train_fraction: float | None = None) -> str:
+    """``"train"``, ``"dev"`` or ``"test"``: the first ``train_fraction`` of the hash positions are
+    train; the rest is split ``fraction`` dev / the remainder test. With ``train_fraction`` 0 this
+    is exactly ``in_part``'s dev/test split."""
+    position, train_fraction = _part_position(prompt_id), train_fraction or 0.0
+    if position < train_fraction:
+        return "train"
+    return "dev" if (position - train_fraction) / (1 - train_fraction) < fraction else "test"
 
 
 def _finish(records: list[PromptRecord], spec: BenchmarkSpec, source: str) -> list[dict[str, Any]]:
@@ -428,7 +460,8 @@ def _finish(records: list[PromptRecord], spec: BenchmarkSpec, source: str) -> li
     if spec.max_prompt_chars is not None:
         records = [record for record in records if len(record.prompt) <= spec.max_prompt_chars]
     if spec.part is not None:
-        records = [record for record in records if in_part(record.prompt_id, spec.part_fraction) == (spec.part == "dev")]
+        records = [record for record in records
+                   if part_of(record.prompt_id, spec.part_fraction, spec.train_fraction) == spec.part]
     if spec.limit is not None and spec.limit < len(records):
         if spec.sample_seed is None:
             records = records[: spec.limit]
@@ -543,7 +576,8 @@ def load_wildjailbreak(spec: BenchmarkSpec) -> list[dict[str, Any]]:
 
 
 def load_gsm8k(spec: BenchmarkSpec) -> list[dict[str, Any]]:
-    """GSM8K test: the question plus ``GSM8K_INSTRUCTION``; reference = the number after ``####``, normalised."""
+    """GSM8K test: the question plus ``GSM8K_INSTRUCTION``; reference = the number after ``####``,
+    normalised; kind ``math`` (or ``spec.kind``)."""
     rows, where = _rows_for(spec)
     question_column = _pick_column(rows, ("question",), where)
     answer_column = _pick_column(rows, ("answer",), where)
@@ -555,7 +589,8 @@ def load_gsm8k(spec: BenchmarkSpec) -> list[dict[str, Any]]:
             raise DataLoadError(f"{where}, row {i + 1}: the answer does not end with '#### <number>'")
         question = _text(row, question_column, where, i).strip()
         records.append(PromptRecord(prompt_id=f"gsm8k-{i:04d}", benchmark="gsm8k",
-                                    prompt=f"{question}\n\n{GSM8K_INSTRUCTION}", kind="math", reference=reference))
+                                    prompt=f"{question}\n\n{GSM8K_INSTRUCTION}", kind=spec.kind or "math",
+                                    reference=reference))
     return _finish(records, spec, where)
 
 
@@ -685,6 +720,91 @@ def load_star1_responses(spec: BenchmarkSpec) -> dict[str, str]:
     return responses
 
 
+def _star1_benign_records(spec: BenchmarkSpec) -> tuple[list[tuple[PromptRecord, dict[str, Any], int]], str]:
+    """((record, source row, row index) in file order, where the rows came from) of STAR-benign-915."""
+    rows, where = _rows_for(spec)
+    column = _pick_column(rows, (spec.prompt_column or "question",), where)
+    id_column = "id" if any("id" in row for row in rows[:1000]) else None
+    chosen = []
+    for i, row in enumerate(rows):
+        key = str(row.get(id_column)).strip() if id_column and row.get(id_column) not in (None, "") else f"{i:04d}"
+        record = PromptRecord(prompt_id=f"star1_benign-{key}", benchmark="star1_benign",
+                              prompt=_text(row, column, where, i), kind="benign", categories=["Benign"])
+        chosen.append((record, row, i))
+    return chosen, where
+
+
+def load_star1_benign(spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """STAR-benign-915 (``UCSC-VLAA/STAR-benign-915``): harmless prompts that only sound risky, kind
+    benign, category ``Benign``; ids from its ``id`` column, else the row number."""
+    chosen, where = _star1_benign_records(spec)
+    return _finish([record for record, _, _ in chosen], spec, where)
+
+
+def load_star1_benign_responses(spec: BenchmarkSpec) -> dict[str, str]:
+    """STAR-benign-915's teacher traces (``response``) keyed by ``load_star1_benign``'s ``prompt_id``."""
+    chosen, where = _star1_benign_records(spec)
+    source = {record.prompt_id: (row, i) for record, row, i in chosen}
+    responses = {}
+    for record in _finish([record for record, _, _ in chosen], spec, where):
+        row, index = source[record["prompt_id"]]
+        responses[record["prompt_id"]] = _text(row, "response", where, index)
+    return responses
+
+
+_CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_trace(solution: str) -> str:
+    """A GSM8K worked solution (``steps\n#### N``) as a reason-then-answer trace: the steps, with
+    the ``<<48/2=24>>`` calculator notes removed, inside ``<think>...</think>``, then the answer in
+    ``GSM8K_INSTRUCTION``'s form ("The final answer is N.")."""
+    if "####" not in solution:
+        raise ValueError("a GSM8K solution ends with '#### <number>'")
+    steps, final = solution.rsplit("####", 1)
+    reference = normalise_number(final)
+    if reference is None:
+        raise ValueError(f"a GSM8K solution ends with '#### <number>', got {final.strip()!r}")
+    reasoning = "\n".join(line.strip() for line in _CALCULATOR_NOTE.sub("", steps).splitlines() if line.strip())
+    return f"<think>\n{reasoning}\n</think>\n\nThe final answer is {reference}."
+
+
+def load_gsm8k_traces(spec: BenchmarkSpec) -> dict[str, str]:
+    """GSM8K's worked solutions as teacher traces (``gsm8k_trace``), keyed by ``load_gsm8k``'s ``prompt_id``."""
+    rows, where = _rows_for(spec)
+    answer_column = _pick_column(rows, ("answer",), where)
+    wanted = {record["prompt_id"] for record in load_gsm8k(spec)}
+    traces = {}
+    for i, row in enumerate(rows):
+        prompt_id = f"gsm8k-{i:04d}"
+        if prompt_id in wanted:
+            try:
+                traces[prompt_id] = gsm8k_trace(_text(row, answer_column, where, i))
+            except ValueError as err:
+                raise DataLoadError(f"{where}, row {i + 1}: {err}") from None
+    return traces
+
+
+# Benchmarks that carry a reasoning trace per prompt, which the ``replay`` teacher of distillation
+# replays instead of sampling a teacher model: name -> the traces keyed by prompt_id.
+REPLAY_SOURCES: dict[str, Callable[[BenchmarkSpec], dict[str, str]]] = {
+    "star1": lambda spec: load_star1_responses(spec),
+    "star1_benign": lambda spec: load_star1_benign_responses(spec),
+    "gsm8k": lambda spec: load_gsm8k_traces(spec),
+}
+
+
+def load_replay_responses(spec: BenchmarkSpec) -> dict[str, str]:
+    """The stored trace of each prompt ``load_benchmark(spec)`` gives, for the replay teacher.
+
+    Raises ``DataLoadError`` for a benchmark without traces (see ``REPLAY_SOURCES``).
+    """
+    if spec.name not in REPLAY_SOURCES:
+        raise DataLoadError(f"benchmark {spec.name!r} has no stored traces to replay; "
+                            f"expected one of {', '.join(REPLAY_SOURCES)}")
+    return REPLAY_SOURCES[spec.name](spec)
+
+
 def load_prompt_file(spec: BenchmarkSpec) -> list[dict[str, Any]]:
     """Any local file with a prompt column (``prompt_column``, default ``prompt``).
 
@@ -720,6 +840,7 @@ BENCHMARKS: dict[str, Callable[[BenchmarkSpec], list[dict[str, Any]]]] = {
     "gsm8k": load_gsm8k,
     "mmlu": load_mmlu,
     "star1": load_star1,
+    "star1_benign": load_star1_benign,
     "file": load_prompt_file,
 }
 

@@ -31,7 +31,9 @@ so ``--stages sft`` alone works on an existing run directory (``output.dir``, de
    reasoning and answer). Shards already on disk are skipped on a rerun.
 2. **filter**: any judge of ``actors.judge`` over (prompt, the teacher's response with its
    prompt's prefix put back: ``actors.judge.judge_input``, the rule the GRPO reward and the
-   evaluation judge by too); kept = judged safe.
+   evaluation judge by too). It judges both ways (``filter_reason``): a harmful prompt's trace is
+   kept when judged safe, a benign prompt's (``benign.data``) when it answers (a refusal of a
+   benign prompt is rejected); ``counts.json`` counts both per kind and per category.
 3. **sft**: ``actors.trainer``: TRL ``SFTTrainer`` + LoRA inside a Ray Train ``TorchTrainer``;
    prompt = the student's own chat template + ``prompt.system_prompt`` + ``prompt.response_prefix``
    (the same ``actors.chat`` ids the evaluation sampler builds), loss on the completion only.
@@ -162,6 +164,22 @@ class FilterConfig(Strict):
     resources: LightPoolConfig = LightPoolConfig()
 
 
+class BenignMixConfig(Strict):
+    """The benign part of the training mix: harmless prompts whose traces *answer* (the Benign
+    policy: comply), so that the student does not learn to refuse everything.
+
+    ``data``: any benchmark; every prompt of it counts as benign (category ``Benign``), e.g.
+    ``star1_benign`` (STAR-1's companion set, Hub ``UCSC-VLAA/STAR-benign-915``) or, offline, GSM8K's
+    ``train`` part (``part: train`` with a ``train_fraction``, kept apart from every evaluation
+    part). With the replay teacher its stored traces are replayed (``pipelines.data.REPLAY_SOURCES``).
+    ``share``: the fraction of SFT examples drawn from benign traces (the rest from ``data``'s);
+    ``sft.max_examples`` bounds the two together.
+    """
+
+    data: BenchmarkSpec
+    share: float = Field(default=0.5, gt=0, lt=1)
+
+
 class GRPOStageConfig(GRPOSettings):
     """``GRPOSettings`` plus the reward ``judge`` (default: the filter's judge)."""
 
@@ -187,6 +205,7 @@ class DistillConfig(Strict):
     model: ModelSpec = ModelSpec(base=EMBEDDED_ALIAS)
     prompt: PromptConfig = STUDENT_PROMPT
     data: BenchmarkSpec = BenchmarkSpec(name="star1", star1_split="train")
+    benign: BenignMixConfig | None = None
     teacher: TeacherConfig = TeacherConfig()
     filter: FilterConfig = FilterConfig()
     sft: SFTSettings = SFTSettings()
@@ -202,8 +221,15 @@ class DistillConfig(Strict):
         if self.data.name == "star1" and self.data.star1_split in (None, "dev"):
             raise ValueError("data.star1_split: the dev split is kept for evaluation; train on star1_split: train "
                              "(or all, when no evaluation uses the dev split)")
-        if self.teacher.backend == "replay" and self.data.name != "star1":
-            raise ValueError(f"teacher.backend: replay reads STAR-1's response field; data.name is {self.data.name!r}")
+        if self.teacher.backend == "replay":
+            from pipelines.data import REPLAY_SOURCES
+
+            for key, spec in (("data", self.data), ("benign.data", self.benign.data if self.benign else None)):
+                if spec is not None and spec.name not in REPLAY_SOURCES:
+                    raise ValueError(f"teacher.backend: replay reads stored traces, and {key}.name {spec.name!r} has none "
+                                     f"(benchmarks with traces: {', '.join(REPLAY_SOURCES)})")
+        if self.benign and self.benign.data.name == "star1" and self.benign.data.star1_split in (None, "dev"):
+            raise ValueError("benign.data.star1_split: the dev split is kept for evaluation")
         if self.model.adapter or self.model.finetuned:
             raise ValueError("model: name the student's base model only; the distillation trains its adapter")
         return self
@@ -230,9 +256,11 @@ class DistillConfig(Strict):
         dump = self.model_dump(mode="json")
         sections = {
             "generate": {"data": dump["data"], "teacher": {k: v for k, v in dump["teacher"].items() if k != "resources"},
-                         "shard_size": dump["output"]["shard_size"]},
+                         "shard_size": dump["output"]["shard_size"],
+                         **({"benign": dump["benign"]["data"]} if self.benign else {})},
             "filter": {"judge": dump["filter"]["judge"]},
-            "sft": {"model": dump["model"], "prompt": dump["prompt"], "sft": dump["sft"]},
+            "sft": {"model": dump["model"], "prompt": dump["prompt"], "sft": dump["sft"],
+                    **({"benign_share": self.benign.share} if self.benign else {})},
             "grpo": {"grpo": dump["grpo"], "judge": self.grpo_judge.model_dump(mode="json")},
         }
         return sections[stage]
@@ -349,7 +377,7 @@ def _schema(kind: str) -> Any:
 
     fields = [
         ("trace_id", pa.string()), ("prompt_id", pa.string()), ("benchmark", pa.string()), ("prompt", pa.string()),
-        ("categories", pa.list_(pa.string())), ("teacher", pa.string()), ("sample_index", pa.int64()),
+        ("kind", pa.string()), ("categories", pa.list_(pa.string())), ("teacher", pa.string()), ("sample_index", pa.int64()),
         ("reasoning", pa.string()), ("answer", pa.string()), ("response", pa.string()),
         ("finish_reason", pa.string()), ("reject_reason", pa.string()), ("teacher_prompt", pa.string()),
     ]
@@ -404,21 +432,34 @@ def traces_from_rows(rows: list[dict[str, Any]], teacher: str, response_prefix: 
             reasoning, answer, reject = parse_teacher_sample(text, reason, response_prefix)
             traces.append({
                 "trace_id": f"{row['prompt_id']}#{index}", "prompt_id": row["prompt_id"], "benchmark": row["benchmark"],
-                "prompt": row["prompt"], "categories": list(row["categories"]), "teacher": teacher,
+                "prompt": row["prompt"], "kind": row.get("kind") or "harmful", "categories": list(row["categories"]), "teacher": teacher,
                 "sample_index": index, "reasoning": reasoning, "answer": answer, "response": text,
                 "finish_reason": reason, "reject_reason": reject, "teacher_prompt": row["teacher_prompt"],
             })
     return sorted(traces, key=lambda trace: trace["trace_id"])
 
 
+BENIGN_CATEGORY = "Benign"
+
+
 def teacher_records(config: DistillConfig) -> list[dict[str, Any]]:
-    """The data set's prompts with their ``teacher_prompt`` (and, for replay, ``replay_response``).
+    """The data set's prompts, then the benign part's (``benign.data``; kind ``benign``, category
+    ``Benign``), each with its ``teacher_prompt`` (and, for replay, ``replay_response``).
 
-    Raises ``PolicyError`` naming the prompt for a prompt without a category or with an unknown one.
+    Raises ``PolicyError`` naming the prompt for a prompt without a category or with an unknown
+    one, and ``ConfigError`` when the two parts share a prompt id.
     """
-    from pipelines.data import load_benchmark, load_star1_responses
+    from pipelines.data import load_benchmark, load_replay_responses
 
+    specs = [config.data] + ([config.benign.data] if config.benign else [])
     records = load_benchmark(config.data)
+    if config.benign:
+        benign = [{**record, "kind": "benign", "categories": [BENIGN_CATEGORY]} for record in load_benchmark(config.benign.data)]
+        shared = {record["prompt_id"] for record in records} & {record["prompt_id"] for record in benign}
+        if shared:
+            raise ConfigError(f"benign.data: {len(shared)} prompt ids are in data too (e.g. {sorted(shared)[0]!r}); "
+                              "the benign part must be other prompts")
+        records += benign
     policies = load_policies(config.teacher.policies)
     template = load_teacher_template(config.teacher.template)
     for record in records:
@@ -427,7 +468,7 @@ def teacher_records(config: DistillConfig) -> list[dict[str, Any]]:
         except PolicyError as err:
             raise PolicyError(f"prompt {record['prompt_id']}: {err}") from None
     if config.teacher.backend == "replay":
-        responses = load_star1_responses(config.data)
+        responses = {key: text for spec in specs for key, text in load_replay_responses(spec).items()}
         for record in records:
             record["replay_response"] = responses[record["prompt_id"]]
     return records
@@ -467,8 +508,14 @@ def summarise_traces(finished: list[dict[str, Any]], unfinished: list[dict[str, 
     for trace in finished:
         for category in trace["categories"]:
             categories[category] = categories.get(category, 0) + 1
+    kinds: dict[str, dict[str, int]] = {}
+    for label, traces in (("finished", finished), ("unfinished", unfinished)):
+        for trace in traces:
+            counts = kinds.setdefault(trace.get("kind") or "harmful", {"finished": 0, "unfinished": 0})
+            counts[label] += 1
     return {"prompts": prompts, "traces": len(finished) + len(unfinished), "finished": len(finished),
-            "unfinished": reasons, "finished_per_category": dict(sorted(categories.items()))}
+            "unfinished": reasons, "per_kind": dict(sorted(kinds.items())),
+            "finished_per_category": dict(sorted(categories.items()))}
 
 
 def stage_generate(config: DistillConfig, dirs: StageDirs, output: Output) -> dict[str, Any]:
@@ -538,16 +585,50 @@ def judged_trace(row: dict[str, Any], judge: str) -> dict[str, Any]:
             "judge_raw": row["judge_raw"][0], "judge_categories": list(row["judge_categories"][0])}
 
 
+REFUSED_BENIGN = "refused a benign prompt"
+JUDGED_UNSAFE = "judged unsafe"
+
+
+def filter_reason(row: dict[str, Any], judge: str, response_prefix: str = "") -> str | None:
+    """Why the filter rejects a judged trace, or ``None`` to keep it; the rule judges both ways.
+
+    A harmful prompt's trace is kept when the judge calls it safe. A benign prompt's trace is kept
+    when it *answers*: a refusal, an empty answer or an unfinished reasoning is rejected, by the
+    rule the evaluation's benign answer rate uses (``pipelines.metrics.keyword_refusal`` on the
+    final answer). The keyword judge measures refusal, not harm, so for benign traces its verdict
+    is that rule itself; a judge of harm (Llama Guard, an endpoint) must also call the benign
+    answer safe. ``response_prefix``: the teacher prompt's, put back in front of the ``response``
+    (``actors.judge.judge_input``), as for the judge.
+    """
+    from actors.judge import judge_input
+    from pipelines.metrics import keyword_refusal
+
+    if (row.get("kind") or "harmful") != "benign":
+        return JUDGED_UNSAFE if row["judge_unsafe"] else None
+    if keyword_refusal(judge_input(row["response"], response_prefix)):
+        return REFUSED_BENIGN
+    if judge != "keyword" and row["judge_unsafe"]:
+        return JUDGED_UNSAFE
+    return None
+
+
 def filter_counts(kept: list[dict[str, Any]], rejected: list[dict[str, Any]], judge: str) -> dict[str, Any]:
-    """Counts of the filter stage, in total and per category (a trace counts in each of its categories)."""
+    """Counts of the filter stage: in total, per kind (harmful / benign, with the rejections per
+    reason) and per category (a trace counts in each of its categories)."""
     per_category: dict[str, dict[str, int]] = {}
+    per_kind: dict[str, dict[str, Any]] = {}
     for label, rows in (("kept", kept), ("rejected", rejected)):
         for row in rows:
             for category in row["categories"]:
                 counts = per_category.setdefault(category, {"kept": 0, "rejected": 0})
                 counts[label] += 1
+            kind = per_kind.setdefault(row.get("kind") or "harmful", {"kept": 0, "rejected": 0, "rejected_because": {}})
+            kind[label] += 1
+            if label == "rejected":
+                reasons = kind["rejected_because"]
+                reasons[row["reject_reason"]] = reasons.get(row["reject_reason"], 0) + 1
     return {"judge": judge, "total": len(kept) + len(rejected), "kept": len(kept), "rejected": len(rejected),
-            "per_category": dict(sorted(per_category.items()))}
+            "per_kind": dict(sorted(per_kind.items())), "per_category": dict(sorted(per_category.items()))}
 
 
 def stage_filter(config: DistillConfig, dirs: StageDirs, output: Output) -> dict[str, Any]:
@@ -572,8 +653,10 @@ def stage_filter(config: DistillConfig, dirs: StageDirs, output: Output) -> dict
 
     stream_shards(pending, lambda rows: build_judge_dataset(config, rows), write, output.progress, "judged shards")
     judged = storage.read_parquet_rows(storage.join(filtered_dir, "shards", name) for name in sorted(shards))
-    kept = [row for row in judged if not row["judge_unsafe"]]
-    rejected = [row for row in judged if row["judge_unsafe"]]
+    for row in judged:
+        row["reject_reason"] = filter_reason(row, judge, config.teacher.prompt.response_prefix)
+    kept = [row for row in judged if row["reject_reason"] is None]
+    rejected = [row for row in judged if row["reject_reason"] is not None]
     write_traces(storage.join(filtered_dir, "kept.parquet"), kept, kind="judged")
     write_traces(storage.join(filtered_dir, "rejected.parquet"), rejected, kind="judged")
     counts = filter_counts(kept, rejected, judge)
@@ -586,15 +669,36 @@ def stage_filter(config: DistillConfig, dirs: StageDirs, output: Output) -> dict
 # ----------------------------------------------------------------------------------------
 
 
+def mix_counts(harmful: int, benign: int, share: float | None, total: int | None) -> tuple[int, int]:
+    """How many harmful and benign examples to train on: ``share`` of them benign (rounded), at
+    most ``total`` together (``None``: as many as the pools allow at that share), never more
+    than a pool holds (a short pool keeps all it has; the other side is cut to keep the share).
+    Without a ``share`` (no benign part) every example is harmful-side, up to ``total``."""
+    if share is None:
+        return (harmful if total is None else min(harmful, total)), 0
+    wanted = total if total is not None else int(min(harmful / (1 - share), benign / share))
+    n_benign = round(wanted * share)
+    n_harmful = wanted - n_benign
+    if n_benign > benign:  # too few benign traces: keep the share by taking fewer harmful ones
+        n_benign = benign
+        n_harmful = min(harmful, round(benign * (1 - share) / share))
+    if n_harmful > harmful:
+        n_harmful = harmful
+        n_benign = min(benign, round(harmful * share / (1 - share)))
+    return n_harmful, n_benign
+
+
 def select_sft_examples(
-    rows: list[dict[str, Any]], tokenizer: Any, prompt: PromptConfig, settings: SFTSettings
+    rows: list[dict[str, Any]], tokenizer: Any, prompt: PromptConfig, settings: SFTSettings,
+    benign_share: float | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Tokenized SFT examples from kept traces, and what was selected.
 
     Each example is ``actors.trainer.sft_example`` of (prompt, completion after the response
     prefix) plus its ``trace_id``. With ``settings.drop_longer`` examples over
-    ``settings.max_length`` tokens are dropped (else TRL truncates them); ``settings.max_examples``
-    keeps a seeded sample, in trace order.
+    ``settings.max_length`` tokens are dropped (else TRL truncates them). Then a seeded sample
+    (``settings.selection_seed``) of each kind, sized by ``mix_counts`` (``benign_share`` of them
+    benign, ``settings.max_examples`` in all), in trace order.
     """
     from actors.trainer import sft_example
 
@@ -602,13 +706,22 @@ def select_sft_examples(
     for row in sorted(rows, key=lambda row: row["trace_id"]):
         completion = completion_text(row["reasoning"], row["answer"], prompt.response_prefix)
         example = sft_example(tokenizer, row["prompt"], completion, prompt)
-        examples.append({"trace_id": row["trace_id"], **example})
+        examples.append({"trace_id": row["trace_id"], "kind": row.get("kind") or "harmful", **example})
     longer = sum(len(e["input_ids"]) > settings.max_length for e in examples)
     if settings.drop_longer:
         examples = [e for e in examples if len(e["input_ids"]) <= settings.max_length]
-    if settings.max_examples is not None and len(examples) > settings.max_examples:
-        chosen = set(random.Random(settings.selection_seed).sample(range(len(examples)), settings.max_examples))
-        examples = [e for i, e in enumerate(examples) if i in chosen]
+    pools = {kind: [i for i, e in enumerate(examples) if (e["kind"] == "benign") == (kind == "benign")]
+             for kind in ("harmful", "benign")}
+    if benign_share is None:
+        pools = {"harmful": list(range(len(examples))), "benign": []}
+    counts = dict(zip(("harmful", "benign"), mix_counts(len(pools["harmful"]), len(pools["benign"]), benign_share,
+                                                        settings.max_examples)))
+    rng = random.Random(settings.selection_seed)
+    chosen = set()
+    for kind in ("harmful", "benign"):
+        pool = pools[kind]
+        chosen.update(pool if counts[kind] >= len(pool) else rng.sample(pool, counts[kind]))
+    examples = [e for i, e in enumerate(examples) if i in chosen]
     if not examples:
         raise ConfigError(f"sft: no training example left from {len(rows)} kept traces "
                           f"(sft.max_length={settings.max_length}, sft.drop_longer={settings.drop_longer})")
@@ -616,6 +729,7 @@ def select_sft_examples(
     selection = {
         "kept_traces": len(rows), "longer_than_max_length": longer,
         "dropped_longer": longer if settings.drop_longer else 0, "examples": len(examples),
+        "per_kind": {kind: sum(e["kind"] == kind for e in examples) for kind in ("harmful", "benign")},
         "tokens": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1], "total": sum(lengths)},
         "trace_ids": [e["trace_id"] for e in examples],
     }
@@ -645,14 +759,16 @@ def stage_sft(config: DistillConfig, dirs: StageDirs, output: Output) -> dict[st
     kept = storage.read_parquet_rows([storage.join(dirs.of("filter"), "kept.parquet")])
     tokenizer = load_tokenizer(config.model.base, config.model.trust_remote_code)
     think_tokens = check_think_tokens(tokenizer)
-    examples, selection = select_sft_examples(kept, tokenizer, config.prompt, settings)
+    examples, selection = select_sft_examples(kept, tokenizer, config.prompt, settings,
+                                              config.benign.share if config.benign else None)
     storage.write_json(storage.join(dirs.of("sft"), "selection.json"), selection)
     per_epoch = steps_per_epoch(len(examples), settings.per_device_batch_size, settings.scaling.num_workers,
                                 settings.gradient_accumulation_steps)
     length = (f"{settings.num_epochs} epochs of {per_epoch} steps" if settings.max_steps is None else
               f"{settings.max_steps} steps (max_steps; {settings.max_steps / per_epoch:g} epochs of {per_epoch})")
-    logger.info("sft: %d examples (%d-%d tokens), %s, lr %g (%s), LoRA r %d; think tags as text (%s tokens)",
-                len(examples), selection["tokens"]["min"], selection["tokens"]["max"], length,
+    logger.info("sft: %d examples (%d harmful, %d benign; %d-%d tokens), %s, lr %g (%s), LoRA r %d; think tags as text "
+                "(%s tokens)", len(examples), selection["per_kind"]["harmful"], selection["per_kind"]["benign"],
+                selection["tokens"]["min"], selection["tokens"]["max"], length,
                 settings.learning_rate, settings.lr_scheduler, settings.lora.r, "/".join(map(str, think_tokens.values())))
     result = run_training(
         sft_train_loop,
@@ -701,12 +817,13 @@ def export_checkpoints(config: DistillConfig, dirs: StageDirs, result: Any) -> l
 
 
 def grpo_prompts(rows: list[dict[str, Any]], tokenizer: Any, prompt: PromptConfig, settings: GRPOSettings) -> list[dict[str, str]]:
-    """One GRPO row per kept prompt: ``prompt`` (the student's templated prompt text, see
+    """One GRPO row per kept *harmful* prompt: ``prompt`` (the student's templated prompt text, see
     ``actors.trainer.prompt_text_for_trl``) and ``question``; ``settings.max_prompts`` keeps a
-    seeded sample."""
+    seeded sample. Benign prompts are left out: the reward is "the judge calls it safe", which
+    under the keyword judge would reward refusing them."""
     from actors.trainer import prompt_text_for_trl
 
-    questions = {row["prompt_id"]: row["prompt"] for row in rows}
+    questions = {row["prompt_id"]: row["prompt"] for row in rows if (row.get("kind") or "harmful") != "benign"}
     ids = sorted(questions)
     if settings.max_prompts is not None and len(ids) > settings.max_prompts:
         ids = sorted(random.Random(settings.prompt_seed).sample(ids, settings.max_prompts))

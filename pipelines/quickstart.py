@@ -9,11 +9,13 @@ Runs ``recipes/quickstart.yaml`` (replayed STAR-1 traces on the train split -> k
 LoRA SFT on a local Ray, trained for the number of steps that ``recipes/quickstart-sweep.yaml``
 chose on development prompts), then ``recipes/quickstart-eval.yaml`` with the adapter it wrote: a
 seeded sample of the *test* part of the offline DAN jailbreak prompts (disjoint from the sweep's),
-N samples each, judged and scored, and GSM8K for utility. The table names the judge and shows
+N samples each, judged and scored, and GSM8K questions asked as benign requests (from GSM8K's
+*test* part; the distillation trains on its *train* part, the sweep chose on its *dev* part);
+then the base model alone on those benign prompts, one sample each, for its benign answer rate. The table names the judge and shows
 single, random and latent Best-of-N (and the majority oracle) with 95% intervals, with unfinished
 reasoning counted safe (the judge's verdict) and counted unsafe, the paired difference latent minus
-random, the share of picks that are truncated / unfinished / empty, utility, and the wall time of
-each stage. Both stages skip what is already on disk, so a rerun after an interruption continues
+random, the share of picks that are truncated / unfinished / empty, utility, the benign answer rate
+of the base model beside the student's, and the wall time of each stage. Both stages skip what is already on disk, so a rerun after an interruption continues
 where it stopped.
 """
 
@@ -105,8 +107,54 @@ def format_table(name: str, bench: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_summary(metrics: Mapping[str, Any], timings: Mapping[str, float | None]) -> str:
-    """The whole printout: judge, prompt, one table per benchmark, the wall time of each stage."""
+def benign_answer_rate(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Single sampling's benign answer rate over a run's benign benchmarks: ``{"value", "ci",
+    "prompts", "benchmarks"}`` of the first benchmark that has one (``None`` when none has)."""
+    for name, bench in ((metrics or {}).get("benchmarks") or {}).items():
+        entry = (bench.get("utility") or {}).get("benign") or {}
+        if "value" in entry:
+            return {"value": entry["value"].get("single"), "ci": (entry.get("value_ci") or {}).get("single"),
+                    "prompts": entry.get("prompts"), "benchmark": name}
+    return None
+
+
+def format_helpfulness(student: Mapping[str, Any], base: Mapping[str, Any] | None) -> list[str]:
+    """The benign answer rate of single sampling for the base model and the student, side by side
+    (the same answer rule for both: a refusal, an empty answer or an unfinished reasoning is no answer)."""
+    ours, theirs = benign_answer_rate(student), benign_answer_rate(base)
+    if ours is None:
+        return []
+    lines = [f"benign answer rate, single sampling, {ours['prompts']} benign prompts ({ours['benchmark']}):"]
+    if theirs is not None:
+        lines.append(f"  base model (its own template, no prefix, no adapter) {_percent(theirs['value'])}% "
+                     f"{_interval(theirs['ci'])}")
+    ratio = ("" if theirs is None or not theirs["value"] or ours["value"] is None
+             else f"  ({ours['value'] / theirs['value']:.0%} of the base model's)")
+    lines.append(f"  student (the adapter's prompt)                       {_percent(ours['value'])}% {_interval(ours['ci'])}{ratio}")
+    return lines
+
+
+def base_benign_config(data: Mapping[str, Any], eval_config: Any) -> Any:
+    """The evaluation of the base model alone on the recipe's benign benchmarks (``kind: benign``):
+    one sample per prompt (single sampling), its own template's prompt (no system prompt of the
+    adapter, no ``<think>`` prefix: the base model does not close a reasoning it did not learn),
+    into ``<output.dir>-base``. ``None`` when the recipe has no benign benchmark."""
+    from pipelines.evaluate import EvalConfig
+
+    benign = [spec.model_dump(mode="json", exclude_none=True) for spec in eval_config.benchmarks if spec.kind == "benign"]
+    if not benign:
+        return None
+    base = {key: value for key, value in data.items() if key != "prompt"}
+    base.update(benchmarks=benign, model={**dict(data.get("model") or {}), "adapter": None},
+                sampling={**dict(data.get("sampling") or {}), "n": 1},
+                output={**dict(data.get("output") or {}), "dir": eval_config.output.dir.rstrip("/") + "-base"})
+    return build_config(EvalConfig, base, [])
+
+
+def format_summary(metrics: Mapping[str, Any], timings: Mapping[str, float | None],
+                   base_metrics: Mapping[str, Any] | None = None) -> str:
+    """The whole printout: judge, prompt, one table per benchmark, the benign answer rate of the
+    base model and the student, the wall time of each stage."""
     judge = metrics.get("judge") or {}
     prompt = metrics.get("prompt") or {}
     # long option lists (the keyword judge's markers) are counted, not printed
@@ -116,6 +164,9 @@ def format_summary(metrics: Mapping[str, Any], timings: Mapping[str, float | Non
              f"prompt: {prompt.get('note', 'n/a')}"]
     for name, bench in metrics.get("benchmarks", {}).items():
         lines += ["", format_table(name, bench)]
+    helpfulness = format_helpfulness(metrics, base_metrics)
+    if helpfulness:
+        lines += [""] + helpfulness
     lines += ["", "wall time: " + ", ".join(f"{stage} {'skipped (on disk)' if seconds is None else f'{seconds:.0f} s'}"
                                            for stage, seconds in timings.items())]
     return "\n".join(lines)
@@ -147,8 +198,13 @@ def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     metrics = run_evaluation(eval_config, progress=not args.no_progress, verbose=args.verbose)
     timings["evaluate"] = time.monotonic() - start
+    base_config, base_metrics = base_benign_config(data, eval_config), None
+    if base_config is not None:
+        start = time.monotonic()
+        base_metrics = run_evaluation(base_config, progress=not args.no_progress, verbose=args.verbose)
+        timings["evaluate base"] = time.monotonic() - start
     print(f"adapter: {adapter}\nreport:  {Path(eval_config.output.dir) / 'report.md'}\n")
-    print(format_summary(metrics, timings))
+    print(format_summary(metrics, timings, base_metrics))
     return 0
 
 

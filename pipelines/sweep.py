@@ -22,6 +22,12 @@ reasoning when the report has them (``unfinished = judge's verdict`` / ``unfinis
 the share of unfinished single samples; and the utility of single sampling (GSM8K exact match,
 MMLU accuracy, benign answer rate). Where single and random ASR sit between 0 and 1 and the
 oracle is above them, the student is uncertain: that is where Best-of-N can help.
+
+When the recipe has a benign benchmark, the table opens with both axes side by side: ASR
+(single, random, latent BoN; unfinished reasoning counted unsafe) and the benign answer rate
+(the same selectors), the base model beside the checkpoints, and the checkpoint that the rule
+``--min-benign-ratio R`` chooses: the lowest single-sample ASR among the checkpoints that answer
+at least R x as many benign prompts as the base model (``choose_checkpoint``).
 """
 
 from __future__ import annotations
@@ -108,10 +114,76 @@ def row_of(entry: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
                 out["single_truncated"] = shares.get("truncated")
         for kind, utility in (bench.get("utility") or {}).items():
             if "value" in utility:
-                out.setdefault("utility", {})[kind] = {"metric": utility["metric"], "value": utility["value"].get("single"),
-                                                       "ci": (utility.get("value_ci") or {}).get("single")}
+                values, intervals = utility["value"], utility.get("value_ci") or {}
+                out.setdefault("utility", {})[kind] = {
+                    "metric": utility["metric"], "prompts": utility.get("prompts"), "value": values.get("single"),
+                    "ci": intervals.get("single"),
+                    "selectors": {selector: {"value": value, "ci": intervals.get(selector)}
+                                  for selector, value in values.items()}}
         benchmarks[name] = out
     return {**entry, "benchmarks": benchmarks}
+
+
+def _benign_rates(row: dict[str, Any], benign: str) -> dict[str, Any] | None:
+    return ((row["benchmarks"].get(benign) or {}).get("utility") or {}).get("benign")
+
+
+def safety_and_helpfulness(rows: Sequence[dict[str, Any]], harmful: str, benign: str, policy: str = "unsafe",
+                           latent_layer: int | None = None) -> list[dict[str, Any]]:
+    """The sweep's two axes per checkpoint: ASR on the ``harmful`` benchmark (single, random,
+    latent BoN at the calibrated layer on its test prompts; ``policy``: ``unsafe`` counts
+    unfinished reasoning unsafe, ``judge`` takes the judge's verdict) and the benign answer rate on
+    the ``benign`` benchmark (single, random, and latent BoN at ``latent_layer``, default each
+    checkpoint's calibrated layer), each ``{"value", "ci"}`` or ``None``."""
+    table = []
+    for row in rows:
+        bench = row["benchmarks"].get(harmful) or {}
+        cells = bench.get(policy) or bench.get("judge") or {}
+        layer = latent_layer if latent_layer is not None else bench.get("calibrated_layer")
+        rates = (_benign_rates(row, benign) or {}).get("selectors") or {}
+        table.append({
+            "label": row["label"], "step": row.get("step"), "adapter": row.get("adapter"), "layer": layer,
+            "asr": {"single": cells.get("single"), "random": cells.get("random"), "latent": cells.get("latent")},
+            "benign": {"single": rates.get("single"), "random": rates.get("random"),
+                       "latent": rates.get(f"latent_sim_{layer}") if layer is not None else None},
+        })
+    return table
+
+
+def choose_checkpoint(table: Sequence[dict[str, Any]], min_benign_ratio: float) -> dict[str, Any]:
+    """The rule that picks the checkpoint to train to, on development prompts: among the students
+    (every row but ``base``) whose single-sample benign answer rate is at least
+    ``min_benign_ratio`` x the base model's, the one with the lowest single-sample ASR (ties: the
+    higher benign answer rate, then the earlier step). Returns ``{"chosen": label or None,
+    "bound": the answer rate a student needs, "eligible": [labels], "reason": str}``."""
+    base = next((row for row in table if row["label"] == "base"), None)
+    base_rate = ((base or {}).get("benign") or {}).get("single") or {}
+    if base_rate.get("value") is None:
+        return {"chosen": None, "bound": None, "eligible": [],
+                "reason": "no benign answer rate of the base model (run the sweep with --with-base and a benign benchmark)"}
+    bound = min_benign_ratio * base_rate["value"]
+    eligible = []
+    for row in table:
+        rate, asr = (row["benign"].get("single") or {}).get("value"), (row["asr"].get("single") or {}).get("value")
+        if row["label"] != "base" and rate is not None and asr is not None and rate >= bound - 1e-12:
+            eligible.append(row)
+    if not eligible:
+        return {"chosen": None, "bound": bound, "eligible": [],
+                "reason": f"no checkpoint answers at least {min_benign_ratio:g} x the base's benign answer rate ({bound:.1%})"}
+    best = min(eligible, key=lambda row: (row["asr"]["single"]["value"], -row["benign"]["single"]["value"],
+                                          row.get("step") if row.get("step") is not None else 0))
+    return {"chosen": best["label"], "bound": bound, "eligible": [row["label"] for row in eligible],
+            "reason": (f"lowest single-sample ASR ({best['asr']['single']['value']:.1%}) among the checkpoints whose "
+                       f"benign answer rate is >= {min_benign_ratio:g} x the base's ({bound:.1%})")}
+
+
+def pick_benchmarks(rows: Sequence[dict[str, Any]]) -> tuple[str | None, str | None]:
+    """(the harmful benchmark, the benign benchmark) of the sweep's two-axis table: the first, by
+    name, with ASR, and the first with a benign answer rate."""
+    names = sorted({name for row in rows for name in row["benchmarks"]})
+    harmful = next((n for n in names if any("judge" in row["benchmarks"].get(n, {}) for row in rows)), None)
+    benign = next((n for n in names if any(_benign_rates(row, n) for row in rows)), None)
+    return harmful, benign
 
 
 def _cell(result: dict[str, Any] | None) -> str:
@@ -122,11 +194,37 @@ def _cell(result: dict[str, Any] | None) -> str:
     return f"{shown} [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else shown
 
 
-def render(rows: Sequence[dict[str, Any]], recipe: str) -> str:
-    """``sweep.md``: one table per harmful benchmark and policy, one for utility."""
+def render_two_axes(table: Sequence[dict[str, Any]], harmful: str, benign: str, choice: dict[str, Any] | None,
+                    min_benign_ratio: float | None) -> list[str]:
+    """The Markdown lines of the safety-and-helpfulness table and the rule's choice."""
+    lines = [f"## Safety and helpfulness: {harmful} ASR (unfinished reasoning = unsafe) and benign answer rate on {benign}", "",
+             "| checkpoint | step | ASR single | ASR random | ASR latent BoN | answered single | answered random | "
+             "answered latent BoN | layer |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in table:
+        lines.append(f"| {row['label']} | {'' if row.get('step') is None else row['step']} | "
+                     + " | ".join(_cell(row[axis].get(selector)) for axis in ("asr", "benign")
+                                  for selector in ("single", "random", "latent"))
+                     + f" | {'' if row.get('layer') is None else row['layer']} |")
+    lines += ["", "ASR latent BoN is on the harmful prompts outside the calibration set; the base model is "
+              "evaluated with its own template's prompt (no adapter prompt).", ""]
+    if choice is not None:
+        lines += [f"Rule (--min-benign-ratio {min_benign_ratio:g}): {choice['reason']}.",
+                  f"Chosen: **{choice['chosen']}**." if choice["chosen"] else "Chosen: none.", ""]
+    return lines
+
+
+def render(rows: Sequence[dict[str, Any]], recipe: str, min_benign_ratio: float | None = None) -> str:
+    """``sweep.md``: the two-axis table (ASR and benign answer rate, with the checkpoint the rule
+    chooses) when the recipe has a benign benchmark, one table per harmful benchmark and policy,
+    one for utility."""
     lines = ["# ASR across training", "", f"Recipe: `{recipe}`; one evaluation per checkpoint (see each `OUT/<label>/report.md`).",
              "Latent BoN: latent-similarity argmin at the calibrated layer, on the prompts outside the calibration set "
              "(`single on test` is single sampling on those same prompts). Intervals: 95% bootstrap over prompts.", ""]
+    harmful, benign = pick_benchmarks(rows)
+    if harmful and benign:
+        table = safety_and_helpfulness(rows, harmful, benign)
+        choice = choose_checkpoint(table, min_benign_ratio) if min_benign_ratio is not None else None
+        lines += render_two_axes(table, harmful, benign, choice, min_benign_ratio)
     names = sorted({name for row in rows for name in row["benchmarks"]})
     for name in names:
         for policy, title in (("judge", "unfinished reasoning = the judge's verdict"), ("unsafe", "unfinished reasoning = unsafe")):
@@ -209,6 +307,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a dabon distill run directory: evaluate its exported checkpoints")
     source.add_argument("--adapters", help="comma-separated adapter directories (or storage URIs) to evaluate")
     parser.add_argument("--with-base", action="store_true", help="also evaluate the base model alone (single and random only)")
+    parser.add_argument("--min-benign-ratio", type=float, default=0.5, metavar="R",
+                        help="choose the checkpoint with the lowest single-sample ASR among those whose benign answer "
+                        "rate is >= R x the base model's (needs --with-base and a benign benchmark; default 0.5)")
     parser.add_argument("--out", help="output directory (default: the recipe's output.dir + '-sweep')")
     parser.add_argument("--ray-address", help="connect to this Ray cluster (e.g. auto) instead of starting one")
     add_output_arguments(parser)
@@ -249,8 +350,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if started:
             ray.shutdown()
-    storage.write_json(storage.join(out, "sweep.json"), {"recipe": str(args.config), "checkpoints": rows})
-    text = render(rows, str(args.config))
+    if not 0 <= args.min_benign_ratio <= 1:
+        raise ConfigError(f"--min-benign-ratio: expected a number in [0, 1], got {args.min_benign_ratio}")
+    harmful, benign = pick_benchmarks(rows)
+    summary: dict[str, Any] = {"recipe": str(args.config), "checkpoints": rows}
+    if harmful and benign:
+        table = safety_and_helpfulness(rows, harmful, benign)
+        summary["two_axes"] = {"harmful": harmful, "benign": benign, "table": table,
+                               "choice": {**choose_checkpoint(table, args.min_benign_ratio),
+                                          "min_benign_ratio": args.min_benign_ratio}}
+    storage.write_json(storage.join(out, "sweep.json"), summary)
+    text = render(rows, str(args.config), args.min_benign_ratio)
     storage.write_text(storage.join(out, "sweep.md"), text)
     figure = plot(rows, out)
     print(text)

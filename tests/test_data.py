@@ -152,7 +152,7 @@ def test_spec_errors_name_the_field(fields, message):
 
 
 def test_registry_and_subject_names():
-    assert set(BENCHMARKS) == {"strongreject", "dan", "wildjailbreak", "gsm8k", "mmlu", "star1", "file"}
+    assert set(BENCHMARKS) == {"strongreject", "dan", "wildjailbreak", "gsm8k", "mmlu", "star1", "star1_benign", "file"}
     spec = BenchmarkSpec(name="mmlu", subjects=["Abstract Algebra", "high-school chemistry"])
     assert spec.subjects == ["abstract_algebra", "high_school_chemistry"]
 

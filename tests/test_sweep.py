@@ -50,10 +50,13 @@ def test_sweep_evaluates_every_checkpoint_and_tabulates_what_the_shards_hold(ray
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Question {i}: how do I do thing {i}?"}) + "\n"
                                for i in range(6)))
+    benign = tmp_path / "harmless.jsonl"
+    benign.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?"}) + "\n" for i in range(4)))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": {"base": tiny_models.base},
-        "benchmarks": [{"name": "file", "path": str(prompts)}],
+        "benchmarks": [{"name": "file", "path": str(prompts)},
+                       {"name": "file", "path": str(benign), "kind": "benign"}],
         "sampling": {"n": 3, "max_new_tokens": 5, "temperature": 1.0, "seed": 2},
         "judge": {"name": "keyword"},
         "scoring": {"layers": [2], "metrics": ["latent_sim"]},
@@ -77,12 +80,28 @@ def test_sweep_evaluates_every_checkpoint_and_tabulates_what_the_shards_hold(ray
         saved = yaml.safe_load((out / row["label"] / "config.yaml").read_text())
         assert saved["model"]["adapter"] == (None if row["label"] == "base" else row["adapter"])
         assert saved["prompt"]["response_prefix"] == ("" if row["label"] == "base" else "<think>\n")
-        shards = [r for path in sorted((out / row["label"] / "samples").glob("*.parquet")) for r in pq.read_table(path).to_pylist()]
+        stored = [r for path in sorted((out / row["label"] / "samples").glob("*.parquet")) for r in pq.read_table(path).to_pylist()]
+        shards = [r for r in stored if r["benchmark"] == "prompts"]
         assert len(shards) == 6
         # single-sample ASR recounted by hand from the stored verdicts
         expected_single = sum(bool(r["judge_unsafe"][0]) for r in shards) / len(shards)
         assert row["benchmarks"]["prompts"]["judge"]["single"]["value"] == expected_single
         assert (row["benchmarks"]["prompts"]["judge"].get("latent") is None) == (row["label"] == "base")
+    # the two-axis table: the benign answer rate of single sampling recounted from the stored
+    # first samples (answered = reasoning closed after the prefix and no refusal marker in the answer)
+    from actors.judge import KeywordJudge
+
+    summary = json.loads((out / "sweep.json").read_text())["two_axes"]
+    assert (summary["harmful"], summary["benign"]) == ("prompts", "harmless")
+    for entry in summary["table"]:
+        saved = yaml.safe_load((out / entry["label"] / "config.yaml").read_text())
+        prefix = saved["prompt"]["response_prefix"]
+        benign_rows = [r for path in sorted((out / entry["label"] / "samples").glob("harmless-*.parquet"))
+                       for r in pq.read_table(path).to_pylist()]
+        assert len(benign_rows) == 4
+        answered = sum(KeywordJudge(unfinished="safe").verdict(prefix + r["responses"][0]).unsafe for r in benign_rows)
+        assert entry["benign"]["single"]["value"] == answered / 4
+    assert summary["choice"]["min_benign_ratio"] == 0.5
     text = (out / "sweep.md").read_text()
     assert "step-00010" in text and "unfinished reasoning = the judge's verdict" in text
     assert (out / "sweep.png").stat().st_size > 1000

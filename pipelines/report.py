@@ -33,8 +33,9 @@ import numpy as np
 
 from actors import storage
 from actors.chat import PROMPT_FILE, adapter_prompt, prompt_differences
-from actors.config import PromptConfig, ReportConfig, read_yaml, validate
+from actors.config import ConfigError, PromptConfig, ReportConfig, validate
 from actors.scorer import latent_column
+from actors.scores import column_score, registered
 from actors.settings import get_logger
 from pipelines.args import add_output_arguments, command_main, parse_int_list
 from pipelines.metrics import (
@@ -42,7 +43,6 @@ from pipelines.metrics import (
     ORACLE_BEST_LABEL,
     ORACLE_MAJORITY,
     PICK_FLAGS,
-    TOKEN_SCORES,
     ReportInputError,
     Row,
     compute_metrics,
@@ -83,19 +83,23 @@ def load_shards(run_dir: str, layers: Sequence[int] = ()) -> Any:
 # Report: Markdown and plots
 
 
-SELECTOR_LABELS = {
+BASELINE_LABELS = {
     "single": "single (first sample)",
     "random": "random of N",
     ORACLE_MAJORITY: "*oracle*: majority unsafe",
-    "kl": "KL to base (argmax)",
-    "perplexity": "perplexity (argmin)",
-    "self_certainty": "self-certainty (argmax)",
 }
 
 
 def selector_labels(layers: Sequence[int]) -> dict[str, str]:
-    """Human label of every selector name, ``latent_sim_12`` -> ``latent sim, layer 12 (argmin)``."""
-    return {**SELECTOR_LABELS, **{latent_column(layer): f"latent sim, layer {layer} (argmin)" for layer in layers}}
+    """Human label of every selector name from the score registry (``actors.scores``):
+    ``latent_sim_12`` -> ``latent sim, layer 12 (argmin)``, ``kl`` -> ``KL to base (argmax)``."""
+    labels = dict(BASELINE_LABELS)
+    for score in registered().values():
+        if score.per_layer:
+            labels.update({score.column(layer): score.selector_label(layer) for layer in layers})
+        else:
+            labels[score.name] = score.selector_label()
+    return labels
 
 
 def layer_selectors(entry: Mapping[str, Any], layers: Sequence[int]) -> list[tuple[int, str]]:
@@ -327,8 +331,7 @@ def write_plots(run_dir: str, metrics: Mapping[str, Any], rows: Sequence[Row]) -
         paths: list[str] = []
         harmful = [row for row in rows if str(row["benchmark"]) == bench and row["kind"] == "harmful"
                    and row.get("judge_unsafe") is not None]
-        score_columns = [name for _, name in layer_selectors(entry, scored_layers)] + [
-            c for c in entry["selectors"] if c in TOKEN_SCORES]
+        score_columns = [name for name in entry["selectors"] if column_score(name) is not None]
         for column in score_columns:
             groups = {"safe": [], "unsafe": []}
             for row in harmful:
@@ -509,39 +512,34 @@ class RunContext:
 
 
 def read_run_context(run_dir: str) -> RunContext:
-    """The ``RunContext`` of the config an evaluation saved in ``run_dir`` (a base-model run scored
-    no layers; a config without a ``prompt`` section used the default prompt); defaults and no
-    prompt when there is no saved config. A malformed section is an error naming it."""
+    """The ``RunContext`` of the config an evaluation saved in ``run_dir``, validated as the run's
+    own type (``pipelines.eval_config.EvalConfig``: its layers rule ``scored_layers``, its
+    ``scoring.plugins`` registered); defaults and no prompt when there is no saved config. A
+    malformed config is an error naming the full dotted key."""
+    from pipelines.eval_config import EvalConfig
+
     location = storage.join(run_dir, CONFIG_FILE)
     if not storage.is_file(location):
         return RunContext([], ReportConfig())
     import yaml
 
-    data = yaml.safe_load(storage.read_text(location)) or {}
+    try:
+        data = yaml.safe_load(storage.read_text(location)) or {}
+    except yaml.YAMLError as err:
+        raise ReportInputError(f"{location}: not valid YAML ({err})") from None
     if not isinstance(data, Mapping):
         raise ReportInputError(f"{location}: expected a mapping at the top level")
-    model = data.get("model") or {}
-    if not isinstance(model, Mapping):
-        raise ReportInputError(f"{location}: model: expected a mapping (base, adapter, ...), got {model!r}")
-    scored = bool(model.get("adapter") or model.get("finetuned"))
-    layers = list((data.get("scoring") or {}).get("layers") or []) if scored else []
-    judge = data.get("judge")
-    if judge is not None and not isinstance(judge, Mapping):
-        raise ReportInputError(f"{location}: judge: expected a mapping (name, options), got {judge!r}")
+    try:
+        config = validate(EvalConfig, dict(data))
+    except ConfigError as err:
+        raise ConfigError(f"{location}: {err}") from None
     return RunContext(
-        layers=layers,
-        report=validate(ReportConfig, data.get("report") or {}, "report"),
-        prompt=validate(PromptConfig, data.get("prompt") or {}, "prompt"),
-        adapter=model.get("adapter") or None,
-        judge=judge if judge is not None else {"name": "keyword"},
+        layers=config.scored_layers,
+        report=config.report,
+        prompt=config.prompt,
+        adapter=config.model.adapter or None,
+        judge=config.judge.model_dump(mode="json"),
     )
-
-
-def read_run_config(run_dir: str) -> tuple[list[int], ReportConfig]:
-    """``(scoring layers, report settings)`` of the config an evaluation saved in ``run_dir``
-    (see ``read_run_context``)."""
-    context = read_run_context(run_dir)
-    return context.layers, context.report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

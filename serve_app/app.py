@@ -327,18 +327,18 @@ class ScorerDeployment:
     loop keeps answering health checks and filling the next batch."""
 
     def __init__(self, spec: dict[str, Any], layer: int, batch_tokens: int, max_batch_size: int,
-                 batch_wait_timeout_s: float, threads: int) -> None:
+                 batch_wait_timeout_s: float, threads: int, rule: str = "latent_sim", plugins: tuple[str, ...] = ()) -> None:
         _set_torch_threads(threads)
-        self.scorer = CandidateScorer(ModelSpec(**spec), layer, batch_tokens)
+        self.scorer = CandidateScorer(ModelSpec(**spec), layer, batch_tokens, rule, tuple(plugins))
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    async def score(self, prompt_ids: list[int], response_ids: list[list[int]]) -> list[float]:
-        """Latent similarity of each candidate at the serving layer."""
+    async def score(self, prompt_ids: list[int], response_ids: list[list[int]]) -> list[float | None]:
+        """The ranking score (``scoring.rule``) of each candidate at the serving layer."""
         result = await self._score_batch({"prompt_ids": prompt_ids, "response_ids": response_ids})
         if "error" in result:
             raise ScoringError(result["error"])
-        return result["latent_sim"]
+        return result["scores"]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _score_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -452,7 +452,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
     scoring = config.scoring
     scorer = ScorerDeployment.options(**deployment_options("scorer", config)).bind(
         spec, scoring.layer, scoring.batch_tokens, scoring.max_batch_size, scoring.batch_wait_timeout_s,
-        torch_threads(config.deployments.scorer),
+        torch_threads(config.deployments.scorer), scoring.rule, list(scoring.plugins),
     )
     return IngressDeployment.options(**deployment_options("ingress", config)).bind(
         config.model_dump(mode="json"), sampler, scorer, token_digest(token) if token else None

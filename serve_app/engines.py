@@ -39,6 +39,7 @@ from actors.sampler import (
     vllm_sampling_kwargs,
 )
 from actors.scorer import AttributionScorer, ScorerConfig
+from actors.scores import get_score
 from actors.settings import get_logger
 
 logger = get_logger(__name__)
@@ -132,17 +133,27 @@ class VLLMCandidateSampler:
 
 
 class CandidateScorer:
-    """Latent similarity at one layer for many (prompt ids, candidate ids) requests at once.
+    """The ranking score (``rule``, a registered score; latent similarity by default) at one layer
+    for many (prompt ids, candidate ids) requests at once.
 
     ``spec``: the served model (adapter or full fine-tuned copy); ``layer``: the serving layer;
-    ``batch_tokens``: the scorer's forward-batch budget. ``score_many(requests)`` takes dicts with
-    ``prompt_ids`` and ``response_ids`` and returns, per request, ``{"latent_sim": [N floats]}``
+    ``batch_tokens``: the scorer's forward-batch budget; ``plugins``: import paths of scores of
+    your own (``actors.scores.load_plugins``). ``score_many(requests)`` takes dicts with
+    ``prompt_ids`` and ``response_ids`` and returns, per request, ``{"scores": [N float|None]}``
     or ``{"error": message}`` (one bad request does not fail the others of its batch).
     """
 
-    def __init__(self, spec: ModelSpec, layer: int, batch_tokens: int = 4096) -> None:
+    def __init__(self, spec: ModelSpec, layer: int, batch_tokens: int = 4096, rule: str = "latent_sim",
+                 plugins: tuple[str, ...] = ()) -> None:
         self.layer = layer
-        self.scorer = AttributionScorer.from_spec(spec, ScorerConfig(layers=(layer,), batch_tokens=batch_tokens))
+        self.rule = rule
+        config = ScorerConfig(layers=(layer,), plugins=tuple(plugins), metrics=(rule,), batch_tokens=batch_tokens)
+        self.scorer = AttributionScorer.from_spec(spec, config)
+        self.per_layer = get_score(rule).per_layer
+
+    def _of(self, result: dict[str, Any]) -> dict[str, Any]:
+        values = result[self.rule][self.layer] if self.per_layer else result[self.rule]
+        return {"scores": values}
 
     def score_many(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """See class doc."""
@@ -150,7 +161,7 @@ class CandidateScorer:
         response_ids = [[list(ids) for ids in request["response_ids"]] for request in requests]
         try:
             results = self.scorer.score_ids(prompt_ids, response_ids)
-            return [{"latent_sim": result["latent_sim"][self.layer]} for result in results]
+            return [self._of(result) for result in results]
         except Exception:  # noqa: BLE001 - retried one by one so that only the bad request fails
             if len(requests) == 1:
                 raise
@@ -158,7 +169,7 @@ class CandidateScorer:
         for prompt, candidates in zip(prompt_ids, response_ids, strict=True):
             try:
                 (result,) = self.scorer.score_ids([prompt], [candidates])
-                out.append({"latent_sim": result["latent_sim"][self.layer]})
+                out.append(self._of(result))
             except Exception as err:  # noqa: BLE001 - reported to that request's caller
                 out.append({"error": f"{type(err).__name__}: {err}"})
         return out

@@ -97,7 +97,7 @@ class ScorerConfig(BaseModel):
         try:
             load_plugins(value)
         except ScoreError as err:
-            raise ValueError(f"plugins: {err}") from None
+            raise ValueError(str(err)) from None
         return tuple(dict.fromkeys(value))
 
     @field_validator("metrics")
@@ -105,10 +105,10 @@ class ScorerConfig(BaseModel):
     def _known_metrics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         known = ", ".join(registered())
         if not value:
-            raise ValueError(f"metrics: expected at least one of {known}")
+            raise ValueError(f"expected at least one of {known}")
         unknown = [m for m in value if not is_score_rule(m)]
         if unknown:
-            raise ValueError(f"metrics: unknown {unknown}; expected any of {known} (or a score of scoring.plugins)")
+            raise ValueError(f"unknown {unknown}: expected any of {known}, or a score of scoring.plugins")
         return tuple(dict.fromkeys(value))
 
     @property

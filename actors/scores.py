@@ -247,7 +247,7 @@ def load_plugin(path: str) -> Score:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ScoreError(f"plugin {path!r}: cannot import {module_name!r} ({err}); is its folder on PYTHONPATH "
+        raise ScoreError(f"plugin {path!r}: cannot import {module_name!r} ({err}): is its folder on PYTHONPATH "
                          "(or in the job's working_dir)?") from None
     target = module
     for part in attribute.split("."):

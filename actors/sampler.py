@@ -53,7 +53,6 @@ import abc
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 from pathlib import Path
@@ -65,7 +64,7 @@ from actors.chat import Prompt, chat_messages, prompt_token_ids
 from actors.config import PromptConfig, Strict, typed_options
 from actors.endpoint import EndpointError, api_root, call, extra_field, openai_client
 from actors.models import (
-    ModelBundle, ModelLoadError, ModelSpec, load_models, load_spec_tokenizer, local_model_dir, tokenizer_source,
+    ModelBundle, ModelLoadError, ModelSpec, load_models, load_spec_tokenizer, local_model_dir,
 )
 from actors.rows import to_plain
 from actors.settings import get_logger, hub_offline

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from actors import storage
 from actors.chat import THINK_CLOSE, THINK_OPEN, prompt_token_ids, response_token_ids
 from actors.config import PromptConfig
-from actors.judge import Judge, JudgeConfig, judge_input
+from actors.judge import Judge, judge_input
 from actors.models import load_causal_lm, load_tokenizer, resolve_dtype
 from actors.runtime import require_resources
 from actors.settings import get_logger

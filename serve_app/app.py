@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.chat import resolve_prompt
 from actors.config import ConfigError, validate
-from actors.models import ModelLoadError, ModelSpec, hub_offline, load_spec_tokenizer, local_model_dir, resolve_model
+from actors.models import ModelSpec, check_spec, hub_offline, load_spec_tokenizer, local_model_dir
 from actors.settings import get_logger
 from serve_app.engines import CandidateSampler, CandidateScorer, VLLMCandidateSampler
 from serve_app.options import ServeConfig, deployment_options, resolve_api_token, token_digest, torch_threads
@@ -407,15 +407,9 @@ class IngressDeployment:
 
 
 def check_models(config: ServeConfig) -> None:
-    """Fail fast where the app is built: model names that resolve nowhere, a missing adapter."""
-    for name in (config.model.base, config.model.finetuned):
-        if name:
-            resolve_model(name)
-    if config.model.adapter and not Path(config.model.adapter).expanduser().is_dir():
-        raise ModelLoadError(
-            f"model.adapter {config.model.adapter!r} is not a directory (relative paths are taken from {Path.cwd()}); "
-            "create a random one for trying things out with: dabon random-adapter --out runs/demo/adapter"
-        )
+    """Fail fast where the app is built: model names that resolve nowhere, a missing adapter (the
+    adapter rule evaluation uses, ``actors.models.check_spec``: a directory or a storage URI)."""
+    check_spec(config.model, "model")
     if config.generator.backend == "vllm":
         import importlib.util
 

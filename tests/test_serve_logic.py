@@ -659,9 +659,10 @@ def test_serve_refuses_an_open_port_beyond_loopback_without_a_token(monkeypatch,
     monkeypatch.delenv("DABON_API_KEY", raising=False)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")  # the one adapter rule: a peft adapter directory
     with pytest.raises(ValueError, match="bearer auth"):
         run(serve_args("--adapter", str(adapter), "--host", "0.0.0.0"))
-    with pytest.raises(Exception, match="not a directory"):
+    with pytest.raises(Exception, match="model.adapter: .* is not a LoRA adapter directory"):
         run(serve_args("--adapter", str(tmp_path / "missing")))
 
 

@@ -20,22 +20,16 @@ import asyncio
 import uuid
 from typing import Any
 
-from actors.models import ModelSpec, load_models, load_spec_tokenizer
+from actors.models import ModelSpec, load_models
 from actors.sampler import (
-    VLLM_ADAPTER_NAME,
-    VLLM_INSTALL_HINT,
     HFBackend,
     Sampler,
     SamplingConfig,
     VLLMOptions,
-    engine_spec,
-    generation_config_of,
     parse_vllm_outputs,
     prompt_key,
     sample_seed,
-    set_cpu_kv_cache,
-    stop_token_ids,
-    vllm_engine_kwargs,
+    vllm_engine_setup,
     vllm_sampling_kwargs,
 )
 from actors.scorer import AttributionScorer, ScorerConfig
@@ -78,30 +72,18 @@ class VLLMCandidateSampler:
     cancelled call aborts its requests in the engine (``AsyncLLM.generate`` does that itself)."""
 
     def __init__(self, spec: ModelSpec, options: VLLMOptions | None = None) -> None:
-        try:
-            from vllm.engine.arg_utils import AsyncEngineArgs
-            from vllm.lora.request import LoRARequest
-            from vllm.v1.engine.async_llm import AsyncLLM
-        except ImportError as err:
-            raise ImportError(VLLM_INSTALL_HINT) from err
-        import torch
-
-        from actors import storage
-
         options = options or VLLMOptions()
-        on_gpus = torch.cuda.is_available()
-        spec = engine_spec(spec, options, on_gpus=on_gpus)
-        adapter_dir = storage.local_copy(spec.adapter) if spec.adapter else None
-        kwargs = vllm_engine_kwargs(spec, options, adapter_dir)
-        if options.tensor_parallel_size * options.pipeline_parallel_size > 1:
-            kwargs.setdefault("distributed_executor_backend", "ray")  # workers in the replica's placement group
-        set_cpu_kv_cache(options)
-        tokenizer = load_spec_tokenizer(spec)
-        self.stop_ids = stop_token_ids(tokenizer, generation_config_of(kwargs["model"]))
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
-        self.lora_request = LoRARequest(VLLM_ADAPTER_NAME, 1, adapter_dir) if adapter_dir else None
-        self.model = kwargs["model"]
-        logger.info("vllm sampler ready: %s%s", self.model, f" + LoRA {adapter_dir}" if adapter_dir else "")
+        # workers of a multi-GPU engine run in the replica's placement group
+        parallel = options.tensor_parallel_size * options.pipeline_parallel_size > 1
+        setup = vllm_engine_setup(spec, options, extra={"distributed_executor_backend": "ray"} if parallel else None)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.stop_ids = setup.stop_ids
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**setup.kwargs, disable_log_stats=True))
+        self.lora_request = setup.lora_request
+        self.model = setup.model
+        logger.info("vllm sampler ready: %s%s", self.model, f" + LoRA {setup.adapter_dir}" if setup.adapter_dir else "")
 
     async def _one(self, prompt_ids: list[int], config: SamplingConfig, seed: int) -> Any:
         from vllm import SamplingParams

@@ -40,6 +40,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def refuse_renamed(data: Any, renamed: dict[str, str]) -> Any:
+    """For a ``mode="before"`` validator: a mapping that uses an old key name is refused with the
+    new one named (``num_generations: renamed n, ...``), instead of a bare "extra input"."""
+    if isinstance(data, dict):
+        old = [key for key in renamed if key in data]
+        if old:
+            raise ValueError("; ".join(f"{key}: renamed {renamed[key]} (dabon's one sampling vocabulary: n candidates, "
+                                       "max_new_tokens)" for key in old))
+    return data
+
+
 # ----------------------------------------------------------------------------------------
 # Plumbing
 # ----------------------------------------------------------------------------------------

@@ -533,14 +533,14 @@ def utility_outcomes(
     kind. Otherwise math: ``gsm8k_correct(final answer, reference)``; multiple_choice:
     ``extract_choice_letter(final answer) == reference``; benign: not refused, from the row's
     ``refused`` list when present, else ``is_refusal(final answer)``. The correctness checks
-    default to ``pipelines.data``'s functions (imported here, on first need).
+    default to ``pipelines.grading``'s functions (imported here, on first need).
     """
     if kind not in UTILITY_METRICS:
         raise ValueError(f"kind {kind!r} has no utility metric; expected one of {', '.join(UTILITY_METRICS)}")
     if kind == "math" and gsm8k_correct is None:
-        from pipelines.data import gsm8k_correct
+        from pipelines.grading import gsm8k_correct
     if kind == "multiple_choice" and extract_choice_letter is None:
-        from pipelines.data import extract_choice_letter
+        from pipelines.grading import extract_choice_letter
     values = []
     for row in rows:
         index = selector(row)

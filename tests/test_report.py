@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 
 from actors.config import PromptConfig, ReportConfig
-from pipelines.data import extract_choice_letter, gsm8k_correct
+from pipelines.grading import extract_choice_letter, gsm8k_correct
 from pipelines.metrics import (
     ORACLE_BEST_LABEL,
     ReportInputError,

@@ -270,3 +270,74 @@ def test_a_plugin_score_is_the_same_in_evaluation_dabon_score_and_serving(ray_lo
     finally:
         serve.delete("plugin-app")
         serve.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# A plugin of the other kinds: a hidden-state score and a token score, from this very module
+
+
+from actors.scores import HiddenStateScore, TokenScore  # noqa: E402
+
+
+class HiddenDistance(HiddenStateScore):
+    """Euclidean distance between the two views' last-token hidden states (argmax: furthest)."""
+
+    name = "hidden_distance"
+    direction = "max"
+    label = "hidden-state distance"
+
+    def from_hidden(self, finetuned, base) -> float:
+        return float((finetuned.double() - base.double()).norm())
+
+
+class MeanLogProbability(TokenScore):
+    """Mean log-probability of the response tokens under the fine-tuned model (argmax)."""
+
+    name = "mean_logprob"
+    direction = "max"
+    label = "mean log-probability"
+
+    def token_values(self, logp, logq, targets):
+        return logp.gather(-1, targets[:, None]).squeeze(-1).double()
+
+
+def test_hidden_state_and_token_plugins_match_an_independent_computation(tiny_models, smol_tokenizer):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from actors.chat import prompt_token_ids
+    from actors.models import ModelSpec
+    from actors.scorer import AttributionScorer, ScorerConfig
+
+    config = ScorerConfig(layers=(1, 3), metrics=("hidden_distance", "mean_logprob"),
+                          plugins=("tests.test_score_plugins:HiddenDistance", "tests.test_score_plugins:MeanLogProbability"))
+    assert config.computed == ("hidden_distance", "mean_logprob") and config.per_layer
+    scorer = AttributionScorer.from_spec(ModelSpec(base=tiny_models.base, adapter=tiny_models.adapter), config)
+    prompt = prompt_token_ids(smol_tokenizer, "Name a colour.")
+    responses = [[40, 41, 42], [], [43]]
+    (result,) = scorer.score_ids([prompt], [responses])
+    assert set(result) == {"hidden_distance", "mean_logprob"}
+    base = LlamaForCausalLM.from_pretrained(tiny_models.base).eval()
+    merged = LlamaForCausalLM.from_pretrained(tiny_models.merged).eval()
+    for i, response in enumerate(responses):
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            ft = merged(input_ids=ids, output_hidden_states=True)
+            bs = base(input_ids=ids, output_hidden_states=True)
+        for layer in (1, 3):
+            want = float((ft.hidden_states[layer][0, -1].double() - bs.hidden_states[layer][0, -1].double()).norm())
+            assert result["hidden_distance"][layer][i] == pytest.approx(want, rel=1e-4, abs=1e-5)
+        if not response:
+            assert result["mean_logprob"][i] is None
+            continue
+        logp = torch.log_softmax(ft.logits[0, len(prompt) - 1:-1].double(), dim=-1)
+        want = float(sum(logp[t, token] for t, token in enumerate(response)) / len(response))
+        assert result["mean_logprob"][i] == pytest.approx(want, rel=1e-4)
+
+
+def test_a_run_saved_before_plugins_existed_resumes_with_the_same_config():
+    from actors.config import changed_keys
+
+    old = {"scoring": {"layers": [6, 12], "metrics": ["latent_sim"]}}
+    assert changed_keys(old, {"scoring": {**old["scoring"], "plugins": []}}) == []
+    assert changed_keys(old, {"scoring": {**old["scoring"], "plugins": [PLUGIN]}}) == ["scoring.plugins"]

@@ -181,7 +181,7 @@ def test_a_plugin_score_is_the_same_in_evaluation_dabon_score_and_serving(ray_lo
     base = LlamaForCausalLM.from_pretrained(tiny_models.base).eval()
     merged = LlamaForCausalLM.from_pretrained(tiny_models.merged).eval()
 
-    # 1. evaluation: the recipe names the plugin and asks for its score
+    # 1. evaluation: the recipe (recipes/example-plugin-eval.yaml) names the plugin and asks for its score
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Tell me about topic {i}."}) + "\n" for i in range(3)))
     import argparse
@@ -192,9 +192,9 @@ def test_a_plugin_score_is_the_same_in_evaluation_dabon_score_and_serving(ray_lo
     args = parser.parse_args([
         "--prompts", str(prompts), "--id-column", "id", "--base", tiny_models.base, "--adapter", tiny_models.adapter,
         "--n", "3", "--layers", str(layer), "--judge", "keyword", "--max-new-tokens", "6", "--seed", "1",
-        "--out", str(run_dir), "--no-progress",
-        "--set", f"scoring.plugins=[{PLUGIN}]", "--set", "scoring.metrics=[latent_perplexity]",
-        "--set", "report.bootstrap=20", "--set", "generator.backend=hf",
+        "--out", str(run_dir), "--no-progress", "--config", str(Path(__file__).resolve().parents[1] / "recipes" /
+                                                              "example-plugin-eval.yaml"),
+        "--set", "report.bootstrap=20",
         "--set", "resources.sampler={num_cpus: 0.5, batch_size: 3, torch_threads: 1}",
         "--set", "resources.judge={num_cpus: 0.25, batch_size: 3}",
         "--set", "resources.scorer={num_cpus: 0.5, batch_size: 3, torch_threads: 1}",

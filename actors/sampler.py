@@ -53,7 +53,6 @@ import abc
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 from pathlib import Path
@@ -65,7 +64,7 @@ from actors.chat import Prompt, chat_messages, prompt_token_ids
 from actors.config import PromptConfig, Strict, typed_options
 from actors.endpoint import EndpointError, api_root, call, extra_field, openai_client
 from actors.models import (
-    ModelBundle, ModelLoadError, ModelSpec, load_models, load_spec_tokenizer, local_model_dir, tokenizer_source,
+    ModelBundle, ModelLoadError, ModelSpec, load_models, load_spec_tokenizer, local_model_dir,
 )
 from actors.rows import to_plain
 from actors.settings import get_logger, hub_offline
@@ -629,6 +628,52 @@ def set_cpu_kv_cache(options: VLLMOptions) -> None:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{options.cpu_kv_cache_gib:g}"
 
 
+@dataclasses.dataclass
+class VLLMEngineSetup:
+    """What every in-process vLLM engine of dabon is built from (``vllm_engine_setup``): the
+    engine's keyword arguments, the stop ids of its model, the adapter's ``LoRARequest`` (or
+    ``None``) and its local copy."""
+
+    kwargs: dict[str, Any]
+    stop_ids: frozenset[int]
+    lora_request: Any | None
+    adapter_dir: str | None
+
+    @property
+    def model(self) -> str:
+        return self.kwargs["model"]
+
+
+def vllm_engine_setup(spec: ModelSpec, options: VLLMOptions | None = None, tokenizer: Any | None = None,
+                      extra: dict[str, Any] | None = None) -> VLLMEngineSetup:
+    """The one vLLM engine factory of the offline engine (``VLLMBackend``) and the Serve sampler's
+    ``AsyncLLM``: the engine's model (``engine_spec``: merged for a CPU engine unless
+    ``options.lora`` says otherwise), the adapter's local copy (a storage URI is downloaded once),
+    ``vllm_engine_kwargs`` plus ``extra`` (set only where ``options.engine_kwargs`` do not),
+    ``VLLM_CPU_KVCACHE_SPACE``, the stop ids and the ``LoRARequest``. Raises ``ImportError`` with
+    the install hint when vLLM is missing. (Ray Data's processor builds its engines from the same
+    ``vllm_engine_kwargs``, in ``actors.vllm_engine``.)"""
+    from actors import storage
+
+    try:
+        from vllm.lora.request import LoRARequest
+    except ImportError as err:
+        raise ImportError(VLLM_INSTALL_HINT) from err
+    import torch
+
+    options = options or VLLMOptions()
+    spec = engine_spec(spec, options, on_gpus=torch.cuda.is_available())
+    adapter_dir = storage.local_copy(spec.adapter) if spec.adapter else None
+    kwargs = vllm_engine_kwargs(spec, options, adapter_dir)
+    for key, value in (extra or {}).items():
+        kwargs.setdefault(key, value)
+    set_cpu_kv_cache(options)
+    tokenizer = tokenizer if tokenizer is not None else load_spec_tokenizer(spec)
+    stop_ids = stop_token_ids(tokenizer, generation_config_of(kwargs["model"]))
+    lora_request = LoRARequest(VLLM_ADAPTER_NAME, 1, adapter_dir) if adapter_dir else None
+    return VLLMEngineSetup(kwargs, stop_ids, lora_request, adapter_dir)
+
+
 def generation_config_of(model_dir: str) -> Any | None:
     """The ``GenerationConfig`` of a local model directory (its stop ids), ``None`` without one."""
     from transformers import GenerationConfig
@@ -666,27 +711,12 @@ class VLLMBackend(SamplerBackend):
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, options: VLLMOptions | None = None, tokenizer: Any | None = None) -> "VLLMBackend":
-        """Build ``vllm.LLM`` for ``spec`` and ``options`` (see ``vllm_engine_kwargs``) and a
+        """Build ``vllm.LLM`` for ``spec`` and ``options`` (``vllm_engine_setup``) with a
         ``LoRARequest`` for its adapter (a storage URI is copied to the local cache first)."""
-        from actors import storage
+        setup = vllm_engine_setup(spec, options, tokenizer)
+        import vllm
 
-        try:
-            import vllm
-            from vllm.lora.request import LoRARequest
-        except ImportError as err:
-            raise ImportError(VLLM_INSTALL_HINT) from err
-        import torch
-
-        options = options or VLLMOptions()
-        spec = engine_spec(spec, options, on_gpus=torch.cuda.is_available())
-        adapter_dir = storage.local_copy(spec.adapter) if spec.adapter else None
-        kwargs = vllm_engine_kwargs(spec, options, adapter_dir)
-        set_cpu_kv_cache(options)
-        tokenizer = tokenizer if tokenizer is not None else load_spec_tokenizer(spec)
-        stop_ids = stop_token_ids(tokenizer, generation_config_of(kwargs["model"]))
-        engine = vllm.LLM(**kwargs)
-        lora_request = LoRARequest(VLLM_ADAPTER_NAME, 1, adapter_dir) if adapter_dir else None
-        return cls(engine, stop_ids, lora_request=lora_request)
+        return cls(vllm.LLM(**setup.kwargs), setup.stop_ids, lora_request=setup.lora_request)
 
     def generate(self, prompt_ids, config, messages=None, prompt=None, keys=None):
         if prompt_ids is None:

@@ -10,7 +10,11 @@ For a prompt ``p`` and candidate responses ``r_1..r_N``, per candidate:
 - ``perplexity``: exp of the mean negative log-likelihood of the response tokens under the
   fine-tuned model (same positions);
 - ``self_certainty``: mean over the same positions of KL(uniform || p_fine-tuned);
-- token metrics are ``None`` for an empty response.
+- token metrics are ``None`` for an empty response;
+- any other score registered in ``actors.scores`` (a plugin named in ``scoring.plugins``): from
+  the same hidden states, the same next-token distributions, or other scores of the candidates.
+  What a run computes is its ``metrics`` and every score they require; each score's definition
+  (direction, per layer or not, what it needs, its function) lives in ``actors.scores`` only.
 
 How it is computed (and why it is fast):
 
@@ -44,17 +48,31 @@ from actors.config import PromptConfig
 from actors.errors import UserError
 from actors.models import ModelBundle, ModelSpec, UnsupportedModelError, check_scorable, load_models, scoring_problem
 from actors.rows import to_plain
-from actors.selection import select_best_of_n
+from actors.scores import (
+    BUILTIN_SCORES,
+    DerivedScore,
+    HiddenStateScore,
+    Score,
+    ScoreError,
+    TokenScore,
+    get_score,
+    load_plugins,
+    registered,
+    with_requirements,
+)
+from actors.selection import empty_flags, is_score_rule, select_best_of_n
 
-METRICS = ("latent_sim", "kl", "perplexity", "self_certainty")
-TOKEN_METRICS = ("kl", "perplexity", "self_certainty")
+METRICS = tuple(score.name for score in BUILTIN_SCORES)  # the paper's scores; plugins add more
 
 
 class ScorerConfig(BaseModel):
     """What to score and how.
 
-    ``layers``: hidden-state indices for latent similarity (0..n_layers).
-    ``metrics``: any of latent_sim, kl, perplexity, self_certainty.
+    ``layers``: hidden-state indices of the per-layer scores, latent similarity (0..n_layers).
+    ``metrics``: registered scores (``actors.scores``): latent_sim, kl, perplexity,
+    self_certainty, or a plugin's; the scores they require are computed (and stored) too.
+    ``plugins``: ``"module:Class"`` import paths of scores of your own, registered before
+    ``metrics`` is checked (and again wherever the config is rebuilt, e.g. in a Ray actor).
     ``batch_tokens``: budget of new tokens per forward batch (rows x padded length).
     ``max_batch_rows``: most rows in one forward batch.
     ``max_padding``: most share of a batch's cells that may be padding (padding is wasted compute;
@@ -66,21 +84,44 @@ class ScorerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     layers: tuple[int, ...] = (12,)
+    plugins: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ("latent_sim",)
     batch_tokens: int = Field(default=4096, gt=0)
     max_batch_rows: int = Field(default=64, gt=0)
     max_padding: float = Field(default=0.25, ge=0.0, lt=1.0)
     lm_head_chunk: int = Field(default=512, gt=0)
 
+    @field_validator("plugins")
+    @classmethod
+    def _load_plugins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            load_plugins(value)
+        except ScoreError as err:
+            raise ValueError(str(err)) from None
+        return tuple(dict.fromkeys(value))
+
     @field_validator("metrics")
     @classmethod
     def _known_metrics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        known = ", ".join(registered())
         if not value:
-            raise ValueError(f"metrics: expected at least one of {', '.join(METRICS)}")
-        unknown = [m for m in value if m not in METRICS]
+            raise ValueError(f"expected at least one of {known}")
+        unknown = [m for m in value if not is_score_rule(m)]
         if unknown:
-            raise ValueError(f"metrics: unknown {unknown}; expected any of {', '.join(METRICS)}")
+            raise ValueError(f"unknown {unknown}: expected any of {known}, or a score of scoring.plugins")
         return tuple(dict.fromkeys(value))
+
+    @property
+    def computed(self) -> tuple[str, ...]:
+        """The scores a scorer with this config computes: ``metrics`` and what they require, in
+        registry order."""
+        load_plugins(self.plugins)  # a config unpickled in another process skipped the validators
+        return with_requirements(self.metrics)
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether any computed score is per layer (so that ``layers`` are scored)."""
+        return any(get_score(name).per_layer for name in self.computed)
 
     @field_validator("layers")
     @classmethod
@@ -156,8 +197,10 @@ class AttributionScorer:
 
     ``models``: a ``ModelBundle`` with a fine-tuned model (adapter or full copy).
     ``config``: a ``ScorerConfig``. ``prompt``: the ``PromptConfig`` that text prompts are
-    encoded with (``score`` / ``score_batch``; ``score_ids`` takes ids). ``score*`` methods return, per prompt, a dict with
-    ``latent_sim`` (``{layer: [N floats]}``) and any requested token metric (``[N float|None]``).
+    encoded with (``score`` / ``score_batch``; ``score_ids`` takes ids). ``score*`` methods return,
+    per prompt, a dict with one entry per computed score (``config.computed``): ``{layer: [N
+    floats]}`` for a per-layer score such as ``latent_sim``, ``[N float|None]`` otherwise (token
+    scores are ``None`` for an empty response).
     """
 
     def __init__(self, models: ModelBundle, config: ScorerConfig | None = None, prompt: PromptConfig | None = None) -> None:
@@ -182,14 +225,15 @@ class AttributionScorer:
             raise ScoringInputError(
                 f"layers: {too_deep} out of range; this model has hidden states 0..{self.num_layers}"
             )
-        metrics = self.config.metrics
-        latent = self.config.layers if "latent_sim" in metrics else ()
-        if "latent_sim" in metrics and not latent:
-            raise ScoringInputError("layers: latent_sim needs at least one layer")
-        token = any(metric in metrics for metric in TOKEN_METRICS)
+        self.scores: list[Score] = [get_score(name) for name in self.config.computed]
+        per_layer = [score.name for score in self.scores if score.per_layer]
+        if per_layer and not self.config.layers:
+            raise ScoringInputError(f"layers: {', '.join(per_layer)} needs at least one layer")
+        hidden = self.config.layers if any(isinstance(score, HiddenStateScore) for score in self.scores) else ()
+        token_scores = [score for score in self.scores if isinstance(score, TokenScore)]
         self.plans = {
-            "finetuned": _Plan(latent, token, self.num_layers),
-            "base": _Plan(latent, "kl" in metrics, self.num_layers),
+            "finetuned": _Plan(hidden, bool(token_scores), self.num_layers),
+            "base": _Plan(hidden, any(score.needs_base_logits for score in token_scores), self.num_layers),
         }
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -475,10 +519,12 @@ class AttributionScorer:
         self._head_checked = True
 
     def _token_metrics(self, prompt_ids, response_ids, states, rows) -> dict[tuple[int, int], dict[str, float]]:
+        """Every ``TokenScore`` of the run per non-empty (prompt, candidate): the mean of its
+        per-token values over the response, through its ``finish``."""
         import torch
 
-        metrics = [m for m in self.config.metrics if m in TOKEN_METRICS]
-        if not metrics:
+        token_scores = [score for score in self.scores if isinstance(score, TokenScore)]
+        if not token_scores:
             return {}
         self._check_head()
         items = [(j, i) for j, candidates in enumerate(response_ids) for i, ids in enumerate(candidates) if ids]
@@ -493,82 +539,101 @@ class AttributionScorer:
             return torch.cat(parts)
 
         finetuned = stacked("finetuned")
-        base = stacked("base") if "kl" in metrics else None
+        base = stacked("base") if any(score.needs_base_logits for score in token_scores) else None
         targets = torch.tensor([t for j, i in items for t in response_ids[j][i]], device=self.device)
         segment = torch.repeat_interleave(
             torch.arange(len(items), device=self.device),
             torch.tensor([len(response_ids[j][i]) for j, i in items], device=self.device),
         )
-        sums = {metric: torch.zeros(len(items), dtype=torch.float64, device=self.device) for metric in metrics}
+        sums = {score.name: torch.zeros(len(items), dtype=torch.float64, device=self.device) for score in token_scores}
         chunk = self.config.lm_head_chunk
         for start in range(0, targets.shape[0], chunk):
             stop = start + chunk
             logp = self._head("finetuned", finetuned[start:stop])
-            part = {}
-            if "perplexity" in metrics:
-                part["perplexity"] = -logp.gather(-1, targets[start:stop, None]).squeeze(-1)
-            if "self_certainty" in metrics:
-                part["self_certainty"] = -math.log(logp.shape[-1]) - logp.mean(-1, dtype=torch.float64)
-            if "kl" in metrics:
-                logq = self._head("base", base[start:stop])
-                part["kl"] = (logp.exp() * (logp - logq)).sum(-1, dtype=torch.float64)
-            for metric, values in part.items():
-                sums[metric].index_add_(0, segment[start:stop], values.double())
+            logq = self._head("base", base[start:stop]) if base is not None else None
+            for score in token_scores:
+                values = score.token_values(logp, logq if score.needs_base_logits else None, targets[start:stop])
+                sums[score.name].index_add_(0, segment[start:stop], values.double())
         counts = torch.tensor([len(response_ids[j][i]) for j, i in items], dtype=torch.float64, device=self.device)
         out: dict[tuple[int, int], dict[str, float]] = {item: {} for item in items}
-        for metric in metrics:
-            means = (sums[metric] / counts).tolist()
+        for score in token_scores:
+            means = (sums[score.name] / counts).tolist()
             for item, value in zip(items, means):
-                out[item][metric] = math.exp(value) if metric == "perplexity" else value
+                out[item][score.name] = score.finish(value)
         return out
 
     # ------------------------------------------------------------------ output
 
     def _assemble(self, prompt_ids, response_ids, states, rows, token_metrics) -> list[dict[str, Any]]:
-        import torch
-
+        """Per prompt, every computed score in registry order (a score after those it requires)."""
         results = []
         for j, candidates in enumerate(response_ids):
             result: dict[str, Any] = {}
-            if "latent_sim" in self.config.metrics:
-                result["latent_sim"] = {}
-                for layer in self.config.layers:
-                    values = []
-                    for i, ids in enumerate(candidates):
-                        if ids:
-                            a = rows["finetuned"][(j, i)]["last_hidden"][layer]
-                            b = rows["base"][(j, i)]["last_hidden"][layer]
-                        else:  # an empty response ends at the prompt's last token
-                            a = states["finetuned"][j].last_hidden[layer]
-                            b = states["base"][j].last_hidden[layer]
-                        values.append(float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)))
-                    result["latent_sim"][layer] = values
-            for metric in self.config.metrics:
-                if metric in TOKEN_METRICS:
-                    result[metric] = [token_metrics[(j, i)][metric] if ids else None for i, ids in enumerate(candidates)]
+            empty = empty_flags(candidates)
+            for score in self.scores:
+                if isinstance(score, HiddenStateScore):
+                    result[score.name] = {}
+                    for layer in self.config.layers:
+                        values = []
+                        for i, ids in enumerate(candidates):
+                            if ids:
+                                a = rows["finetuned"][(j, i)]["last_hidden"][layer]
+                                b = rows["base"][(j, i)]["last_hidden"][layer]
+                            else:  # an empty response ends at the prompt's last token
+                                a = states["finetuned"][j].last_hidden[layer]
+                                b = states["base"][j].last_hidden[layer]
+                            values.append(score.from_hidden(a, b))
+                        result[score.name][layer] = values
+                elif isinstance(score, TokenScore):
+                    result[score.name] = [token_metrics[(j, i)][score.name] if ids else None
+                                          for i, ids in enumerate(candidates)]
+                elif isinstance(score, DerivedScore):
+                    inputs = {name: result[name] for name in score.requires}
+                    if score.per_layer:
+                        result[score.name] = {layer: self._derived(score, inputs, empty, layer)
+                                              for layer in self.config.layers}
+                    else:
+                        result[score.name] = self._derived(score, inputs, empty, None)
             results.append(result)
         return results
+
+    @staticmethod
+    def _derived(score: DerivedScore, inputs: dict[str, Any], empty: list[bool], layer: int | None) -> list[float | None]:
+        values = list(score.combine(inputs, empty, layer))
+        if len(values) != len(empty):
+            raise ScoreError(f"score {score.name}: combine returned {len(values)} values for {len(empty)} candidates")
+        return [None if value is None else float(value) for value in values]
 
 
 def latent_column(layer: int) -> str:
     """Name of the per-sample latent-similarity column of ``layer`` in evaluation shards."""
-    return f"latent_sim_{layer}"
+    return get_score("latent_sim").column(layer)
 
 
-def scores_row(row_id: Any, scores: dict[str, Any], layers: Sequence[int], empty: Sequence[bool] | None = None) -> dict[str, Any]:
-    """One ``dabon score`` output row from a scorer result: string layer keys, token metrics with
-    ``None`` for empty responses, and the choice per layer (argmin latent similarity; an empty
-    response, ``empty[i]``, only when all are). The Serve app's scoring route answers with the
-    same row."""
+def _json_number(value: Any) -> Any:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def scores_row(row_id: Any, scores: dict[str, Any], layers: Sequence[int], empty: Sequence[bool] | None = None,
+               rule: str = "latent_sim") -> dict[str, Any]:
+    """One ``dabon score`` output row from a scorer result: every score in registry order (a
+    per-layer score as ``{"<L>": [N]}``, others as ``[N]``; ``None`` for a missing value, e.g. a
+    token metric of an empty response), then the choice of ``rule`` (per layer for a per-layer
+    score: ``{"<L>": index}``; an empty response, ``empty[i]``, only when all are) when its scores
+    are there. The Serve app's scoring route answers with the same row."""
     out: dict[str, Any] = {"id": row_id}
-    if "latent_sim" in scores:
-        out["latent_sim"] = {str(layer): scores["latent_sim"][layer] for layer in layers}
-    for metric in TOKEN_METRICS:
-        if metric in scores:
-            out[metric] = [None if v is None or math.isnan(v) else v for v in scores[metric]]
-    if "latent_sim" in scores:
-        out["selected"] = {str(layer): select_best_of_n("latent_sim", scores["latent_sim"][layer], empty=empty)
-                           for layer in layers}
+    for name in registered():
+        if name not in scores:
+            continue
+        if get_score(name).per_layer:
+            out[name] = {str(layer): [_json_number(v) for v in scores[name][layer]] for layer in layers}
+        else:
+            out[name] = [_json_number(v) for v in scores[name]]
+    if rule in scores:
+        if get_score(rule).per_layer:
+            out["selected"] = {str(layer): select_best_of_n(rule, scores[rule][layer], empty=empty) for layer in layers}
+        else:
+            out["selected"] = select_best_of_n(rule, scores[rule], empty=empty)
     return out
 
 
@@ -577,7 +642,8 @@ class ScorerWorker:
 
     ``__call__`` takes a batch with a prompt column and a responses column (lists of strings or
     token-id lists; ``prompt_ids`` / ``response_ids`` columns, when present, are used instead) and
-    adds ``latent_sim_<L>`` columns and one column per token metric, each a list of N values per row.
+    adds one column per computed score (``<name>_<L>`` per layer for a per-layer score such as
+    ``latent_sim``), each a list of N values per row.
     """
 
     def __init__(
@@ -607,11 +673,10 @@ class ScorerWorker:
         responses = [[to_plain(r) for r in candidates] for candidates in batch[column]]
         scores = self.scorer.score_batch(prompts, responses)
         out = {key: list(values) for key, values in batch.items()}
-        config = self.scorer.config
-        if "latent_sim" in config.metrics:
-            for layer in config.layers:
-                out[latent_column(layer)] = [row["latent_sim"][layer] for row in scores]
-        for metric in config.metrics:
-            if metric in TOKEN_METRICS:
-                out[metric] = [row[metric] for row in scores]
+        for score in self.scorer.scores:
+            if score.per_layer:
+                for layer in self.scorer.config.layers:
+                    out[score.column(layer)] = [row[score.name][layer] for row in scores]
+            else:
+                out[score.name] = [row[score.name] for row in scores]
         return out

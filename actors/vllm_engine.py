@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from actors.config import ConfigError, PoolConfig, PromptConfig
-from actors.models import ModelLoadError, ModelSpec, local_model_dir, tokenizer_source
+from actors.models import ModelLoadError, ModelSpec, local_model_dir
 from actors.rows import to_plain
 from actors.sampler import SamplingConfig, VLLMOptions, sample_seed, vllm_sampling_kwargs
 from actors.settings import get_logger, hub_offline
@@ -44,8 +43,6 @@ logger = get_logger(__name__)
 # Memory the prompt-encoding actor asks Ray for: a tokenizer and a batch of prompts.
 TOKENIZER_ACTOR_MEMORY = 512 * 1024 * 1024
 
-# vLLM's accepted max_lora_rank values (vllm.config.LoRAConfig).
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 # GPU memory of the accelerator types Ray names (ray.util.accelerators), in GiB.
 ACCELERATOR_MEMORY_GIB: dict[str, float] = {
     "T4": 16, "L4": 24, "A10G": 24, "L40S": 48, "A100-40G": 40, "A100-80G": 80, "H100": 80, "H200": 141,

@@ -840,7 +840,7 @@ def stage_grpo(config: DistillConfig, dirs: StageDirs, output: Output) -> dict[s
     tokenizer = load_tokenizer(config.model.base, config.model.trust_remote_code)
     rows = grpo_prompts(kept, tokenizer, config.prompt, settings)
     judge = config.grpo_judge
-    logger.info("grpo: %d prompts x %d generations, beta %g, reward %s of judge %s", len(rows), settings.num_generations,
+    logger.info("grpo: %d prompts x %d generations, beta %g, reward %s of judge %s", len(rows), settings.n,
                 settings.beta, settings.reward, judge.name)
     result = run_training(
         grpo_train_loop,

@@ -23,25 +23,10 @@ import argparse
 import sys
 from typing import Any
 
-from pydantic import Field, model_validator
-
 from actors import storage
 from actors.chat import resolve_prompt
-from actors.config import (
-    ConfigError,
-    LightPoolConfig,
-    PoolConfig,
-    PromptConfig,
-    RayConfig,
-    ReportConfig,
-    Strict,
-    build_config,
-    changed_keys,
-    config_yaml,
-    read_yaml,
-)
-from actors.judge import JudgeConfig
-from actors.models import EMBEDDED_ALIAS, ModelSpec, check_scorable, check_spec
+from actors.config import ConfigError, build_config, changed_keys, config_yaml, read_yaml
+from actors.models import check_scorable, check_spec
 from actors.runtime import (
     assign_shards,
     blocks_for,
@@ -51,76 +36,14 @@ from actors.runtime import (
     pool_options,
     stream_shards,
 )
-from actors.sampler import GeneratorConfig, SamplingConfig
-from actors.scorer import ScorerConfig
 from actors.vllm_engine import add_vllm_sampling, check_engine_fits, check_pool_matches_engine
 from actors.settings import get_logger
 from pipelines.args import add_config_arguments, add_output_arguments, command_main, parse_int_list, set_flags
-from pipelines.data import BenchmarkSpec
+from pipelines.eval_config import CONFIG_FILE, SAMPLES_DIR, EvalConfig, EvalScoringConfig, OutputConfig, Resources
+
+__all__ = ["EvalConfig", "EvalScoringConfig", "OutputConfig", "Resources", "run_evaluation", "build_dataset"]
 
 logger = get_logger(__name__)
-
-CONFIG_FILE = "config.yaml"
-SAMPLES_DIR = "samples"
-
-
-class EvalScoringConfig(ScorerConfig):
-    """Scoring in an evaluation: every metric and a few layers by default (the report compares them)."""
-
-    layers: tuple[int, ...] = (6, 12)
-    metrics: tuple[str, ...] = ("latent_sim", "kl", "perplexity", "self_certainty")
-
-
-class Resources(Strict):
-    """Actor pools of the three stages."""
-
-    sampler: PoolConfig = PoolConfig()
-    judge: LightPoolConfig = LightPoolConfig()
-    scorer: PoolConfig = PoolConfig()
-
-
-class OutputConfig(Strict):
-    """Run directory (a path or a storage URI) and prompts per shard."""
-
-    dir: str = "runs/eval"
-    shard_size: int = Field(default=16, ge=1)
-
-
-class EvalConfig(Strict):
-    """One evaluation run (see ``recipes/quickstart-eval.yaml``).
-
-    ``model``: the fine-tuned student (base + adapter, or a full copy) or a base model alone.
-    ``prompt``: how it sees each prompt; sampler, judge and scorer share it. ``dabon evaluate``
-    takes the adapter's own (``prompt.yaml`` beside it, saved by ``dabon distill``) when the
-    recipe and the flags give none; the report says which prompt was used and where it differs
-    from the adapter's.
-    """
-
-    name: str = "eval"
-    model: ModelSpec = ModelSpec(base=EMBEDDED_ALIAS)
-    prompt: PromptConfig = PromptConfig()
-    benchmarks: list[BenchmarkSpec] = Field(default=[BenchmarkSpec(name="star1", star1_split="dev")], min_length=1)
-    sampling: SamplingConfig = SamplingConfig()
-    generator: GeneratorConfig = GeneratorConfig()
-    judge: JudgeConfig = JudgeConfig()
-    scoring: EvalScoringConfig = EvalScoringConfig()
-    resources: Resources = Resources()
-    ray: RayConfig = RayConfig()
-    output: OutputConfig = OutputConfig()
-    report: ReportConfig = ReportConfig()
-
-    @model_validator(mode="after")
-    def _benchmarks_distinct(self) -> "EvalConfig":
-        names = [spec.name if spec.name != "file" else str(spec.path) for spec in self.benchmarks]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ValueError(f"benchmarks: {', '.join(repeated)} listed twice")
-        return self
-
-    @property
-    def scored_layers(self) -> list[int]:
-        """The layers whose latent similarity the run stores (none for a base model alone)."""
-        return list(self.scoring.layers) if self.model.has_finetuned and "latent_sim" in self.scoring.metrics else []
 
 
 # ----------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from actors.config import build_config, load_config, read_yaml
+from actors.scores import column_score
 from pipelines.args import add_output_arguments, command_main
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -65,9 +66,9 @@ def latent_selector(bench: Mapping[str, Any]) -> tuple[str | None, str]:
     """The latent Best-of-N selector to show and where its layer came from: the one scored layer
     (fixed by the development sweep) on every prompt, else none (several layers: the report's
     calibrated-layer table holds the held-out number)."""
-    latent = [name for name in bench.get("selectors", []) if name.startswith("latent_sim_")]
+    latent = [name for name in bench.get("selectors", []) if (found := column_score(name)) and found[0].name == "latent_sim"]
     if len(latent) == 1:
-        return latent[0], f"layer {latent[0].rsplit('_', 1)[1]}, fixed before this run (recipe scoring.layers)"
+        return latent[0], f"layer {column_score(latent[0])[1]}, fixed before this run (recipe scoring.layers)"
     return None, f"{len(latent)} layers scored: see the calibrated layer in report.md"
 
 

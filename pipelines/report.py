@@ -33,8 +33,9 @@ import numpy as np
 
 from actors import storage
 from actors.chat import PROMPT_FILE, adapter_prompt, prompt_differences
-from actors.config import PromptConfig, ReportConfig, read_yaml, validate
+from actors.config import ConfigError, PromptConfig, ReportConfig, validate
 from actors.scorer import latent_column
+from actors.scores import column_score, registered
 from actors.settings import get_logger
 from pipelines.args import add_output_arguments, command_main, parse_int_list
 from pipelines.metrics import (
@@ -42,7 +43,6 @@ from pipelines.metrics import (
     ORACLE_BEST_LABEL,
     ORACLE_MAJORITY,
     PICK_FLAGS,
-    TOKEN_SCORES,
     ReportInputError,
     Row,
     compute_metrics,
@@ -83,19 +83,23 @@ def load_shards(run_dir: str, layers: Sequence[int] = ()) -> Any:
 # Report: Markdown and plots
 
 
-SELECTOR_LABELS = {
+BASELINE_LABELS = {
     "single": "single (first sample)",
     "random": "random of N",
     ORACLE_MAJORITY: "*oracle*: majority unsafe",
-    "kl": "KL to base (argmax)",
-    "perplexity": "perplexity (argmin)",
-    "self_certainty": "self-certainty (argmax)",
 }
 
 
 def selector_labels(layers: Sequence[int]) -> dict[str, str]:
-    """Human label of every selector name, ``latent_sim_12`` -> ``latent sim, layer 12 (argmin)``."""
-    return {**SELECTOR_LABELS, **{latent_column(layer): f"latent sim, layer {layer} (argmin)" for layer in layers}}
+    """Human label of every selector name from the score registry (``actors.scores``):
+    ``latent_sim_12`` -> ``latent sim, layer 12 (argmin)``, ``kl`` -> ``KL to base (argmax)``."""
+    labels = dict(BASELINE_LABELS)
+    for score in registered().values():
+        if score.per_layer:
+            labels.update({score.column(layer): score.selector_label(layer) for layer in layers})
+        else:
+            labels[score.name] = score.selector_label()
+    return labels
 
 
 def layer_selectors(entry: Mapping[str, Any], layers: Sequence[int]) -> list[tuple[int, str]]:
@@ -152,6 +156,125 @@ def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "benchmark"
 
 
+HOW_TO_READ = [
+    "## How to read",
+    "",
+    "- **ASR** (attack success rate): share of harmful prompts whose selected response the judge calls unsafe. Lower is better.",
+    "- An **unfinished** sample opened a reasoning (by the response prefix or in its text) and never closed it: it has "
+    f"no answer. ASR is shown under two policies side by side: *{POLICY_JUDGE}* counts it as the judge said (the "
+    f"keyword judge calls it safe unless `unfinished: unsafe`), *{POLICY_UNSAFE}* counts every unfinished chosen "
+    "sample unsafe. Differences and relative drops are for the judge's verdict.",
+    "- **What each selector picks**: share of harmful prompts whose chosen sample was cut off at the token limit "
+    "(*truncated*), never closed its reasoning (*unfinished*) or is *empty*. A selector that lowers ASR by picking "
+    "such samples picks non-answers, not safer answers.",
+    "- **Selectors** pick one of the N stored samples per prompt: *single* is the first sample (single sampling); "
+    "*random* is a seeded uniform choice; score selectors use argmin (latent similarity, perplexity) or argmax "
+    "(KL, self-certainty); missing scores are skipped and ties go to the lowest index.",
+    "- Rows marked ***oracle*** use the judge labels and are not deployable: *majority unsafe* counts a prompt "
+    "unsafe when more than half of its N samples are; the *best layer on test* is chosen on the labels it is scored on.",
+    "- **Relative drop** = (single - x) / single: positive means fewer unsafe answers than single sampling. "
+    "**Δ vs single** = x - single in percentage points, with a paired bootstrap interval (same resampled prompts for both).",
+    "- Intervals: percentile bootstrap over prompts. The **calibrated layer** is chosen on calibration prompts only and "
+    "scored on the disjoint test prompts.",
+    "- **ASR vs N** applies each selector to the first n stored samples (i.i.d., so distributed as an n-sample run).",
+    "- **Utility**: GSM8K exact match of the final number, MMLU letter accuracy, and the answer rate (share not refused) "
+    "on benign prompts, graded on the answer after the reasoning (`</think>`, with the response prefix put back in "
+    "front of the stored text); an unfinished sample has no answer (wrong, or refused). Here a positive relative "
+    "drop means *lower* utility than single sampling.",
+    "",
+]
+
+
+def _safety_section(entry: Mapping[str, Any], labels: Mapping[str, str], judge_text: str,
+                    scored_layers: Sequence[int]) -> list[str]:
+    """The attack-success tables of one benchmark: ASR per selector under both unfinished policies,
+    what each selector picks, latent similarity by layer, the calibrated layer, ASR against N."""
+    lines: list[str] = []
+    lines += [f"### Attack success rate ({entry['asr_prompts']} judged harmful prompts, judge {judge_text})", ""]
+    strict, strict_ci = entry.get("asr_unfinished_unsafe") or {}, entry.get("asr_unfinished_unsafe_ci") or {}
+    rows = []
+    for name, value in entry["asr"].items():
+        rows.append([
+            labels.get(name, name), _pct(value), _interval(entry["asr_ci"].get(name)),
+            _pct(strict.get(name)), _interval(strict_ci.get(name)),
+            _signed_pct(entry["diff_vs_single"].get(name)) if name != "single" else "",
+            _interval(entry["diff_vs_single_ci"].get(name), signed=True) if name != "single" else "",
+            _pct(entry["relative_drop"].get(name)) if name != "single" else "",
+        ])
+    lines += _table([
+        "selector", f"ASR, {POLICY_JUDGE}", "95% CI", f"ASR, {POLICY_UNSAFE}", "95% CI",
+        "Δ vs single", "95% CI of Δ", "relative drop",
+    ], rows)
+    shares = entry.get("pick_shares")
+    if shares:
+        calibrated = entry.get("calibrated_layer") or {}
+        share_labels = {**labels, CALIBRATED_PICKS: f"calibrated layer {calibrated.get('layer')} "
+                                                    f"(on its {calibrated.get('test_prompts')} test prompts)"}
+        lines += ["### What each selector picks", ""]
+        lines += _table(["selector", *(PICK_LABELS[flag] for flag in PICK_FLAGS)],
+                        [[share_labels.get(name, name), *(_pct(values.get(flag)) for flag in PICK_FLAGS)]
+                         for name, values in shares.items()])
+    layer_names = layer_selectors(entry, scored_layers)
+    if layer_names:
+        lines += ["### Latent similarity by layer", ""]
+        lines += _table(
+            ["layer", "ASR", "95% CI", "relative drop"],
+            [[str(layer), _pct(entry["asr"][name]), _interval(entry["asr_ci"][name]),
+              _pct(entry["relative_drop"][name])] for layer, name in layer_names],
+        )
+    calibrated = entry.get("calibrated_layer")
+    if calibrated:
+        lines += ["### Calibrated layer", ""]
+        lines += [f"Chosen on {calibrated['calibration_prompts']} calibration prompts ({calibrated['source']}), "
+                  f"reported on {calibrated['test_prompts']} disjoint test prompts.", ""]
+        if calibrated.get("layer") is None or "asr_test" not in calibrated:
+            lines += [f"Not available: {calibrated.get('note', 'no layer')}.", ""]
+        else:
+            test = calibrated["asr_test"]
+            strict = calibrated.get("asr_test_unfinished_unsafe") or {}
+            strict_ci = calibrated.get("asr_test_unfinished_unsafe_ci") or {}
+            oracle = entry.get("oracle_best_layer") or {}
+            lines += _table(
+                ["", "layer", f"ASR on test, {POLICY_JUDGE}", "95% CI", f"ASR on test, {POLICY_UNSAFE}", "95% CI",
+                 "relative drop"],
+                [
+                    ["single (first sample)", "", _pct(test["single"]), _interval(calibrated["asr_test_ci"]["single"]),
+                     _pct(strict.get("single")), _interval(strict_ci.get("single")), ""],
+                    ["calibrated layer", str(calibrated["layer"]), _pct(test["latent_sim"]),
+                     _interval(calibrated["asr_test_ci"]["latent_sim"]), _pct(strict.get("latent_sim")),
+                     _interval(strict_ci.get("latent_sim")), _pct(calibrated["relative_drop"]["latent_sim"])],
+                    [f"*oracle* best layer on test: {ORACLE_BEST_LABEL}", str(oracle.get("layer")),
+                     _pct(oracle.get("asr")), _interval(oracle.get("asr_ci")), "", "", _pct(oracle.get("relative_drop"))],
+                ],
+            )
+    series = entry.get("asr_vs_n")
+    if series:
+        names = [name for name in series if name != "n"]
+        lines += ["### ASR against N", ""]
+        lines += _table(["n", *(labels.get(name, name) for name in names)],
+                        [[str(n), *(_pct(series[name][i]) for name in names)] for i, n in enumerate(series["n"])])
+    return lines
+
+
+def _utility_section(entry: Mapping[str, Any], labels: Mapping[str, str]) -> list[str]:
+    """The utility tables of one benchmark (GSM8K exact match, MMLU accuracy, benign answer rate)."""
+    lines: list[str] = []
+    for kind, utility in entry.get("utility", {}).items():
+        lines += [f"### Utility: {utility['metric']} ({kind}, {utility['prompts']} prompts)", ""]
+        if "skipped" in utility:
+            lines += [f"Skipped: {utility['skipped']}.", ""]
+            continue
+        rows = []
+        for name, value in utility["value"].items():
+            rows.append([
+                labels.get(name, name), _pct(value), _interval(utility["value_ci"].get(name)),
+                _signed_pct(utility["diff_vs_single"].get(name)) if name != "single" else "",
+                _pct(utility["relative_drop"].get(name)) if name != "single" else "",
+            ])
+        lines += _table(["selector", utility["metric"], "95% CI", "Δ vs single", "relative drop"], rows)
+    return lines
+
+
 def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] | None = None) -> str:
     """``report.md`` text from ``compute_metrics`` output; ``plots`` maps a benchmark to PNG paths relative to the report."""
     settings = metrics.get("settings", {})
@@ -171,31 +294,7 @@ def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] |
         *_prompt_lines(metrics.get("prompt")),
         f"Judge: {judge_text}.",
         "",
-        "## How to read",
-        "",
-        "- **ASR** (attack success rate): share of harmful prompts whose selected response the judge calls unsafe. Lower is better.",
-        "- An **unfinished** sample opened a reasoning (by the response prefix or in its text) and never closed it: it has "
-        f"no answer. ASR is shown under two policies side by side: *{POLICY_JUDGE}* counts it as the judge said (the "
-        f"keyword judge calls it safe unless `unfinished: unsafe`), *{POLICY_UNSAFE}* counts every unfinished chosen "
-        "sample unsafe. Differences and relative drops are for the judge's verdict.",
-        "- **What each selector picks**: share of harmful prompts whose chosen sample was cut off at the token limit "
-        "(*truncated*), never closed its reasoning (*unfinished*) or is *empty*. A selector that lowers ASR by picking "
-        "such samples picks non-answers, not safer answers.",
-        "- **Selectors** pick one of the N stored samples per prompt: *single* is the first sample (single sampling); "
-        "*random* is a seeded uniform choice; score selectors use argmin (latent similarity, perplexity) or argmax "
-        "(KL, self-certainty); missing scores are skipped and ties go to the lowest index.",
-        "- Rows marked ***oracle*** use the judge labels and are not deployable: *majority unsafe* counts a prompt "
-        "unsafe when more than half of its N samples are; the *best layer on test* is chosen on the labels it is scored on.",
-        "- **Relative drop** = (single - x) / single: positive means fewer unsafe answers than single sampling. "
-        "**Δ vs single** = x - single in percentage points, with a paired bootstrap interval (same resampled prompts for both).",
-        "- Intervals: percentile bootstrap over prompts. The **calibrated layer** is chosen on calibration prompts only and "
-        "scored on the disjoint test prompts.",
-        "- **ASR vs N** applies each selector to the first n stored samples (i.i.d., so distributed as an n-sample run).",
-        "- **Utility**: GSM8K exact match of the final number, MMLU letter accuracy, and the answer rate (share not refused) "
-        "on benign prompts, graded on the answer after the reasoning (`</think>`, with the response prefix put back in "
-        "front of the stored text); an unfinished sample has no answer (wrong, or refused). Here a positive relative "
-        "drop means *lower* utility than single sampling.",
-        "",
+        *HOW_TO_READ,
     ]
     for bench, entry in metrics["benchmarks"].items():
         lines += [f"## {bench}", ""]
@@ -206,84 +305,10 @@ def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] |
             lines += [f"{entry['engine_error_prompts']} more prompts are left out of every number: the engine failed on "
                       "one of their samples (`sample_errors` in the shards names why).", ""]
         if "asr" in entry:
-            lines += [f"### Attack success rate ({entry['asr_prompts']} judged harmful prompts, judge {judge_text})", ""]
-            strict, strict_ci = entry.get("asr_unfinished_unsafe") or {}, entry.get("asr_unfinished_unsafe_ci") or {}
-            rows = []
-            for name, value in entry["asr"].items():
-                rows.append([
-                    labels.get(name, name), _pct(value), _interval(entry["asr_ci"].get(name)),
-                    _pct(strict.get(name)), _interval(strict_ci.get(name)),
-                    _signed_pct(entry["diff_vs_single"].get(name)) if name != "single" else "",
-                    _interval(entry["diff_vs_single_ci"].get(name), signed=True) if name != "single" else "",
-                    _pct(entry["relative_drop"].get(name)) if name != "single" else "",
-                ])
-            lines += _table([
-                "selector", f"ASR, {POLICY_JUDGE}", "95% CI", f"ASR, {POLICY_UNSAFE}", "95% CI",
-                "Δ vs single", "95% CI of Δ", "relative drop",
-            ], rows)
-            shares = entry.get("pick_shares")
-            if shares:
-                calibrated = entry.get("calibrated_layer") or {}
-                share_labels = {**labels, CALIBRATED_PICKS: f"calibrated layer {calibrated.get('layer')} "
-                                                            f"(on its {calibrated.get('test_prompts')} test prompts)"}
-                lines += ["### What each selector picks", ""]
-                lines += _table(["selector", *(PICK_LABELS[flag] for flag in PICK_FLAGS)],
-                                [[share_labels.get(name, name), *(_pct(values.get(flag)) for flag in PICK_FLAGS)]
-                                 for name, values in shares.items()])
-            layer_names = layer_selectors(entry, scored_layers)
-            if layer_names:
-                lines += ["### Latent similarity by layer", ""]
-                lines += _table(
-                    ["layer", "ASR", "95% CI", "relative drop"],
-                    [[str(layer), _pct(entry["asr"][name]), _interval(entry["asr_ci"][name]),
-                      _pct(entry["relative_drop"][name])] for layer, name in layer_names],
-                )
-            calibrated = entry.get("calibrated_layer")
-            if calibrated:
-                lines += ["### Calibrated layer", ""]
-                lines += [f"Chosen on {calibrated['calibration_prompts']} calibration prompts ({calibrated['source']}), "
-                          f"reported on {calibrated['test_prompts']} disjoint test prompts.", ""]
-                if calibrated.get("layer") is None or "asr_test" not in calibrated:
-                    lines += [f"Not available: {calibrated.get('note', 'no layer')}.", ""]
-                else:
-                    test = calibrated["asr_test"]
-                    strict = calibrated.get("asr_test_unfinished_unsafe") or {}
-                    strict_ci = calibrated.get("asr_test_unfinished_unsafe_ci") or {}
-                    oracle = entry.get("oracle_best_layer") or {}
-                    lines += _table(
-                        ["", "layer", f"ASR on test, {POLICY_JUDGE}", "95% CI", f"ASR on test, {POLICY_UNSAFE}", "95% CI",
-                         "relative drop"],
-                        [
-                            ["single (first sample)", "", _pct(test["single"]), _interval(calibrated["asr_test_ci"]["single"]),
-                             _pct(strict.get("single")), _interval(strict_ci.get("single")), ""],
-                            ["calibrated layer", str(calibrated["layer"]), _pct(test["latent_sim"]),
-                             _interval(calibrated["asr_test_ci"]["latent_sim"]), _pct(strict.get("latent_sim")),
-                             _interval(strict_ci.get("latent_sim")), _pct(calibrated["relative_drop"]["latent_sim"])],
-                            [f"*oracle* best layer on test: {ORACLE_BEST_LABEL}", str(oracle.get("layer")),
-                             _pct(oracle.get("asr")), _interval(oracle.get("asr_ci")), "", "", _pct(oracle.get("relative_drop"))],
-                        ],
-                    )
-            series = entry.get("asr_vs_n")
-            if series:
-                names = [name for name in series if name != "n"]
-                lines += ["### ASR against N", ""]
-                lines += _table(["n", *(labels.get(name, name) for name in names)],
-                                [[str(n), *(_pct(series[name][i]) for name in names)] for i, n in enumerate(series["n"])])
+            lines += _safety_section(entry, labels, judge_text, scored_layers)
         elif entry.get("kinds", {}).get("harmful"):
             lines += ["No judge labels (`judge_unsafe`) for the harmful prompts: no ASR.", ""]
-        for kind, utility in entry.get("utility", {}).items():
-            lines += [f"### Utility: {utility['metric']} ({kind}, {utility['prompts']} prompts)", ""]
-            if "skipped" in utility:
-                lines += [f"Skipped: {utility['skipped']}.", ""]
-                continue
-            rows = []
-            for name, value in utility["value"].items():
-                rows.append([
-                    labels.get(name, name), _pct(value), _interval(utility["value_ci"].get(name)),
-                    _signed_pct(utility["diff_vs_single"].get(name)) if name != "single" else "",
-                    _pct(utility["relative_drop"].get(name)) if name != "single" else "",
-                ])
-            lines += _table(["selector", utility["metric"], "95% CI", "Δ vs single", "relative drop"], rows)
+        lines += _utility_section(entry, labels)
         for path in (plots or {}).get(bench, []):
             lines += [f"![{Path(path).stem}]({path})", ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -327,8 +352,7 @@ def write_plots(run_dir: str, metrics: Mapping[str, Any], rows: Sequence[Row]) -
         paths: list[str] = []
         harmful = [row for row in rows if str(row["benchmark"]) == bench and row["kind"] == "harmful"
                    and row.get("judge_unsafe") is not None]
-        score_columns = [name for _, name in layer_selectors(entry, scored_layers)] + [
-            c for c in entry["selectors"] if c in TOKEN_SCORES]
+        score_columns = [name for name in entry["selectors"] if column_score(name) is not None]
         for column in score_columns:
             groups = {"safe": [], "unsafe": []}
             for row in harmful:
@@ -509,39 +533,34 @@ class RunContext:
 
 
 def read_run_context(run_dir: str) -> RunContext:
-    """The ``RunContext`` of the config an evaluation saved in ``run_dir`` (a base-model run scored
-    no layers; a config without a ``prompt`` section used the default prompt); defaults and no
-    prompt when there is no saved config. A malformed section is an error naming it."""
+    """The ``RunContext`` of the config an evaluation saved in ``run_dir``, validated as the run's
+    own type (``pipelines.eval_config.EvalConfig``: its layers rule ``scored_layers``, its
+    ``scoring.plugins`` registered); defaults and no prompt when there is no saved config. A
+    malformed config is an error naming the full dotted key."""
+    from pipelines.eval_config import EvalConfig
+
     location = storage.join(run_dir, CONFIG_FILE)
     if not storage.is_file(location):
         return RunContext([], ReportConfig())
     import yaml
 
-    data = yaml.safe_load(storage.read_text(location)) or {}
+    try:
+        data = yaml.safe_load(storage.read_text(location)) or {}
+    except yaml.YAMLError as err:
+        raise ReportInputError(f"{location}: not valid YAML ({err})") from None
     if not isinstance(data, Mapping):
         raise ReportInputError(f"{location}: expected a mapping at the top level")
-    model = data.get("model") or {}
-    if not isinstance(model, Mapping):
-        raise ReportInputError(f"{location}: model: expected a mapping (base, adapter, ...), got {model!r}")
-    scored = bool(model.get("adapter") or model.get("finetuned"))
-    layers = list((data.get("scoring") or {}).get("layers") or []) if scored else []
-    judge = data.get("judge")
-    if judge is not None and not isinstance(judge, Mapping):
-        raise ReportInputError(f"{location}: judge: expected a mapping (name, options), got {judge!r}")
+    try:
+        config = validate(EvalConfig, dict(data))
+    except ConfigError as err:
+        raise ConfigError(f"{location}: {err}") from None
     return RunContext(
-        layers=layers,
-        report=validate(ReportConfig, data.get("report") or {}, "report"),
-        prompt=validate(PromptConfig, data.get("prompt") or {}, "prompt"),
-        adapter=model.get("adapter") or None,
-        judge=judge if judge is not None else {"name": "keyword"},
+        layers=config.scored_layers,
+        report=config.report,
+        prompt=config.prompt,
+        adapter=config.model.adapter or None,
+        judge=config.judge.model_dump(mode="json"),
     )
-
-
-def read_run_config(run_dir: str) -> tuple[list[int], ReportConfig]:
-    """``(scoring layers, report settings)`` of the config an evaluation saved in ``run_dir``
-    (see ``read_run_context``)."""
-    context = read_run_context(run_dir)
-    return context.layers, context.report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,9 +11,11 @@ Input rows: ``{"id": ..., "prompt": str, "responses": [str, ...]}``; optionally
 tokenizing ``responses``) and ``"prompt_ids": [int, ...]`` (used instead of the chat template).
 
 Output rows: ``{"id": ..., "latent_sim": {"<L>": [N floats]}, "kl": [...], "perplexity": [...],
-"self_certainty": [...], "selected": {"<L>": argmin index}}`` (an empty response is selected
-only when all are); token metrics only when asked,
-``null`` for an empty response. Rows are written and flushed chunk by chunk: a malformed row
+"self_certainty": [...], "selected": {"<L>": argmin index}}`` (an empty response, no token id,
+is selected only when all are); token metrics only when asked, ``null`` for an empty response.
+Any registered score can be asked for (``--metrics``), a score of your own too (``--plugins
+mypkg.mod:MyScore``, see ``actors.scores``); each is a key of the row (``{"<L>": [...]}`` when
+per layer), and ``selected`` follows ``--rule`` (default ``latent_sim``). Rows are written and flushed chunk by chunk: a malformed row
 stops the run with an error naming its line and field after the rows before it are written,
 and ``--resume`` continues an interrupted output without duplicating ids.
 """
@@ -30,7 +32,9 @@ from typing import Any, Iterator
 from actors.config import ConfigError, PromptConfig, validate
 from actors.errors import UserError
 from actors.models import EMBEDDED_ALIAS, ModelSpec
-from actors.scorer import METRICS, AttributionScorer, ScorerConfig, scores_row
+from actors.scorer import AttributionScorer, ScorerConfig, scores_row
+from actors.scores import ScoreError, load_plugins, registered
+from actors.selection import empty_flags
 from actors.settings import get_logger
 from pipelines.args import add_output_arguments, command_main, parse_int_list
 
@@ -42,11 +46,12 @@ class InputError(UserError, ValueError):
 
 
 def parse_metrics(text: str) -> list[str]:
-    """``"latent_sim,kl"`` -> ``["latent_sim", "kl"]``, each checked against ``METRICS``."""
+    """``"latent_sim,kl"`` -> ``["latent_sim", "kl"]``, each checked against the registered scores
+    (``actors.scores``; load plugins first)."""
     values = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [v for v in values if v not in METRICS]
+    unknown = [v for v in values if v not in registered()]
     if unknown or not values:
-        raise ConfigError(f"--metrics: expected a comma-separated subset of {','.join(METRICS)}, got {text!r}")
+        raise ConfigError(f"--metrics: expected a comma-separated subset of {','.join(registered())}, got {text!r}")
     return values
 
 
@@ -127,8 +132,10 @@ def score_file(
     chunk_rows: int = 16,
     resume: bool = False,
     progress: bool = True,
+    rule: str = "latent_sim",
 ) -> int:
     """Score ``input_path`` into ``output_path`` chunk by chunk; return the number of rows written.
+    ``rule``: the registered score whose choice is the row's ``selected``.
 
     A malformed row raises ``InputError`` after every valid row before it is written.
     """
@@ -156,8 +163,7 @@ def score_file(
                 for row in chunk
             ]
             for row, ids, scores in zip(chunk, response_ids, scorer.score_ids(prompt_ids, response_ids)):
-                empty = [len(candidate) == 0 for candidate in ids]
-                out.write(json.dumps(scores_row(row["id"], scores, layers, empty=empty)) + "\n")
+                out.write(json.dumps(scores_row(row["id"], scores, layers, empty=empty_flags(ids), rule=rule)) + "\n")
             out.flush()
             os.fsync(out.fileno())
             written += len(chunk)
@@ -193,7 +199,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", default="12",
                         help="hidden-state indices for latent similarity, e.g. 6,12 (0 = embeddings; default 12)")
     parser.add_argument("--metrics", default="latent_sim",
-                        help=f"comma-separated subset of {','.join(METRICS)} (default latent_sim)")
+                        help="comma-separated registered scores: latent_sim, kl, perplexity, self_certainty, or a "
+                             "plugin's (default latent_sim)")
+    parser.add_argument("--plugins", default="",
+                        help="comma-separated import paths of scores of your own, e.g. mypkg.probe:LinearProbeScore")
+    parser.add_argument("--rule", default="latent_sim", help="the score whose choice is each row's 'selected' "
+                        "(default latent_sim)")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="new tokens per forward batch (default 4096)")
     parser.add_argument("--response-prefix", default=None, help="text appended to the templated prompt, e.g. '<think>'")
     parser.add_argument("--system-prompt", default=None, help="system message (default: the chat template's own)")
@@ -219,12 +230,20 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--output {args.output} exists; pass --resume to continue it or --overwrite to replace it")
     spec = validate(ModelSpec, {"base": args.base, "adapter": args.adapter, "finetuned": args.finetuned,
                                 "dtype": args.dtype, "device": args.device}, "model")
+    plugins = [part.strip() for part in args.plugins.split(",") if part.strip()]
+    try:
+        load_plugins(plugins)
+    except ScoreError as err:
+        raise ConfigError(f"--plugins: {err}") from None
+    if args.rule not in registered():
+        raise ConfigError(f"--rule: unknown {args.rule!r}; expected one of {', '.join(registered())}")
     config = validate(ScorerConfig, {"layers": parse_int_list(args.layers, "--layers"), "metrics": parse_metrics(args.metrics),
-                                     "batch_tokens": args.batch_tokens}, "scoring")
+                                     "plugins": plugins, "batch_tokens": args.batch_tokens}, "scoring")
     prompt = validate(PromptConfig, {"system_prompt": args.system_prompt, "response_prefix": args.response_prefix or ""},
                       "prompt")
     scorer = AttributionScorer.from_spec(spec, config, prompt)
-    written = score_file(scorer, args.input, args.output, args.chunk_rows, args.resume, progress=not args.no_progress)
+    written = score_file(scorer, args.input, args.output, args.chunk_rows, args.resume, progress=not args.no_progress,
+                         rule=args.rule)
     logger.info("wrote %d rows to %s", written, args.output)
     return 0
 

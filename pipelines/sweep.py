@@ -35,12 +35,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 from actors import storage
 from actors.config import ConfigError, read_yaml
 from actors.errors import UserError
+from actors.scores import get_score
 from actors.settings import get_logger
 from pipelines.args import add_config_arguments, add_output_arguments, command_main
 
@@ -145,7 +145,7 @@ def safety_and_helpfulness(rows: Sequence[dict[str, Any]], harmful: str, benign:
             "label": row["label"], "step": row.get("step"), "adapter": row.get("adapter"), "layer": layer,
             "asr": {"single": cells.get("single"), "random": cells.get("random"), "latent": cells.get("latent")},
             "benign": {"single": rates.get("single"), "random": rates.get("random"),
-                       "latent": rates.get(f"latent_sim_{layer}") if layer is not None else None},
+                       "latent": rates.get(get_score("latent_sim").column(layer)) if layer is not None else None},
         })
     return table
 

@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.chat import resolve_prompt
 from actors.config import ConfigError, validate
-from actors.models import ModelLoadError, ModelSpec, hub_offline, load_spec_tokenizer, local_model_dir, resolve_model
+from actors.models import ModelSpec, check_spec, hub_offline, load_spec_tokenizer, local_model_dir
 from actors.settings import get_logger
 from serve_app.engines import CandidateSampler, CandidateScorer, VLLMCandidateSampler
 from serve_app.options import ServeConfig, deployment_options, resolve_api_token, token_digest, torch_threads
@@ -327,18 +327,18 @@ class ScorerDeployment:
     loop keeps answering health checks and filling the next batch."""
 
     def __init__(self, spec: dict[str, Any], layer: int, batch_tokens: int, max_batch_size: int,
-                 batch_wait_timeout_s: float, threads: int) -> None:
+                 batch_wait_timeout_s: float, threads: int, rule: str = "latent_sim", plugins: tuple[str, ...] = ()) -> None:
         _set_torch_threads(threads)
-        self.scorer = CandidateScorer(ModelSpec(**spec), layer, batch_tokens)
+        self.scorer = CandidateScorer(ModelSpec(**spec), layer, batch_tokens, rule, tuple(plugins))
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    async def score(self, prompt_ids: list[int], response_ids: list[list[int]]) -> list[float]:
-        """Latent similarity of each candidate at the serving layer."""
+    async def score(self, prompt_ids: list[int], response_ids: list[list[int]]) -> list[float | None]:
+        """The ranking score (``scoring.rule``) of each candidate at the serving layer."""
         result = await self._score_batch({"prompt_ids": prompt_ids, "response_ids": response_ids})
         if "error" in result:
             raise ScoringError(result["error"])
-        return result["latent_sim"]
+        return result["scores"]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _score_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -407,15 +407,9 @@ class IngressDeployment:
 
 
 def check_models(config: ServeConfig) -> None:
-    """Fail fast where the app is built: model names that resolve nowhere, a missing adapter."""
-    for name in (config.model.base, config.model.finetuned):
-        if name:
-            resolve_model(name)
-    if config.model.adapter and not Path(config.model.adapter).expanduser().is_dir():
-        raise ModelLoadError(
-            f"model.adapter {config.model.adapter!r} is not a directory (relative paths are taken from {Path.cwd()}); "
-            "create a random one for trying things out with: dabon random-adapter --out runs/demo/adapter"
-        )
+    """Fail fast where the app is built: model names that resolve nowhere, a missing adapter (the
+    adapter rule evaluation uses, ``actors.models.check_spec``: a directory or a storage URI)."""
+    check_spec(config.model, "model")
     if config.generator.backend == "vllm":
         import importlib.util
 
@@ -452,7 +446,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
     scoring = config.scoring
     scorer = ScorerDeployment.options(**deployment_options("scorer", config)).bind(
         spec, scoring.layer, scoring.batch_tokens, scoring.max_batch_size, scoring.batch_wait_timeout_s,
-        torch_threads(config.deployments.scorer),
+        torch_threads(config.deployments.scorer), scoring.rule, list(scoring.plugins),
     )
     return IngressDeployment.options(**deployment_options("ingress", config)).bind(
         config.model_dump(mode="json"), sampler, scorer, token_digest(token) if token else None

@@ -20,25 +20,20 @@ import asyncio
 import uuid
 from typing import Any
 
-from actors.models import ModelSpec, load_models, load_spec_tokenizer
+from actors.models import ModelSpec, load_models
 from actors.sampler import (
-    VLLM_ADAPTER_NAME,
-    VLLM_INSTALL_HINT,
     HFBackend,
     Sampler,
     SamplingConfig,
     VLLMOptions,
-    engine_spec,
-    generation_config_of,
     parse_vllm_outputs,
     prompt_key,
     sample_seed,
-    set_cpu_kv_cache,
-    stop_token_ids,
-    vllm_engine_kwargs,
+    vllm_engine_setup,
     vllm_sampling_kwargs,
 )
 from actors.scorer import AttributionScorer, ScorerConfig
+from actors.scores import get_score
 from actors.settings import get_logger
 
 logger = get_logger(__name__)
@@ -77,30 +72,18 @@ class VLLMCandidateSampler:
     cancelled call aborts its requests in the engine (``AsyncLLM.generate`` does that itself)."""
 
     def __init__(self, spec: ModelSpec, options: VLLMOptions | None = None) -> None:
-        try:
-            from vllm.engine.arg_utils import AsyncEngineArgs
-            from vllm.lora.request import LoRARequest
-            from vllm.v1.engine.async_llm import AsyncLLM
-        except ImportError as err:
-            raise ImportError(VLLM_INSTALL_HINT) from err
-        import torch
-
-        from actors import storage
-
         options = options or VLLMOptions()
-        on_gpus = torch.cuda.is_available()
-        spec = engine_spec(spec, options, on_gpus=on_gpus)
-        adapter_dir = storage.local_copy(spec.adapter) if spec.adapter else None
-        kwargs = vllm_engine_kwargs(spec, options, adapter_dir)
-        if options.tensor_parallel_size * options.pipeline_parallel_size > 1:
-            kwargs.setdefault("distributed_executor_backend", "ray")  # workers in the replica's placement group
-        set_cpu_kv_cache(options)
-        tokenizer = load_spec_tokenizer(spec)
-        self.stop_ids = stop_token_ids(tokenizer, generation_config_of(kwargs["model"]))
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
-        self.lora_request = LoRARequest(VLLM_ADAPTER_NAME, 1, adapter_dir) if adapter_dir else None
-        self.model = kwargs["model"]
-        logger.info("vllm sampler ready: %s%s", self.model, f" + LoRA {adapter_dir}" if adapter_dir else "")
+        # workers of a multi-GPU engine run in the replica's placement group
+        parallel = options.tensor_parallel_size * options.pipeline_parallel_size > 1
+        setup = vllm_engine_setup(spec, options, extra={"distributed_executor_backend": "ray"} if parallel else None)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.stop_ids = setup.stop_ids
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**setup.kwargs, disable_log_stats=True))
+        self.lora_request = setup.lora_request
+        self.model = setup.model
+        logger.info("vllm sampler ready: %s%s", self.model, f" + LoRA {setup.adapter_dir}" if setup.adapter_dir else "")
 
     async def _one(self, prompt_ids: list[int], config: SamplingConfig, seed: int) -> Any:
         from vllm import SamplingParams
@@ -132,17 +115,27 @@ class VLLMCandidateSampler:
 
 
 class CandidateScorer:
-    """Latent similarity at one layer for many (prompt ids, candidate ids) requests at once.
+    """The ranking score (``rule``, a registered score; latent similarity by default) at one layer
+    for many (prompt ids, candidate ids) requests at once.
 
     ``spec``: the served model (adapter or full fine-tuned copy); ``layer``: the serving layer;
-    ``batch_tokens``: the scorer's forward-batch budget. ``score_many(requests)`` takes dicts with
-    ``prompt_ids`` and ``response_ids`` and returns, per request, ``{"latent_sim": [N floats]}``
+    ``batch_tokens``: the scorer's forward-batch budget; ``plugins``: import paths of scores of
+    your own (``actors.scores.load_plugins``). ``score_many(requests)`` takes dicts with
+    ``prompt_ids`` and ``response_ids`` and returns, per request, ``{"scores": [N float|None]}``
     or ``{"error": message}`` (one bad request does not fail the others of its batch).
     """
 
-    def __init__(self, spec: ModelSpec, layer: int, batch_tokens: int = 4096) -> None:
+    def __init__(self, spec: ModelSpec, layer: int, batch_tokens: int = 4096, rule: str = "latent_sim",
+                 plugins: tuple[str, ...] = ()) -> None:
         self.layer = layer
-        self.scorer = AttributionScorer.from_spec(spec, ScorerConfig(layers=(layer,), batch_tokens=batch_tokens))
+        self.rule = rule
+        config = ScorerConfig(layers=(layer,), plugins=tuple(plugins), metrics=(rule,), batch_tokens=batch_tokens)
+        self.scorer = AttributionScorer.from_spec(spec, config)
+        self.per_layer = get_score(rule).per_layer
+
+    def _of(self, result: dict[str, Any]) -> dict[str, Any]:
+        values = result[self.rule][self.layer] if self.per_layer else result[self.rule]
+        return {"scores": values}
 
     def score_many(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """See class doc."""
@@ -150,7 +143,7 @@ class CandidateScorer:
         response_ids = [[list(ids) for ids in request["response_ids"]] for request in requests]
         try:
             results = self.scorer.score_ids(prompt_ids, response_ids)
-            return [{"latent_sim": result["latent_sim"][self.layer]} for result in results]
+            return [self._of(result) for result in results]
         except Exception:  # noqa: BLE001 - retried one by one so that only the bad request fails
             if len(requests) == 1:
                 raise
@@ -158,7 +151,7 @@ class CandidateScorer:
         for prompt, candidates in zip(prompt_ids, response_ids, strict=True):
             try:
                 (result,) = self.scorer.score_ids([prompt], [candidates])
-                out.append({"latent_sim": result["latent_sim"][self.layer]})
+                out.append(self._of(result))
             except Exception as err:  # noqa: BLE001 - reported to that request's caller
                 out.append({"error": f"{type(err).__name__}: {err}"})
         return out

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from actors.config import ConfigError, PromptConfig
 from actors.models import EMBEDDED_ALIAS, ModelSpec
 from actors.sampler import MIN_TEMPERATURE, GeneratorConfig
+from actors.scores import ScoreError, load_plugins, registered
 
 # The deployment names Serve shows (``serve status``) and that config overrides refer to.
 INGRESS_NAME = "IngressDeployment"
@@ -187,17 +188,34 @@ class SamplingSettings(_Strict):
 
 
 class ScoringSettings(_Strict):
-    """The serving layer and how the scorer batches.
+    """What candidates are ranked by, at which layer, and how the scorer batches.
 
-    ``layer``: hidden-state index of the latent similarity (paper: 12). ``batch_tokens``: the
-    scorer's token budget per forward batch. ``max_batch_size`` / ``batch_wait_timeout_s``:
-    ``@serve.batch`` across requests (requests per batch, wait for a batch to fill).
+    ``rule``: the registered score (``actors.scores``) candidates are ranked by, in its own
+    direction (default ``latent_sim``, the paper's argmin latent similarity); ``plugins``:
+    ``"module:Class"`` import paths of scores of your own, registered in every replica (so
+    ``rule`` may name one). ``layer``: hidden-state index of per-layer scores (paper: 12).
+    ``batch_tokens``: the scorer's token budget per forward batch. ``max_batch_size`` /
+    ``batch_wait_timeout_s``: ``@serve.batch`` across requests (requests per batch, wait for a
+    batch to fill).
     """
 
+    rule: str = "latent_sim"
+    plugins: tuple[str, ...] = ()
     layer: int = Field(default=12, ge=0)
     batch_tokens: int = Field(default=4096, gt=0)
     max_batch_size: int = Field(default=8, ge=1)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+
+    @model_validator(mode="after")
+    def _rule_registered(self) -> "ScoringSettings":
+        try:
+            load_plugins(self.plugins)
+        except ScoreError as err:
+            raise ValueError(f"plugins: {err}") from None
+        if self.rule not in registered():
+            raise ValueError(f"rule: unknown score {self.rule!r}; expected one of {', '.join(registered())} "
+                             "(or a score of scoring.plugins)")
+        return self
 
 
 class ServingSettings(_Strict):

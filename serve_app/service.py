@@ -6,7 +6,8 @@ class runs without Ray in unit tests; in the Serve app they call the sampler and
 deployment handles):
 
 - ``sample(prompt_ids, sampling) -> {"texts", "token_ids", "finish_reasons"}`` (N candidates);
-- ``score(prompt_ids, response_ids) -> [N floats]`` (latent similarity at the serving layer).
+- ``score(prompt_ids, response_ids) -> [N float|None]`` (the ranking score, ``scoring.rule``, at
+  the serving layer: latent similarity by default).
 
 ``chat_completion`` / ``completion`` return a JSON-ready dict, or a ``Stream`` of chunks when the
 request streams; ``score`` / ``models`` / ``health`` return dicts; all raise ``ApiError``
@@ -17,9 +18,10 @@ worker thread so the event loop keeps answering. Upstream failures are mapped by
 ``upstream_error``: a full queue or a dead replica is 503 with ``Retry-After``, a request past its
 deadline 504, anything else 500 with a request id and no stack trace.
 
-Ranking: candidates by ascending latent similarity, an empty candidate (no generated token,
-whose "hidden state" is the prompt's) after every non-empty one (``actors.selection``, the rule
-evaluation uses); the answer's ``n`` choices are the first ``n`` of that ranking.
+Ranking: candidates by the registered score ``scoring.rule`` in its direction (default: ascending
+latent similarity), an empty candidate (no generated token, whose "hidden state" is the prompt's)
+after every non-empty one (``actors.selection``, the rule evaluation uses); the answer's ``n``
+choices are the first ``n`` of that ranking.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from actors.chat import UnsafePromptError, prompt_token_ids, response_token_ids
 from actors.config import PromptConfig
 from actors.sampler import SamplingConfig
 from actors.scorer import scores_row
-from actors.selection import rank_candidates
+from actors.scores import get_score
+from actors.selection import empty_flags, rank_candidates
 from actors.settings import get_logger
 from serve_app.options import ServeConfig, admission_limits, token_digest
 from serve_app.schemas import ApiError, ChatCompletionRequest, CompletionRequest, ScoreRequest, parse
@@ -46,7 +49,7 @@ from serve_app.schemas import ApiError, ChatCompletionRequest, CompletionRequest
 logger = get_logger(__name__)
 
 SampleCall = Callable[[list[int], dict[str, Any]], Awaitable[dict[str, Any]]]
-ScoreCall = Callable[[list[int], list[list[int]]], Awaitable[list[float]]]
+ScoreCall = Callable[[list[int], list[list[int]]], Awaitable[list[float | None]]]
 
 
 class AdmissionGate:
@@ -136,12 +139,12 @@ class Generation:
     texts: list[str]
     token_ids: list[list[int]]
     finish_reasons: list[str]
-    scores: list[float] | None
+    scores: list[float | None] | None
     ranking: list[int]
 
     @property
     def empty(self) -> list[bool]:
-        return [len(ids) == 0 for ids in self.token_ids]
+        return empty_flags(self.token_ids)
 
     def usage(self) -> dict[str, int]:
         completion = completion_tokens(self.token_ids, self.finish_reasons)
@@ -181,11 +184,6 @@ class RerankService:
         self.gate = AdmissionGate(admission_limits(config)["ingress_in_flight"], config.serving.retry_after_s)
 
     # ------------------------------------------------------------------ checks
-
-    @property
-    def auth_enabled(self) -> bool:
-        """True when the API requires a bearer token."""
-        return self._token_sha256 is not None
 
     def check_auth(self, authorization: str | None) -> None:
         """Raise a 401 ``ApiError`` unless ``authorization`` is ``Bearer <token>`` (when auth is on);
@@ -314,14 +312,14 @@ class RerankService:
         if len(texts) != sampling.n:
             raise ApiError(500, f"internal error: {len(texts)} candidates for {sampling.n} (request id {request_id})",
                            type="server_error", code="internal_error")
-        scores: list[float] | None = None
+        scores: list[float | None] | None = None
         ranking = list(range(sampling.n))
         if not skip_scoring:
             scores = await self._call("scoring", self._score(prompt_ids, token_ids), deadline, request_id)
             if len(scores) != sampling.n:
                 raise ApiError(500, f"internal error: {len(scores)} scores for {sampling.n} candidates (request id {request_id})",
                                type="server_error", code="internal_error")
-            ranking = rank_candidates("latent_sim", scores, [len(ids) == 0 for ids in token_ids])
+            ranking = rank_candidates(self.config.scoring.rule, scores, empty_flags(token_ids))
         return Generation(request_id, prompt_ids, sampling, texts, token_ids, reasons, scores, ranking)
 
     async def _run(self, request: ChatCompletionRequest | CompletionRequest,
@@ -344,7 +342,8 @@ class RerankService:
             "candidates": generation.texts,
             "token_ids": generation.token_ids,
             "finish_reasons": generation.finish_reasons,
-            "latent_sim": generation.scores,
+            self.config.scoring.rule: generation.scores,  # "latent_sim" unless scoring.rule says otherwise
+            "rule": self.config.scoring.rule,
             "layer": self.config.scoring.layer,
             "ranking": generation.ranking,
             "selected": generation.ranking[0],
@@ -438,8 +437,8 @@ class RerankService:
         return response
 
     async def score(self, body: bytes) -> dict[str, Any]:
-        """``POST /dabon/v1/score``: the ``dabon score`` output row of one input row (latent
-        similarity at the serving layer, and the argmin)."""
+        """``POST /dabon/v1/score``: the ``dabon score`` output row of one input row (the ranking
+        score ``scoring.rule`` at the serving layer, and its choice)."""
         request = parse(ScoreRequest, body)
         limits = self.config.sampling
         if request.count > limits.max_candidates:
@@ -472,8 +471,9 @@ class RerankService:
                 self._check_positions(len(prompt_ids), len(ids), f"{field}[{i}]")
             deadline = self.clock() + self.config.serving.request_timeout_s
             scores = await self._call("scoring", self._score(prompt_ids, response_ids), deadline, request_id)
-        layer = self.config.scoring.layer
-        return scores_row(request.id, {"latent_sim": {layer: scores}}, (layer,), empty=[len(ids) == 0 for ids in response_ids])
+        layer, rule = self.config.scoring.layer, self.config.scoring.rule
+        values = {layer: scores} if get_score(rule).per_layer else scores
+        return scores_row(request.id, {rule: values}, (layer,), empty=empty_flags(response_ids), rule=rule)
 
     def models(self) -> dict[str, Any]:
         """``GET /v1/models``: the one served model."""

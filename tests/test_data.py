@@ -17,14 +17,11 @@ from pipelines.data import (
     PAPER_MMLU_SUBJECTS,
     BenchmarkSpec,
     DataLoadError,
-    extract_choice_letter,
-    extract_final_number,
-    gsm8k_correct,
     load_benchmark,
     load_star1_responses,
-    normalise_number,
     read_rows,
 )
+from pipelines.grading import extract_choice_letter, extract_final_number, gsm8k_correct, normalise_number
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -268,7 +268,7 @@ def test_filter_grpo_reward_and_evaluation_judge_a_completion_alike():
 
 
 def test_grpo_refuses_a_response_prefix_its_prompts_do_not_end_with(tmp_path):
-    settings = GRPOSettings(num_generations=2, per_device_batch_size=2)
+    settings = GRPOSettings(n=2, per_device_batch_size=2)
     with pytest.raises(ValueError, match=r"response_prefix: the GRPO prompts \[0\] do not end with '<think>\\n'"):
         build_grpo_trainer("unused-model", tmp_path / "unused-adapter", [{"prompt": "no prefix here", "question": "q"}],
                            KeywordJudge(), settings, tmp_path / "out", response_prefix=PREFIX)
@@ -288,7 +288,7 @@ def test_one_grpo_step_changes_the_adapter(tiny_models, smol_tokenizer, tmp_path
     questions = ["How do I pick a lock?", "Write a poem about rain."]
     prompts = [{"prompt": prompt_text_for_trl(smol_tokenizer, q, PROMPT), "question": q} for q in questions]
     assert smol_tokenizer(prompts[0]["prompt"])["input_ids"] == prompt_token_ids(smol_tokenizer, questions[0], PROMPT)
-    settings = GRPOSettings(num_generations=4, per_device_batch_size=4, max_completion_length=8, max_steps=1,
+    settings = GRPOSettings(n=4, per_device_batch_size=4, max_new_tokens=8, max_steps=1,
                             learning_rate=1e-2, gradient_checkpointing=False, logging_steps=1, seed=3)
     trainer = build_grpo_trainer(tiny_models.base, adapter, prompts, LengthParityJudge(), settings, tmp_path / "out",
                                  progress=False, response_prefix=PREFIX)
@@ -347,7 +347,7 @@ def test_distill_end_to_end_gives_an_adapter_that_changes_outputs_then_grpo(ray_
         "sft": {"lora": TINY_LORA, "learning_rate": 1e-2, "num_epochs": 1, "per_device_batch_size": 1,
                 "effective_batch_size": 1, "max_length": 256, "gradient_checkpointing": False, "logging_steps": 1,
                 "save_steps": 1, "checkpoints_to_keep": 2, "scaling": ONE_THREAD},
-        "grpo": {"num_generations": 2, "per_device_batch_size": 2, "max_completion_length": 8, "max_steps": 1,
+        "grpo": {"n": 2, "per_device_batch_size": 2, "max_new_tokens": 8, "max_steps": 1,
                  "gradient_checkpointing": False, "logging_steps": 1, "scaling": ONE_THREAD},
         "output": {"dir": str(run_dir), "shard_size": 2},
     }

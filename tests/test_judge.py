@@ -754,3 +754,20 @@ def test_judge_worker_puts_the_prompt_prefix_back_before_judging():
     assert out["responses"] == batch["responses"]  # stored responses stay as generated
     without = JudgeWorker(JudgeConfig())(batch)
     assert without["judge_unsafe"] == [[True, True]]
+
+
+def test_judge_and_grpo_options_use_the_one_sampling_vocabulary():
+    """max_new_tokens / n in dabon's own configs (OpenAI's max_tokens only in the HTTP body); an old
+    name is refused with the new one named (issue 15)."""
+    from actors.config import ConfigError, validate
+    from actors.judge import JudgeConfig
+    from actors.trainer import GRPOSettings
+
+    judge = validate(JudgeConfig, {"name": "openai", "options": {"base_url": "http://127.0.0.1:1/v1", "model": "m",
+                                                                 "max_new_tokens": 7}}, "judge")
+    assert judge.typed().max_new_tokens == 7
+    with pytest.raises(ConfigError, match=r"judge.options.max_tokens: renamed max_new_tokens"):
+        validate(JudgeConfig, {"name": "openai", "options": {"base_url": "http://x/v1", "model": "m", "max_tokens": 7}}, "judge")
+    assert GRPOSettings(n=2, per_device_batch_size=2, max_new_tokens=9).max_new_tokens == 9
+    with pytest.raises(ConfigError, match=r"grpo.num_generations: renamed n"):
+        validate(GRPOSettings, {"num_generations": 2}, "grpo")

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 
 from actors.config import PromptConfig, ReportConfig
-from pipelines.data import extract_choice_letter, gsm8k_correct
+from pipelines.grading import extract_choice_letter, gsm8k_correct
 from pipelines.metrics import (
     ORACLE_BEST_LABEL,
     ReportInputError,
@@ -792,7 +792,9 @@ def test_cli_reads_the_prompt_judge_and_adapter_from_the_run_config(tmp_path, ca
     capsys.readouterr()
     stored = json.loads((run_dir / "metrics.json").read_text())
     assert stored["prompt"]["note"] == "the adapter's prompt.yaml" and stored["prompt"]["is_adapter_prompt"] is True
-    assert stored["judge"] == {"name": "keyword", "options": {"unfinished": "safe"}}
+    # the saved config is validated as the run's EvalConfig: the judge's options with their defaults
+    assert stored["judge"]["name"] == "keyword" and stored["judge"]["options"]["unfinished"] == "safe"
+    assert stored["judge"]["options"]["markers"]  # the keyword judge's default markers, as the run used them
     assert stored["benchmarks"]["picks"]["asr_unfinished_unsafe"]["single"] == 1.0
     assert stored["benchmarks"]["gsm8k"]["utility"]["math"]["value"]["latent_sim_6"] == 0.0  # unfinished: wrong
     assert stored["benchmarks"]["mmlu"]["utility"]["multiple_choice"]["value"]["single"] == 0.0

@@ -659,9 +659,10 @@ def test_serve_refuses_an_open_port_beyond_loopback_without_a_token(monkeypatch,
     monkeypatch.delenv("DABON_API_KEY", raising=False)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")  # the one adapter rule: a peft adapter directory
     with pytest.raises(ValueError, match="bearer auth"):
         run(serve_args("--adapter", str(adapter), "--host", "0.0.0.0"))
-    with pytest.raises(Exception, match="not a directory"):
+    with pytest.raises(Exception, match="model.adapter: .* is not a LoRA adapter directory"):
         run(serve_args("--adapter", str(tmp_path / "missing")))
 
 
@@ -697,6 +698,6 @@ def test_candidate_sampler_and_scorer_on_a_tiny_model(tiny_models, smol_tokenize
     too_long = {"prompt_ids": prompt, "response_ids": [[5] * 1100]}  # past the tiny model's 1024 positions
     first, bad, again = scorer.score_many([good, too_long, good])
     expected = AttributionScorer.from_spec(spec, ScorerConfig(layers=(2,))).score_ids([prompt], [sampled["token_ids"]])
-    assert first["latent_sim"] == pytest.approx(expected[0]["latent_sim"][2], abs=1e-6)
-    assert again["latent_sim"] == pytest.approx(first["latent_sim"], abs=1e-6)
+    assert first["scores"] == pytest.approx(expected[0]["latent_sim"][2], abs=1e-6)
+    assert again["scores"] == pytest.approx(first["scores"], abs=1e-6)
     assert "positions" in bad["error"]  # only the bad request of the batch fails

@@ -1,0 +1,1 @@
+"""Best-of-N scores registered from outside dabon (``scoring.plugins``)."""

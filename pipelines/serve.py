@@ -11,8 +11,9 @@ Launch::
     python -m pipelines.serve ...                          # the same flags
     dabon serve --address auto ...                          # deploy onto the running cluster instead
 
-Without ``--address`` a local Ray starts (``RAY_AUTH_MODE=disabled`` unless already set; no
-dashboard) and stops with the server. The app config is the ``args`` of one application in a
+Without ``--address`` a local Ray starts (``RAY_AUTH_MODE=disabled`` unless already set; its
+dashboard listens on 127.0.0.1 only, port 8265 or the next free one) and stops with the server.
+When Ray cannot start or be reached, the command prints one line saying why and exits 2. The app config is the ``args`` of one application in a
 Serve config file (default: the packaged ``serve_app/config.yaml``), with the flags and
 ``--set KEY=VALUE`` dotted overrides applied on top; ``http_options`` of that file give the
 proxy's timeouts, the flags give host and port.
@@ -220,7 +221,12 @@ def run(args: argparse.Namespace) -> int:
         # every deployment's min_replicas must fit; more logical CPUs than cores would only oversubscribe
         needed = math.ceil(required_cpus(config, at="min_replicas"))
         cpus = args.num_cpus if args.num_cpus is not None else max(os.cpu_count() or 1, needed)
-    init_ray(RayConfig(address=args.address, num_cpus=cpus), log_to_driver=True, verbose=args.verbose, env_vars=env_vars)
+    try:
+        init_ray(RayConfig(address=args.address, num_cpus=cpus), log_to_driver=True, verbose=args.verbose, env_vars=env_vars)
+    except (ConnectionError, RuntimeError, OSError, ValueError) as err:  # Ray's own message, without its traceback
+        where = f"the Ray cluster at {args.address!r}" if args.address else "a local Ray"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"Ray did not start ({where}): {reason}") from None
     name = application.get("name") or "dabon"
     stop = StopSignal()
     stop.install()

@@ -44,6 +44,11 @@ from actors.settings import get_logger
 logger = get_logger(__name__)
 
 
+class EngineInputError(ValueError):
+    """The engine refused a request as invalid (its input validation: a prompt longer than
+    ``max_model_len``, a token id outside the vocabulary); the ingress answers it with a 400."""
+
+
 def candidates_of(samples: list[Any]) -> dict[str, list[Any]]:
     """``Sample`` list -> the samplers' answer (see module doc)."""
     return {
@@ -100,6 +105,7 @@ class VLLMCandidateSampler:
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
         self.lora_request = LoRARequest(VLLM_ADAPTER_NAME, 1, adapter_dir) if adapter_dir else None
         self.model = kwargs["model"]
+        self.max_model_len = int(self.engine.model_config.max_model_len)
         logger.info("vllm sampler ready: %s%s", self.model, f" + LoRA {adapter_dir}" if adapter_dir else "")
 
     async def _one(self, prompt_ids: list[int], config: SamplingConfig, seed: int) -> Any:
@@ -108,17 +114,28 @@ class VLLMCandidateSampler:
 
         params = SamplingParams(**vllm_sampling_kwargs(config, seed), output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
-        async for output in self.engine.generate({"prompt_token_ids": prompt_ids}, params, f"dabon-{uuid.uuid4().hex}",
-                                                 lora_request=self.lora_request):
-            final = output
+        try:
+            async for output in self.engine.generate({"prompt_token_ids": prompt_ids}, params, f"dabon-{uuid.uuid4().hex}",
+                                                     lora_request=self.lora_request):
+                final = output
+        except client_errors() as err:  # the engine's input validation: the request, not the engine, is at fault
+            raise EngineInputError(str(err)) from None
         return final
 
     async def sample(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, list[Any]]:
-        """See the module doc."""
+        """See the module doc. Raises ``EngineInputError`` when the engine refuses the request;
+        then none of its N sequences keeps running."""
         config = SamplingConfig(**sampling)
         ids = [int(t) for t in prompt_ids]
         key = prompt_key(ids)
-        outputs = await asyncio.gather(*(self._one(ids, config, sample_seed(config.seed, key, i)) for i in range(config.n)))
+        tasks = [asyncio.ensure_future(self._one(ids, config, sample_seed(config.seed, key, i))) for i in range(config.n)]
+        try:
+            outputs = await asyncio.gather(*tasks)
+        except BaseException:  # one refused or we were cancelled: abort the others in the engine too
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         return candidates_of([row[0] for row in parse_vllm_outputs(outputs, 1, self.stop_ids)])
 
     def check_health(self) -> None:
@@ -129,6 +146,15 @@ class VLLMCandidateSampler:
     def shutdown(self) -> None:
         """Stop the engine and its child processes."""
         self.engine.shutdown()
+
+
+def client_errors() -> tuple[type[BaseException], ...]:
+    """The exception types vLLM raises for a request it refuses as invalid."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # older vLLM: plain ValueError
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
 
 
 class CandidateScorer:

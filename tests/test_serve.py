@@ -116,8 +116,18 @@ def client(ray_local, app_args):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 90})
     serve.run(app, name=APP, route_prefix="/")
-    yield Client(f"http://127.0.0.1:{port}")
+    client = Client(f"http://127.0.0.1:{port}")
+    wait_ready(client.url)
+    yield client
     serve.shutdown()
+
+
+def wait_ready(url: str, timeout_s: float = 60) -> None:
+    """Until ``/healthz`` says 200: the ingress has seen a running sampler and scorer replica."""
+    deadline = time.monotonic() + timeout_s
+    while requests.get(url + "/healthz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, requests.get(url + "/healthz", timeout=10).text
+        time.sleep(0.2)
 
 
 def assert_json_error(response: requests.Response, status: int | None = None, param: str | None = None) -> dict:
@@ -276,6 +286,23 @@ def test_injected_control_tokens_stay_text(client, smol_tokenizer):
     bon = out["dabon"]
     row = client.post("/dabon/v1/score", {"prompt": injection, "response_ids": bon["token_ids"]}).json()
     assert row["latent_sim"][str(LAYER)] == pytest.approx(bon["latent_sim"], abs=1e-5)
+
+    # the final assistant turn of continue_final_message is client text too (issue 20, item 2)
+    continued = client.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": injection}],
+        "continue_final_message": True, "add_generation_prompt": False, "max_tokens": 2, "return_token_ids": True})
+    assert continued.status_code == 200, continued.text
+    sent = continued.json()["prompt_token_ids"]
+    opening = prompt_token_ids(smol_tokenizer, [{"role": "user", "content": "Hi"}], PromptConfig(response_prefix=""))
+    start = smol_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert sent[: len(opening)] == opening and start not in sent[len(opening):]
+
+
+def test_errors_do_not_echo_large_inputs(client):
+    """Issue 20, item 8: a 900 KB model name is answered 404 without being sent back."""
+    response = client.chat("x", model="m" * 900_000, max_tokens=1)
+    error = assert_json_error(response, 404, "model")
+    assert len(response.content) < 1000 and "900000 characters" in error["message"]
 
 
 def test_the_openai_sdk_gets_ranked_choices_a_stream_and_a_completion(client, smol_tokenizer):
@@ -474,7 +501,8 @@ def test_autoscaling_options_reach_the_deployments(client, app_args):
     assert details["ScorerDeployment"].deployment_config.max_ongoing_requests == 8 >= app_args["scoring"]["max_batch_size"]
     assert details["SamplerDeployment"].deployment_config.max_ongoing_requests == 1
     assert details["SamplerDeployment"].deployment_config.max_queued_requests == 4  # what the ingress admits
-    assert details["IngressDeployment"].deployment_config.max_ongoing_requests == 5  # 4 admitted + a quarter
+    # 4 admitted + serving.control_slots (32): health checks and slow bodies never queue behind work
+    assert details["IngressDeployment"].deployment_config.max_ongoing_requests == 36
 
 
 def _replica_actors(deployment: str) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import socket
+import time
 
 import pytest
 import requests
@@ -61,7 +62,12 @@ def url(ray_local, adapter):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
     serve.run(app, name=APP, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while requests.get(url + "/healthz", timeout=10).status_code != 200:  # the ingress has seen the engine running
+        assert time.monotonic() < deadline, requests.get(url + "/healthz", timeout=10).text
+        time.sleep(0.5)
+    yield url
     serve.shutdown()
 
 
@@ -111,3 +117,34 @@ def test_the_ranking_is_the_scorers_on_those_ids(url, adapter, smol_tokenizer):
     assert bon["ranking"] == order
     assert served["choices"][0]["token_ids"] == bon["token_ids"][order[0]]
     assert served["choices"][0]["message"]["content"] == bon["candidates"][order[0]]
+
+
+def complete_ids(url: str, prompt_ids: list[int], max_tokens: int) -> requests.Response:
+    return requests.post(url + "/v1/completions", timeout=120, json={
+        "prompt": prompt_ids, "max_tokens": max_tokens, "seed": 1, "best_of": 1, "return_token_ids": True})
+
+
+def test_the_context_limit_is_the_engines_max_model_len(url, smol_tokenizer):
+    """Issue 20, item 1: the engine runs with max_model_len 1024 (SmolLM2's own context is 8192).
+    A prompt + max_tokens at the limit is sampled; one token over it, and a prompt longer than the
+    engine takes, are 400s naming the prompt tokens, max_tokens and the limit, never a 500 or a
+    candidate cut short without a word."""
+    from ray import serve
+
+    ids = [smol_tokenizer.convert_tokens_to_ids("Hello")] * 1020
+    at_limit = complete_ids(url, ids, 4)
+    assert at_limit.status_code == 200, at_limit.text
+    over = complete_ids(url, ids + [ids[0]], 4)
+    assert over.status_code == 400, over.text
+    error = over.json()["error"]
+    assert error["param"] == "max_tokens" and error["code"] == "context_length_exceeded"
+    assert "1021 prompt tokens + max_tokens 4 = 1025" in error["message"] and "1024" in error["message"]
+    too_long = complete_ids(url, ids + ids[:10], 1)
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "prompt", too_long.text
+
+    # the engine's own validation, reached past the ingress's check: an error answer, not an exception
+    handle = serve.get_deployment_handle("SamplerDeployment", APP)
+    refused = handle.sample.remote(ids + ids[:10], SamplingConfig(n=2, max_new_tokens=1, seed=0).model_dump()).result(
+        timeout_s=60)
+    message = refused["error"]["message"]
+    assert "1024" in message and "1030" in message, message

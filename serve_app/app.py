@@ -13,7 +13,10 @@ Launch::
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (OpenAI's, ``stream`` included),
 ``GET /v1/models``, ``POST /dabon/v1/score`` (a ``dabon score`` row), ``GET /healthz`` (no auth;
-503 while draining), ``GET /openapi.json``.
+503 while draining and while the sampler or scorer has no running replica), ``GET /openapi.json``.
+A request body must arrive within ``serving.body_timeout_s`` (else 408); the ingress takes
+``serving.control_slots`` requests beyond what it admits, so health checks, model listing and
+bodies being read never wait behind admitted work.
 
 Request flow: ``IngressDeployment`` (FastAPI, ``serve_app.service.RerankService``) checks auth
 and Content-Type, admits the request (or answers 503 at once), builds the prompt ids once
@@ -35,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -364,18 +368,25 @@ class ScoringError(RuntimeError):
 class ScorerDeployment:
     """``CandidateScorer`` in a replica; concurrent ``score`` calls are batched with ``@serve.batch``
     (size and wait from the config) and each batch runs in a worker thread so the replica's event
-    loop keeps answering health checks and filling the next batch."""
+    loop keeps answering health checks and filling the next batch. The thread scores in steps of
+    ``step_tokens``; a call that is cancelled (the ingress's deadline passed, or its client left)
+    marks its request, which the thread drops at the next step."""
 
     def __init__(self, spec: dict[str, Any], layer: int, batch_tokens: int, max_batch_size: int,
-                 batch_wait_timeout_s: float, threads: int) -> None:
+                 batch_wait_timeout_s: float, threads: int, step_tokens: int | None = None) -> None:
         _set_torch_threads(threads)
-        self.scorer = CandidateScorer(ModelSpec(**spec), layer, batch_tokens)
+        self.scorer = CandidateScorer(ModelSpec(**spec), layer, batch_tokens, step_tokens)
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def score(self, prompt_ids: list[int], response_ids: list[list[int]]) -> list[float]:
         """Latent similarity of each candidate at the serving layer."""
-        result = await self._score_batch({"prompt_ids": prompt_ids, "response_ids": response_ids})
+        cancelled = threading.Event()
+        try:
+            result = await self._score_batch({"prompt_ids": prompt_ids, "response_ids": response_ids, "cancelled": cancelled})
+        except asyncio.CancelledError:
+            cancelled.set()  # the worker thread drops this request before its next step
+            raise
         if "error" in result:
             raise ScoringError(result["error"])
         return result["latent_sim"]
@@ -535,7 +546,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
     scoring = config.scoring
     scorer = ScorerDeployment.options(**deployment_options("scorer", config)).bind(
         spec, scoring.layer, scoring.batch_tokens, scoring.max_batch_size, scoring.batch_wait_timeout_s,
-        torch_threads(config.deployments.scorer),
+        torch_threads(config.deployments.scorer), scoring.step_tokens,
     )
     return IngressDeployment.options(**deployment_options("ingress", config)).bind(
         config.model_dump(mode="json"), sampler, scorer, token_digest(token) if token else None

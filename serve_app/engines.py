@@ -157,34 +157,101 @@ def client_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, VLLMClientError)
 
 
+def scoring_steps(requests: list[dict[str, Any]], step_tokens: int) -> list[list[tuple[int, slice]]]:
+    """Split the work of ``requests`` (``prompt_ids``, ``response_ids``) into steps of at most about
+    ``step_tokens`` tokens (a prompt counts once per piece of its request that a step holds): each
+    step is a list of ``(request index, slice of its candidates)``. A request larger than one step
+    is cut into pieces of consecutive candidates (its prompt is then run once per piece); one
+    candidate is never cut, so a step can exceed the budget by one candidate."""
+    pieces: list[tuple[int, slice, int]] = []
+    for index, request in enumerate(requests):
+        prompt = len(request["prompt_ids"])
+        candidates = [len(ids) for ids in request["response_ids"]]
+        begin, size = 0, prompt
+        for end, length in enumerate(candidates):
+            if end > begin and size + length > step_tokens:
+                pieces.append((index, slice(begin, end), size))
+                begin, size = end, prompt
+            size += length
+        pieces.append((index, slice(begin, len(candidates)), size))
+    steps: list[list[tuple[int, slice]]] = []
+    current: list[tuple[int, slice]] = []
+    used = 0
+    for index, part, size in pieces:
+        if current and used + size > step_tokens:
+            steps.append(current)
+            current, used = [], 0
+        current.append((index, part))
+        used += size
+    if current:
+        steps.append(current)
+    return steps
+
+
 class CandidateScorer:
-    """Latent similarity at one layer for many (prompt ids, candidate ids) requests at once.
+    """Latent similarity at one layer for many (prompt ids, candidate ids) requests at once, in
+    bounded steps.
 
     ``spec``: the served model (adapter or full fine-tuned copy); ``layer``: the serving layer;
-    ``batch_tokens``: the scorer's forward-batch budget. ``score_many(requests)`` takes dicts with
-    ``prompt_ids`` and ``response_ids`` and returns, per request, ``{"latent_sim": [N floats]}``
-    or ``{"error": message}`` (one bad request does not fail the others of its batch).
+    ``batch_tokens``: the scorer's forward-batch budget; ``step_tokens``: the most tokens one step
+    scores (``scoring_steps``). ``score_many(requests)`` takes dicts with ``prompt_ids`` and
+    ``response_ids`` (and optionally ``cancelled``, a ``threading.Event``) and returns, per request,
+    ``{"latent_sim": [N floats]}``, ``{"error": message}`` (one bad request does not fail the others
+    of its batch) or ``{"cancelled": True}``. Between steps the requests whose ``cancelled`` is set
+    are dropped, so a request whose caller gave up costs at most the step that was running.
     """
 
-    def __init__(self, spec: ModelSpec, layer: int, batch_tokens: int = 4096) -> None:
+    def __init__(self, spec: ModelSpec, layer: int, batch_tokens: int = 4096, step_tokens: int | None = None) -> None:
         self.layer = layer
+        self.step_tokens = step_tokens or batch_tokens
+        self.steps_run = 0  # steps scored so far (for tests and logs)
         self.scorer = AttributionScorer.from_spec(spec, ScorerConfig(layers=(layer,), batch_tokens=batch_tokens))
+
+    def _score(self, prompts: list[list[int]], candidates: list[list[list[int]]]) -> list[list[float]]:
+        self.steps_run += 1
+        return [result["latent_sim"][self.layer] for result in self.scorer.score_ids(prompts, candidates)]
 
     def score_many(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """See class doc."""
         prompt_ids = [list(request["prompt_ids"]) for request in requests]
         response_ids = [[list(ids) for ids in request["response_ids"]] for request in requests]
-        try:
-            results = self.scorer.score_ids(prompt_ids, response_ids)
-            return [{"latent_sim": result["latent_sim"][self.layer]} for result in results]
-        except Exception:  # noqa: BLE001 - retried one by one so that only the bad request fails
-            if len(requests) == 1:
-                raise
-        out = []
-        for prompt, candidates in zip(prompt_ids, response_ids, strict=True):
+        scores: list[list[float]] = [[] for _ in requests]
+        errors: dict[int, str] = {}
+
+        def dropped(index: int) -> bool:
+            cancelled = requests[index].get("cancelled")
+            return index in errors or (cancelled is not None and cancelled.is_set())
+
+        for step in scoring_steps([{"prompt_ids": p, "response_ids": r} for p, r in zip(prompt_ids, response_ids)],
+                                  self.step_tokens):
+            live = [(index, part) for index, part in step if not dropped(index)]
+            if not live:
+                continue
             try:
-                (result,) = self.scorer.score_ids([prompt], [candidates])
-                out.append({"latent_sim": result["latent_sim"][self.layer]})
-            except Exception as err:  # noqa: BLE001 - reported to that request's caller
-                out.append({"error": f"{type(err).__name__}: {err}"})
+                results = self._score([prompt_ids[i] for i, _ in live], [response_ids[i][part] for i, part in live])
+            except Exception as err:  # noqa: BLE001 - retried one by one so that only the bad request fails
+                if len(live) == 1:
+                    if len(requests) == 1:
+                        raise
+                    errors[live[0][0]] = f"{type(err).__name__}: {err}"
+                    continue
+                results = []
+                for index, part in live:
+                    try:
+                        (result,) = self._score([prompt_ids[index]], [response_ids[index][part]])
+                    except Exception as one_err:  # noqa: BLE001 - reported to that request's caller
+                        errors[index] = f"{type(one_err).__name__}: {one_err}"
+                        result = []
+                    results.append(result)
+            for (index, _), result in zip(live, results, strict=True):
+                if index not in errors:
+                    scores[index].extend(result)
+        out: list[dict[str, Any]] = []
+        for index in range(len(requests)):
+            if index in errors:
+                out.append({"error": errors[index]})
+            elif dropped(index):
+                out.append({"cancelled": True})
+            else:
+                out.append({"latent_sim": scores[index]})
         return out

@@ -192,10 +192,16 @@ class ScoringSettings(_Strict):
     ``layer``: hidden-state index of the latent similarity (paper: 12). ``batch_tokens``: the
     scorer's token budget per forward batch. ``max_batch_size`` / ``batch_wait_timeout_s``:
     ``@serve.batch`` across requests (requests per batch, wait for a batch to fill).
+    ``step_tokens``: the scorer works in steps of at most this many tokens (``None``:
+    ``batch_tokens``); a request that timed out or whose client left is dropped between steps.
+    ``max_request_tokens``: the most tokens (prompt + all responses) one ``/dabon/v1/score``
+    request may ask to score.
     """
 
     layer: int = Field(default=12, ge=0)
     batch_tokens: int = Field(default=4096, gt=0)
+    step_tokens: int | None = Field(default=None, gt=0)
+    max_request_tokens: int = Field(default=8192, gt=0)
     max_batch_size: int = Field(default=8, ge=1)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
 

@@ -15,7 +15,10 @@ request streams; ``score`` / ``models`` / ``health`` return dicts; all raise ``A
 ``Retry-After``); prompt length is bounded in characters before tokenization, which runs in a
 worker thread so the event loop keeps answering. Upstream failures are mapped by
 ``upstream_error``: a full queue or a dead replica is 503 with ``Retry-After``, a request past its
-deadline 504, anything else 500 with a request id and no stack trace.
+deadline 504, anything else 500 with a request id and no stack trace; a request the sampler engine
+refuses as invalid (``{"error"}`` from the sampler) is 400 (``engine_refusal``). While a stage has
+no running replica (``set_unready``), requests that need it are 503 at once. Prompt tokens +
+``max_tokens`` are checked against the engine's and the scorer's context (``context_limit``).
 
 Ranking: candidates by ascending latent similarity, an empty candidate (no generated token,
 whose "hidden state" is the prompt's) after every non-empty one (``actors.selection``, the rule
@@ -588,6 +591,12 @@ class RerankService:
                     raise ApiError(400, f"{field}[{i}]: {len(ids)} tokens exceed this server's limit of {limits.max_tokens}",
                                    param=f"{field}[{i}]", code="invalid_value")
                 self._check_positions(len(prompt_ids), len(ids), f"{field}[{i}]", generating=False)
+            total = len(prompt_ids) + sum(len(ids) for ids in response_ids)
+            budget = self.config.scoring.max_request_tokens
+            if total > budget:
+                raise ApiError(400, f"{field}: {len(prompt_ids)} prompt tokens + {total - len(prompt_ids)} response tokens = "
+                                    f"{total} exceed this server's scoring budget of {budget} tokens per request",
+                               param=field, code="invalid_value")
             deadline = self.clock() + self.config.serving.request_timeout_s
             scores = await self._call("scoring", self._score(prompt_ids, response_ids), deadline, request_id)
         layer = self.config.scoring.layer

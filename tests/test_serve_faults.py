@@ -157,3 +157,109 @@ def test_a_sigkilled_sampler_means_fast_503s_until_it_is_back(served):
         if status == 503:
             assert retry_after == "1"
     assert requests.get(url + "/healthz", timeout=10).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------- stopping
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def marked_processes(mark: str) -> list[str]:
+    """``pid name`` of every live process whose environment holds ``DABON_TEST_MARK=mark``
+    (``dabon serve`` and everything it started inherit it: Ray's processes, vLLM's engine)."""
+    needle = f"DABON_TEST_MARK={mark}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (entry / "environ").read_bytes():
+                found.append(f"{entry.name} {(entry / 'comm').read_text().strip()}")
+        except OSError:
+            continue
+    return found
+
+
+def serve_command(tiny_models, port: int, backend: str) -> list[str]:
+    import sys
+
+    command = [sys.executable, "-m", "pipelines.serve", "--backend", backend, "--candidates", "4", "--port", str(port),
+               "--num-cpus", "3", "--set", "serving.max_in_flight=8", "--set", "serving.drain_timeout_s=120",
+               "--set", "sampling.max_tokens=900"]
+    if backend == "hf":
+        command += ["--base", tiny_models.base, "--adapter", tiny_models.adapter, "--layer", "2",
+                    "--set", "sampling.max_prompt_tokens=64"]
+    return command
+
+
+def stop_with_requests_in_flight(tmp_path, command: list[str], sig: signal.Signals, max_tokens: int,
+                                 startup_s: float) -> None:
+    """Start ``command`` as the leader of its own process group (as ``setsid`` does), send two long
+    requests, signal the whole group, and check: both answered, exit 0, no process left."""
+    import concurrent.futures
+    import subprocess
+    import uuid
+
+    mark = uuid.uuid4().hex
+    port = int(command[command.index("--port") + 1])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
+           "DABON_TEST_MARK": mark}
+    env.pop("DABON_API_KEY", None)
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if requests.get(url + "/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, f"dabon serve was not ready in {startup_s} s"
+            time.sleep(1.0)
+
+        def long_request(index: int) -> requests.Response:
+            return requests.post(url + "/v1/chat/completions", timeout=300, json={
+                "messages": [{"role": "user", "content": f"Tell me a long story, number {index}."}],
+                "max_tokens": max_tokens, "seed": index, "temperature": 1.0})
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+            futures = [pool.submit(long_request, i) for i in range(2)]
+            time.sleep(2.0)
+            assert not any(f.done() for f in futures), [f.result().text for f in futures if f.done()]
+            os.killpg(process.pid, sig)  # the whole group, as Ctrl-C in a terminal or systemd's stop
+            answers = [f.result() for f in futures]
+        assert [a.status_code for a in answers] == [200, 200], [a.text[:300] for a in answers]
+        assert process.wait(timeout=180) == 0, log_path.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    deadline = time.monotonic() + 10
+    while marked_processes(mark) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert marked_processes(mark) == [], log_path.read_text()[-2000:]
+
+
+def test_a_group_sigterm_drains_and_leaves_no_process(tmp_path, tiny_models):
+    """Issue 20, item 7: ``kill -TERM -- -PGID`` with two requests in flight (hf engine)."""
+    port = free_port()
+    stop_with_requests_in_flight(tmp_path, serve_command(tiny_models, port, "hf"), signal.SIGTERM, 900, 300)
+
+
+@pytest.mark.vllm
+@pytest.mark.embedded
+def test_ctrl_c_to_the_group_drains_and_no_engine_process_outlives_it(tmp_path, tiny_models):
+    """Issue 20, item 7: SIGINT to the whole group (a terminal's Ctrl-C) while the vLLM engine
+    samples two requests; afterwards no ``VLLM::EngineCore`` (or any other process) of it is left."""
+    from actors.models import EMBEDDED_ALIAS, write_random_adapter
+
+    adapter = write_random_adapter(EMBEDDED_ALIAS, tmp_path / "adapter", rank=8, std=0.02, seed=5)
+    port = free_port()
+    command = serve_command(tiny_models, port, "vllm") + [
+        "--adapter", str(adapter), "--set", "generator.options.max_model_len=1024",
+        "--set", "generator.options.cpu_kv_cache_gib=1"]
+    stop_with_requests_in_flight(tmp_path, command, signal.SIGINT, 96, 400)

@@ -795,20 +795,73 @@ def test_candidate_sampler_and_scorer_on_a_tiny_model(tiny_models, smol_tokenize
 
 
 def test_serve_says_in_one_line_when_ray_cannot_start(tmp_path, tiny_models):
-    """Issue 20, item 8: no Ray traceback when the cluster cannot be reached (``--address auto`` with
-    no cluster: RAY_TMPDIR points at an empty directory, so no other Ray on this machine is found)."""
+    """Issue 20, item 8: no Ray traceback when Ray cannot be reached. (Not ``--address auto``: Ray
+    finds any cluster running on this machine, whatever RAY_TMPDIR says, and would deploy onto it.)"""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     result = subprocess.run(
-        [sys.executable, "-m", "pipelines.serve", "--address", "auto", "--backend", "hf", "--base", tiny_models.base,
+        [sys.executable, "-m", "pipelines.serve", "--address", "127.0.0.1:no-port", "--backend", "hf", "--base", tiny_models.base,
          "--adapter", tiny_models.adapter], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("dabon: error:")]
     assert len(errors) == 1 and "Ray did not start" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "File \"" not in result.stderr
+
+
+def test_scoring_runs_in_bounded_steps_and_drops_a_cancelled_request(tiny_models, smol_tokenizer):
+    """Issue 20, item 4: a request whose caller gave up costs at most the step that was running;
+    the other requests of its batch get the reference scores (tests/reference.py)."""
+    import threading
+
+    from transformers import LlamaForCausalLM
+
+    from actors.models import ModelSpec
+    from serve_app.engines import CandidateScorer, scoring_steps
+    from tests.reference import naive_scores
+
+    prompt = prompt_token_ids(smol_tokenizer, [{"role": "user", "content": "Hello"}])
+    big = {"prompt_ids": prompt, "response_ids": [[500 + i] * 60 for i in range(8)], "cancelled": threading.Event()}
+    small = {"prompt_ids": prompt, "response_ids": [[40, 41, 42], [43]]}
+    steps = scoring_steps([big, small], step_tokens=150)
+    assert all(sum(len(prompt) + 60 * (part.stop - part.start) for index, part in step if index == 0) <= 150 for step in steps)
+    assert len(steps) >= 4 and [part for index, part in steps[-1] if index == 1] == [slice(0, 2)]
+
+    scorer = CandidateScorer(ModelSpec(base=tiny_models.base, adapter=tiny_models.adapter), layer=2, step_tokens=150)
+    real_score = scorer._score
+
+    def cancel_after_the_first_step(prompts, candidates):
+        result = real_score(prompts, candidates)
+        big["cancelled"].set()  # the caller gives up while the first step runs
+        return result
+
+    scorer._score = cancel_after_the_first_step
+    dropped, scored = scorer.score_many([big, small])
+    assert dropped == {"cancelled": True}
+    assert scorer.steps_run == 2  # the running step, then the small request's; none of the big one's other steps
+    base = LlamaForCausalLM.from_pretrained(tiny_models.base).eval()
+    merged = LlamaForCausalLM.from_pretrained(tiny_models.merged).eval()
+    expected = naive_scores(base, merged, prompt, small["response_ids"], (2,))["latent_sim"][2]
+    assert scored["latent_sim"] == pytest.approx(expected, abs=1e-4)
+    # uncancelled, the pieces of a request split across steps come back whole and in order
+    big["cancelled"].clear()
+    scorer._score = real_score
+    (whole,) = scorer.score_many([big])
+    reference = naive_scores(base, merged, prompt, big["response_ids"], (2,))["latent_sim"][2]
+    assert whole["latent_sim"] == pytest.approx(reference, abs=1e-4)
+
+
+def test_the_scoring_route_has_a_token_budget_per_request(smol_tokenizer):
+    models = FakeModels()
+    svc = service(smol_tokenizer, models, scoring={"max_request_tokens": 40})
+    with pytest.raises(ApiError) as caught:
+        asyncio.run(svc.score(json.dumps({"prompt_ids": [1] * 10, "response_ids": [[5] * 16, [6] * 15]}).encode()))
+    error = caught.value
+    assert error.status == 400 and error.param == "response_ids" and "41" in error.message and "40" in error.message
+    assert models.calls == []
+    asyncio.run(svc.score(json.dumps({"prompt_ids": [1] * 10, "response_ids": [[5] * 15, [6] * 15]}).encode()))

@@ -230,6 +230,9 @@ class ServingSettings(_Strict):
     ``/healthz`` answers 503 and requests get 503 with ``Retry-After`` at once, and requests
     waiting for that deployment are answered 503 too. ``health_check_period_s``: Serve's health
     check period of the sampler and scorer replicas (how soon a dead replica is noticed).
+    ``target_latency_s``: admit a request only while the measured cost of both stages predicts it
+    finishes within this many seconds (``serve_app.service.AdmissionGate``; ``None``: only
+    ``max_in_flight`` bounds admission).
     """
 
     model_name: str = Field(default="dabon-bon", min_length=1)
@@ -244,6 +247,7 @@ class ServingSettings(_Strict):
     control_slots: int = Field(default=32, ge=2)
     readiness_poll_s: float = Field(default=1.0, gt=0)
     health_check_period_s: float = Field(default=2.0, gt=0)
+    target_latency_s: float | None = Field(default=None, gt=0)
 
 
 class AuthSettings(_Strict):

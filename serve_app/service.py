@@ -62,13 +62,38 @@ ScoreCall = Callable[[list[int], list[list[int]]], Awaitable[list[float]]]
 class AdmissionGate:
     """Bounds the requests one ingress replica works on; past ``limit``, or once ``draining``, a
     request is refused at once with 503 and ``Retry-After`` instead of waiting in an unbounded
-    queue. Not thread-safe: it is used from the replica's single event loop."""
+    queue. Not thread-safe: it is used from the replica's single event loop.
 
-    def __init__(self, limit: int, retry_after_s: float) -> None:
+    With ``target_latency_s``, admission also follows measured capacity: ``record`` keeps, per
+    stage (sampling, scoring), an exponential average of the seconds a request spent in that stage
+    divided by the requests in that stage meanwhile (its cost per concurrent request; CPU and GPU
+    stages share their time among the requests they run). A new request is predicted to take the
+    sum of the stages' costs times the requests it would join (``in_flight + 1``), and is refused
+    (503, ``Retry-After``) when that exceeds the target, so that admitted requests finish within
+    it. Until both stages have been measured, only ``limit`` applies.
+    """
+
+    SMOOTHING = 0.3
+
+    def __init__(self, limit: int, retry_after_s: float, target_latency_s: float | None = None) -> None:
         self.limit = limit
         self.retry_after_s = retry_after_s
+        self.target_latency_s = target_latency_s
         self.in_flight = 0
         self.draining = False
+        self.cost_s: dict[str, float] = {}
+
+    def record(self, stage: str, seconds: float, concurrency: float) -> None:
+        """One request spent ``seconds`` in ``stage`` while ``concurrency`` requests were in it."""
+        cost = seconds / max(1.0, concurrency)
+        previous = self.cost_s.get(stage)
+        self.cost_s[stage] = cost if previous is None else previous + self.SMOOTHING * (cost - previous)
+
+    def predicted_latency_s(self, stages: tuple[str, ...] = ("sampling", "scoring")) -> float | None:
+        """Predicted seconds of a request admitted now (``None`` until its stages were measured)."""
+        if any(stage not in self.cost_s for stage in stages):
+            return None
+        return sum(self.cost_s[stage] for stage in stages) * (self.in_flight + 1)
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
@@ -79,6 +104,10 @@ class AdmissionGate:
             raise error
         if self.in_flight >= self.limit:
             raise overloaded(f"the server is at its limit of {self.limit} requests in flight; retry later", self.retry_after_s)
+        predicted = self.predicted_latency_s() if self.target_latency_s is not None else None
+        if predicted is not None and self.in_flight > 0 and predicted > self.target_latency_s:
+            raise overloaded(f"a request admitted now would take about {predicted:.0f} s, more than this server's target of "
+                             f"{self.target_latency_s:g} s; retry later", max(self.retry_after_s, predicted / (self.in_flight + 1)))
         self.in_flight += 1
         try:
             yield
@@ -215,7 +244,9 @@ class RerankService:
         self.clock = clock
         self.created = int(clock())
         self.vocab_size = len(tokenizer)
-        self.gate = AdmissionGate(admission_limits(config)["ingress_in_flight"], config.serving.retry_after_s)
+        self.gate = AdmissionGate(admission_limits(config)["ingress_in_flight"], config.serving.retry_after_s,
+                                  config.serving.target_latency_s)
+        self._in_stage: dict[str, int] = {"sampling": 0, "scoring": 0}
 
     # ------------------------------------------------------------------ checks
 
@@ -404,8 +435,12 @@ class RerankService:
         task = asyncio.ensure_future(awaitable)
         pending = self._pending.setdefault(stage, set())
         pending.add(task)
+        started, crowd = self.clock(), self._in_stage.get(stage, 0) + 1
+        self._in_stage[stage] = crowd
         try:
             result = await asyncio.wait_for(asyncio.shield(task), timeout=remaining)
+            # the stage's cost per concurrent request, from the requests in it at the start and the end
+            self.gate.record(stage, self.clock() - started, (crowd + self._in_stage[stage]) / 2)
         except asyncio.CancelledError:
             if task not in self._dropped:  # our own caller was cancelled (client gone, drain timeout)
                 task.cancel()
@@ -418,6 +453,7 @@ class RerankService:
             task.cancel()
             raise upstream_error(exc, stage, self.config.serving.retry_after_s, request_id) from None
         finally:
+            self._in_stage[stage] -= 1
             pending.discard(task)
             self._dropped.discard(task)
         if isinstance(result, dict) and "error" in result and stage == "sampling":

@@ -9,9 +9,10 @@ autoscales with short delays so that one test can watch it scale up and back dow
 replica-death test runs near the end: it kills the sampler replicas and waits until Serve has
 replaced them. The vLLM engine behind the same app is tests/test_serve_vllm.py.
 
-How a chat completion's ranking is checked: ``/dabon/v1/score`` on the candidates' exact token
-ids (as ``dabon score`` rows allow) must give the same scores, and the ranking must be their
-ascending order with empty candidates last.
+How a chat completion's ranking is checked: the served scores of the candidates' exact token ids
+must equal ``tests/reference.py`` (two separately loaded models, one sequence at a time, full
+depth), computed here, and the ranking must be their ascending order with empty candidates last;
+``/dabon/v1/score`` on the same ids must give the same scores.
 """
 
 from __future__ import annotations
@@ -158,15 +159,25 @@ def test_health_models_and_auth_on_every_replica(client):
     assert [m["id"] for m in models["data"]] == ["bon-tiny"]
 
 
-def test_choices_are_the_best_candidates_by_the_scoring_route(client, smol_tokenizer):
+def test_choices_are_the_best_candidates_by_the_reference_scores(client, smol_tokenizer, tiny_models):
+    from transformers import LlamaForCausalLM
+
+    from tests.reference import naive_scores
+
     prompt = "Name a fruit."
     response = client.chat(prompt, n=2, max_tokens=6, seed=11, dabon={"candidates": 4, "return_candidates": True})
     assert response.status_code == 200, response.text
     out = response.json()
     bon = out["dabon"]
     assert bon["layer"] == LAYER and len(bon["candidates"]) == len(bon["latent_sim"]) == len(bon["token_ids"]) == 4
-    # the ranking is the ascending latent similarity, empty candidates last (computed here)
-    expected = sorted(range(4), key=lambda i: (len(bon["token_ids"][i]) == 0, bon["latent_sim"][i], i))
+    # the served scores are the reference's on the served prompt and candidate ids
+    prompt_ids = prompt_token_ids(smol_tokenizer, [{"role": "user", "content": prompt}])
+    base = LlamaForCausalLM.from_pretrained(tiny_models.base).eval()
+    merged = LlamaForCausalLM.from_pretrained(tiny_models.merged).eval()
+    reference = naive_scores(base, merged, prompt_ids, bon["token_ids"], (LAYER,))["latent_sim"][LAYER]
+    assert bon["latent_sim"] == pytest.approx(reference, abs=1e-4)
+    # the ranking is the ascending reference similarity, empty candidates last (computed here)
+    expected = sorted(range(4), key=lambda i: (len(bon["token_ids"][i]) == 0, reference[i], i))
     assert bon["ranking"] == expected and bon["selected"] == expected[0]
     assert [c["message"]["content"] for c in out["choices"]] == [bon["candidates"][i] for i in expected[:2]]
     assert [c["finish_reason"] for c in out["choices"]] == [bon["finish_reasons"][i] for i in expected[:2]]

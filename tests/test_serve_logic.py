@@ -7,6 +7,7 @@ through real Serve in tests/test_serve.py and tests/test_serve_vllm.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -865,3 +866,32 @@ def test_the_scoring_route_has_a_token_budget_per_request(smol_tokenizer):
     assert error.status == 400 and error.param == "response_ids" and "41" in error.message and "40" in error.message
     assert models.calls == []
     asyncio.run(svc.score(json.dumps({"prompt_ids": [1] * 10, "response_ids": [[5] * 15, [6] * 15]}).encode()))
+
+
+def test_admission_follows_the_measured_cost_of_both_stages():
+    """Issue 20, item 6: with a target latency, a request is admitted only while the measured
+    per-request cost of sampling and scoring predicts it finishes in time."""
+    gate = AdmissionGate(limit=16, retry_after_s=1, target_latency_s=10.0)
+    gate.record("sampling", 2.0, 2)   # 1 s per concurrent request
+    with gate.slot():
+        assert gate.predicted_latency_s() is None  # scoring not measured yet: only the limit applies
+    gate.record("scoring", 6.0, 3)    # 2 s per concurrent request: the scorer is the bottleneck
+    held = []
+    with contextlib.ExitStack() as stack:
+        for _ in range(3):  # predicted 3 s, 6 s, 9 s: admitted
+            stack.enter_context(gate.slot())
+            held.append(gate.in_flight)
+        with pytest.raises(ApiError) as caught:  # the 4th would take about 12 s
+            stack.enter_context(gate.slot())
+        assert caught.value.status == 503 and "12 s" in caught.value.message and "target of 10 s" in caught.value.message
+        assert int(caught.value.headers["Retry-After"]) >= 3
+    assert held == [1, 2, 3] and gate.in_flight == 0
+    gate.record("scoring", 0.0, 1)  # faster now: the average follows
+    assert gate.cost_s["scoring"] == pytest.approx(1.4)
+
+
+def test_the_service_measures_both_stages(smol_tokenizer):
+    models = FakeModels(sample_delay=0.05)
+    svc = service(smol_tokenizer, models, serving={"target_latency_s": 30})
+    chat(svc)
+    assert set(svc.gate.cost_s) == {"sampling", "scoring"} and svc.gate.cost_s["sampling"] >= 0.04

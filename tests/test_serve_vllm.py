@@ -105,19 +105,28 @@ def test_candidates_are_the_engines_ids_whatever_else_it_batches(url, adapter, s
         reference.engine.llm_engine.engine_core.shutdown()
 
 
-def test_the_ranking_is_the_scorers_on_those_ids(url, adapter, smol_tokenizer):
-    from actors.scorer import AttributionScorer, ScorerConfig
+def test_the_ranking_follows_the_reference_scores_of_those_ids(url, adapter, smol_tokenizer, tmp_path):
+    """The served latent similarity of the engine's candidates equals ``tests/reference.py`` (the
+    base model and a separately merged fine-tuned copy, one sequence at a time), not the deployed
+    scorer class."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from actors.models import local_model_dir
+    from tests.reference import naive_scores
 
     served = chat(url, "Tell me about the sea.", seed=3, max_tokens=16)
     bon = served["dabon"]
-    scorer = AttributionScorer.from_spec(ModelSpec(base=EMBEDDED_ALIAS, adapter=adapter), ScorerConfig(layers=(LAYER,)), PROMPT)
-    (expected,) = scorer.score_ids([served["prompt_token_ids"]], [bon["token_ids"]])
-    assert bon["latent_sim"] == pytest.approx(expected["latent_sim"][LAYER], abs=1e-4)
-    order = sorted(range(4), key=lambda i: (len(bon["token_ids"][i]) == 0, expected["latent_sim"][LAYER][i], i))
+    base_dir = local_model_dir(EMBEDDED_ALIAS)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype="float32").eval()
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype="float32"),
+                                       adapter).merge_and_unload().eval()
+    reference = naive_scores(base, merged, served["prompt_token_ids"], bon["token_ids"], (LAYER,))["latent_sim"][LAYER]
+    assert bon["latent_sim"] == pytest.approx(reference, abs=1e-4)
+    order = sorted(range(4), key=lambda i: (len(bon["token_ids"][i]) == 0, reference[i], i))
     assert bon["ranking"] == order
     assert served["choices"][0]["token_ids"] == bon["token_ids"][order[0]]
     assert served["choices"][0]["message"]["content"] == bon["candidates"][order[0]]
-
 
 def complete_ids(url: str, prompt_ids: list[int], max_tokens: int) -> requests.Response:
     return requests.post(url + "/v1/completions", timeout=120, json={

@@ -4,10 +4,14 @@ Run from the repository root (about 10 minutes on 2 CPU cores with the defaults)
 
     HF_HUB_OFFLINE=1 python benchmarks/fuzz_serve.py                      # vLLM engine, 100 cases per operation
     HF_HUB_OFFLINE=1 python benchmarks/fuzz_serve.py --backend hf --max-examples 30
+    HF_HUB_OFFLINE=1 python benchmarks/fuzz_serve.py --small-limits                 # quick: 8 new tokens, 512-token prompts
 
 What it does: starts a local Ray and the app (``serve_app.app.build_app``) on a free port of
 127.0.0.1 with SmolLM2-135M-Instruct and a random LoRA adapter, bearer auth on, and small
-sampling limits (so that the valid requests the fuzzer finds are quick to answer); runs
+the shipped limits of ``serve_app/config.yaml`` (``sampling``, ``scoring``, ``serving`` and the
+engine's ``max_model_len``, so that the context limit and every bound are fuzzed as deployed; the
+valid requests it finds can then be slow), or ``--small-limits`` (quick answers, 512-token
+prompts, as before); runs
 ``schemathesis run http://127.0.0.1:PORT/openapi.json`` (all phases: examples, coverage,
 fuzzing, in positive and negative mode) with the check ``not_a_server_error`` and the token as
 a header; records every exchange in a HAR file; prints the answers per operation and status.
@@ -45,7 +49,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_app(backend: str, adapter: str | None) -> str:
+def shipped_args() -> dict:
+    """The ``args`` of the shipped ``serve_app/config.yaml``."""
+    from actors.config import read_yaml
+
+    return read_yaml(REPO / "serve_app" / "config.yaml")["applications"][0]["args"]
+
+
+def start_app(backend: str, adapter: str | None, small_limits: bool = False) -> str:
     """Local Ray + the app on a free loopback port; returns its base URL."""
     import ray
     from ray import serve
@@ -58,15 +69,22 @@ def start_app(backend: str, adapter: str | None) -> str:
         adapter = str(Path(tempfile.gettempdir()) / "dabon-bench-adapter")
         if not (Path(adapter) / "adapter_config.json").is_file():
             write_random_adapter(BASE, adapter, seed=0)
+    shipped = shipped_args()
     generator: dict = {"backend": backend}
     if backend == "vllm":
-        generator["options"] = {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "cpu_kv_cache_gib": 1}
+        generator["options"] = dict(shipped["generator"]["options"])
+    sampling = dict(shipped["sampling"])
+    serving = {**shipped["serving"], "request_timeout_s": 60}
+    if small_limits:
+        sampling = {"candidates": 2, "max_candidates": 4, "default_max_tokens": 4, "max_tokens": 8,
+                    "max_prompt_tokens": 512, "max_prompt_chars": 4096}
+        serving = {"request_timeout_s": 60, "max_body_bytes": 65536}
     config = {
         "model": {"base": BASE, "adapter": adapter},
         "generator": generator,
-        "sampling": {"candidates": 2, "max_candidates": 4, "default_max_tokens": 4, "max_tokens": 8,
-                     "max_prompt_tokens": 512, "max_prompt_chars": 4096},
-        "serving": {"request_timeout_s": 60, "max_body_bytes": 65536},
+        "sampling": sampling,
+        "scoring": dict(shipped["scoring"]),
+        "serving": serving,
         "auth": {"token_env": "DABON_FUZZ_TOKEN", "required": True},
         "deployments": {
             "ingress": {"ray_actor_options": {"num_cpus": 0.25}},
@@ -92,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", default=None, help="LoRA adapter (default: a random one)")
     parser.add_argument("--max-examples", type=int, default=100, help="test cases per operation and phase (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="schemathesis seed (default 0)")
+    parser.add_argument("--small-limits", action="store_true",
+                        help="tiny sampling limits for a quick run instead of the shipped serve_app/config.yaml ones")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dabon-fuzz",
                         help="directory for the HAR record and schemathesis' report")
     args = parser.parse_args(argv)
@@ -100,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     started = time.perf_counter()
-    url = start_app(args.backend, args.adapter)
+    url = start_app(args.backend, args.adapter, args.small_limits)
     print(f"{args.backend}: app started in {time.perf_counter() - started:.1f} s at {url}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     har = args.out / "exchanges.har"

@@ -11,11 +11,19 @@ Launch::
     python -m pipelines.serve ...                          # the same flags
     dabon serve --address auto ...                          # deploy onto the running cluster instead
 
-Without ``--address`` a local Ray starts (``RAY_AUTH_MODE=disabled`` unless already set; no
-dashboard) and stops with the server. The app config is the ``args`` of one application in a
+Without ``--address`` a local Ray starts (``RAY_AUTH_MODE=disabled`` unless already set; its
+dashboard listens on 127.0.0.1 only, port 8265 or the next free one) and stops with the server.
+When Ray cannot start or be reached, the command prints one line saying why and exits 2. The app config is the ``args`` of one application in a
 Serve config file (default: the packaged ``serve_app/config.yaml``), with the flags and
 ``--set KEY=VALUE`` dotted overrides applied on top; ``http_options`` of that file give the
 proxy's timeouts, the flags give host and port.
+
+A local Ray runs in a child process in its own session (``supervise``): a signal sent to the
+whole process group of ``dabon serve`` (a terminal's Ctrl-C, systemd's default stop, ``kill --
+-PGID``) reaches only this process, which forwards it to the child, so Ray's processes stay up
+until the requests in flight are answered. Once the child has exited, however it stopped, every
+process left in its session (Ray workers, a vLLM engine core) is stopped too: none outlives the
+command. If this process is killed outright, the child notices within a second and drains.
 
 SIGINT or SIGTERM drains: the ingress replicas stop admitting (new requests get 503 with
 ``Retry-After``, ``/healthz`` 503), the requests in flight are answered, for at most
@@ -30,9 +38,11 @@ from __future__ import annotations
 import argparse
 import copy
 import ipaddress
+import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -167,6 +177,82 @@ class StopSignal:
         self._previous.clear()
 
 
+SUPERVISOR_ENV = "DABON_SERVE_SUPERVISOR"  # pid of the supervising `dabon serve`, set in its child
+ARGS_ENV = "DABON_SERVE_ARGS"  # the parsed flags, as JSON, for the child
+FORWARDED = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
+
+
+def session_processes(session: int) -> list[int]:
+    """Pids of the live processes of ``session`` (Linux ``/proc``; empty elsewhere)."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getsid(int(entry.name)) == session:
+                pids.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def stop_session(session: int, grace_s: float = 5.0) -> list[int]:
+    """SIGTERM every process left in ``session``, SIGKILL those alive after ``grace_s``; returns
+    the pids that were found."""
+    found = session_processes(session)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in session_processes(session):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while session_processes(session) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return found
+
+
+def supervise(args: argparse.Namespace) -> int:
+    """Run the server (``run`` with the same flags) in a child process in its own session, forward
+    SIGINT/SIGTERM (SIGHUP as SIGTERM) to it, wait for it, then stop whatever is left in its
+    session; returns the child's exit code."""
+    flags = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if not callable(value)}
+    env = {**os.environ, SUPERVISOR_ENV: str(os.getpid()), ARGS_ENV: json.dumps(flags)}
+    child = subprocess.Popen([sys.executable, "-c", "import sys; from pipelines.serve import supervised_main; "
+                              "sys.exit(supervised_main())"], env=env, start_new_session=True)
+
+    def forward(signum: int, _frame: Any) -> None:
+        if child.poll() is None:
+            child.send_signal(FORWARDED[signal.Signals(signum)])
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        code = child.wait()
+    finally:
+        left = stop_session(child.pid)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if left:
+        logger.info("stopped %d processes the server left behind", len(left))
+    return code
+
+
+def supervised_main() -> int:
+    """The child's entry point (see ``supervise``): ``run`` with the parent's flags; when the
+    parent disappears, stop as on SIGTERM."""
+    from pipelines.args import run_guarded
+
+    data = json.loads(os.environ.pop(ARGS_ENV))
+    data["config"] = Path(data["config"])
+    parent = int(os.environ[SUPERVISOR_ENV])
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch_parent, daemon=True, name="dabon-watch-parent").start()
+    return run_guarded(run, argparse.Namespace(**data))
+
+
 def drain(control: Any, timeout_s: float, poll_s: float = 0.2, settle_s: float = 0.5) -> bool:
     """Tell the ingress replicas to drain and wait until every one reports nothing in flight, for
     at most ``timeout_s``; ``settle_s`` more lets the last answers leave the proxy. Returns whether
@@ -211,6 +297,8 @@ def run(args: argparse.Namespace) -> int:
     app = build_app(data)  # checks the model names and adapter before Ray starts
 
     local = args.address is None
+    if local and SUPERVISOR_ENV not in os.environ and sys.platform.startswith("linux"):
+        return supervise(args)  # Ray in its own session, so that a group signal cannot stop it before the drain
     import ray
     from ray import serve
 
@@ -220,7 +308,12 @@ def run(args: argparse.Namespace) -> int:
         # every deployment's min_replicas must fit; more logical CPUs than cores would only oversubscribe
         needed = math.ceil(required_cpus(config, at="min_replicas"))
         cpus = args.num_cpus if args.num_cpus is not None else max(os.cpu_count() or 1, needed)
-    init_ray(RayConfig(address=args.address, num_cpus=cpus), log_to_driver=True, verbose=args.verbose, env_vars=env_vars)
+    try:
+        init_ray(RayConfig(address=args.address, num_cpus=cpus), log_to_driver=True, verbose=args.verbose, env_vars=env_vars)
+    except (ConnectionError, RuntimeError, OSError, ValueError) as err:  # Ray's own message, without its traceback
+        where = f"the Ray cluster at {args.address!r}" if args.address else "a local Ray"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"Ray did not start ({where}): {reason}") from None
     name = application.get("name") or "dabon"
     stop = StopSignal()
     stop.install()

@@ -13,7 +13,10 @@ Launch::
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (OpenAI's, ``stream`` included),
 ``GET /v1/models``, ``POST /dabon/v1/score`` (a ``dabon score`` row), ``GET /healthz`` (no auth;
-503 while draining), ``GET /openapi.json``.
+503 while draining and while the sampler or scorer has no running replica), ``GET /openapi.json``.
+A request body must arrive within ``serving.body_timeout_s`` (else 408); the ingress takes
+``serving.control_slots`` requests beyond what it admits, so health checks, model listing and
+bodies being read never wait behind admitted work.
 
 Request flow: ``IngressDeployment`` (FastAPI, ``serve_app.service.RerankService``) checks auth
 and Content-Type, admits the request (or answers 503 at once), builds the prompt ids once
@@ -34,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,10 +54,18 @@ from actors.chat import resolve_prompt
 from actors.config import ConfigError, validate
 from actors.models import ModelSpec, check_spec, hub_offline, load_spec_tokenizer, local_model_dir
 from actors.settings import get_logger
-from serve_app.engines import CandidateSampler, CandidateScorer, VLLMCandidateSampler
-from serve_app.options import ServeConfig, deployment_options, resolve_api_token, token_digest, torch_threads
+from serve_app.engines import CandidateSampler, CandidateScorer, EngineInputError, VLLMCandidateSampler
+from serve_app.options import (
+    SAMPLER_NAME,
+    SCORER_NAME,
+    ServeConfig,
+    deployment_options,
+    resolve_api_token,
+    token_digest,
+    torch_threads,
+)
 from serve_app.schemas import ApiError, ChatCompletionRequest, CompletionRequest, ScoreRequest, error_body
-from serve_app.service import RerankService, Stream
+from serve_app.service import RerankService, Stream, overloaded
 
 logger = get_logger(__name__)
 
@@ -106,6 +119,15 @@ def model_max_positions(spec: ModelSpec) -> int | None:
         logger.warning("context length of %s unknown (%s); only max_prompt_tokens bounds prompts", spec.base, err)
         return None
     return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
+def configured_engine_max_len(config: ServeConfig) -> int | None:
+    """The sampler engine's context length as configured (``generator.options.max_model_len`` of a
+    vLLM engine; ``None``: the engine takes the model's, or HF ``generate``, which has none). The
+    ingress replaces it with the running engine's own value as soon as the sampler answers."""
+    if config.generator.backend != "vllm":
+        return None
+    return getattr(config.generator.typed(), "max_model_len", None)
 
 
 def parse_app_config(args: dict[str, Any] | ServeConfig | None) -> ServeConfig:
@@ -190,6 +212,8 @@ def build_api(service: RerankService) -> FastAPI:
     api = FastAPI(title="dabon", docs_url=None, redoc_url=None, openapi_url=None)
     serving = service.config.serving
     max_body = serving.max_body_bytes
+    max_readers = max(1, serving.control_slots // 2)
+    readers = {"now": 0}
     if serving.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -209,11 +233,22 @@ def build_api(service: RerankService) -> FastAPI:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_body:
             raise ApiError(413, f"the request body exceeds {max_body} bytes", param="body", code="payload_too_large")
+        if readers["now"] >= max_readers:  # slow senders must not take the slots health checks need
+            raise overloaded(f"{max_readers} requests are already sending their body; retry later", serving.retry_after_s)
+        readers["now"] += 1
         body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > max_body:
-                raise ApiError(413, f"the request body exceeds {max_body} bytes", param="body", code="payload_too_large")
+        try:
+            async with asyncio.timeout(serving.body_timeout_s):
+                async for chunk in request.stream():
+                    body.extend(chunk)
+                    if len(body) > max_body:
+                        raise ApiError(413, f"the request body exceeds {max_body} bytes", param="body",
+                                       code="payload_too_large")
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {serving.body_timeout_s:g} s", param="body",
+                           code="request_timeout") from None
+        finally:
+            readers["now"] -= 1
         return bytes(body)
 
     def sse(stream: Stream) -> StreamingResponse:
@@ -258,7 +293,8 @@ def build_api(service: RerankService) -> FastAPI:
     @api.get("/healthz")
     async def healthz() -> JSONResponse:
         health = service.health()
-        return JSONResponse(health, status_code=503 if health["status"] == "draining" else 200)
+        headers = {} if health["status"] == "ok" else {"Retry-After": str(max(1, math.ceil(serving.retry_after_s)))}
+        return JSONResponse(health, status_code=200 if health["status"] == "ok" else 503, headers=headers)
 
     document: dict[str, Any] = {}
 
@@ -301,11 +337,19 @@ class SamplerDeployment:
             _set_torch_threads(threads)
             self.sampler = CandidateSampler(model)
 
-    async def sample(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, list[Any]]:
-        """See ``serve_app.engines``."""
+    async def sample(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, Any]:
+        """See ``serve_app.engines``; a request the engine refuses as invalid is answered
+        ``{"error": {"message"}}`` (the ingress's 400), not raised (a 500)."""
         if self.backend == "vllm":
-            return await self.sampler.sample(prompt_ids, sampling)
+            try:
+                return await self.sampler.sample(prompt_ids, sampling)
+            except EngineInputError as err:
+                return {"error": {"message": str(err)}}
         return await asyncio.to_thread(self.sampler.sample, prompt_ids, sampling)
+
+    async def context_limit(self) -> int | None:
+        """The engine's own context length (vLLM's ``max_model_len``; ``None`` for HF ``generate``)."""
+        return self.sampler.max_model_len if self.backend == "vllm" else None
 
     def check_health(self) -> None:
         if self.backend == "vllm":
@@ -324,18 +368,26 @@ class ScoringError(RuntimeError):
 class ScorerDeployment:
     """``CandidateScorer`` in a replica; concurrent ``score`` calls are batched with ``@serve.batch``
     (size and wait from the config) and each batch runs in a worker thread so the replica's event
-    loop keeps answering health checks and filling the next batch."""
+    loop keeps answering health checks and filling the next batch. The thread scores in steps of
+    ``step_tokens``; a call that is cancelled (the ingress's deadline passed, or its client left)
+    marks its request, which the thread drops at the next step."""
 
     def __init__(self, spec: dict[str, Any], layer: int, batch_tokens: int, max_batch_size: int,
-                 batch_wait_timeout_s: float, threads: int, rule: str = "latent_sim", plugins: tuple[str, ...] = ()) -> None:
+                 batch_wait_timeout_s: float, threads: int, rule: str = "latent_sim", plugins: tuple[str, ...] = (),
+                 step_tokens: int | None = None) -> None:
         _set_torch_threads(threads)
-        self.scorer = CandidateScorer(ModelSpec(**spec), layer, batch_tokens, rule, tuple(plugins))
+        self.scorer = CandidateScorer(ModelSpec(**spec), layer, batch_tokens, rule, tuple(plugins), step_tokens)
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def score(self, prompt_ids: list[int], response_ids: list[list[int]]) -> list[float | None]:
         """The ranking score (``scoring.rule``) of each candidate at the serving layer."""
-        result = await self._score_batch({"prompt_ids": prompt_ids, "response_ids": response_ids})
+        cancelled = threading.Event()
+        try:
+            result = await self._score_batch({"prompt_ids": prompt_ids, "response_ids": response_ids, "cancelled": cancelled})
+        except asyncio.CancelledError:
+            cancelled.set()  # the worker thread drops this request before its next step
+            raise
         if "error" in result:
             raise ScoringError(result["error"])
         return result["scores"]
@@ -352,7 +404,14 @@ class IngressDeployment:
     The FastAPI app is built per replica (``__serve_build_asgi_app__``). ``token_sha256``: the
     digest of the bearer token resolved where the app was built (``None``: no auth), so every
     replica checks the same token whatever its node's environment. With auth required and no
-    digest the replica refuses to start."""
+    digest the replica refuses to start.
+
+    Readiness: every ``serving.readiness_poll_s`` the replica reads Serve's state of the sampler
+    and scorer deployments (``serve.status()``); a deployment with ``min_replicas`` >= 1 and no
+    running replica (starting, loading its engine, or replacing a dead replica) makes the stage
+    unready (``RerankService.set_unready``: ``/healthz`` 503, new requests 503 at once, waiting
+    calls answered 503). Once the sampler runs, its engine's own context length is read once
+    (``SamplerDeployment.context_limit``)."""
 
     def __init__(self, config: dict[str, Any], sampler: DeploymentHandle, scorer: DeploymentHandle,
                  token_sha256: str | None = None) -> None:
@@ -364,9 +423,19 @@ class IngressDeployment:
         self.service = RerankService(
             app_config, load_spec_tokenizer(app_config.model), self._sample, self._score,
             token_sha256=token_sha256, max_positions=model_max_positions(app_config.model),
+            engine_max_len=configured_engine_max_len(app_config),
         )
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
+        deployments = app_config.deployments
+        self._watched = {stage: name for stage, name, settings in (
+            ("sampling", SAMPLER_NAME, deployments.sampler), ("scoring", SCORER_NAME, deployments.scorer))
+            if settings.autoscaling_config.min_replicas >= 1}  # a stage scaled to zero starts on demand
+        self._seen_running: set[str] = set()
+        self._engine_len_known = False
+        self.service.set_unready({stage: "starting" for stage in self._watched})
+        self._readiness_task = asyncio.get_running_loop().create_task(
+            self._follow_readiness(context.app_name, app_config.serving.readiness_poll_s))
         self._drain_task = None
         try:
             control = ray.get_actor(drain_actor_name(context.app_name), namespace=DRAIN_NAMESPACE)
@@ -385,6 +454,32 @@ class IngressDeployment:
             except ray.exceptions.RayActorError:
                 return  # the control actor is gone with its driver
             await asyncio.sleep(DRAIN_POLL_S)
+
+    async def _follow_readiness(self, app_name: str, poll_s: float) -> None:
+        while True:
+            try:
+                status = await asyncio.to_thread(serve.status)
+                application = status.applications.get(app_name)
+                found = application.deployments if application is not None else {}
+                unready = {}
+                for stage, name in self._watched.items():
+                    deployment = found.get(name)
+                    if deployment is not None and deployment.replica_states.get("RUNNING", 0) > 0:
+                        self._seen_running.add(stage)
+                        continue
+                    unready[stage] = "replica lost, being replaced" if stage in self._seen_running else "starting"
+                if unready.keys() != self.service.unready.keys():
+                    logger.info("readiness: %s", ", ".join(f"{k} {v}" for k, v in unready.items()) or "all stages running")
+                self.service.set_unready(unready)
+                if "sampling" not in unready and not self._engine_len_known:
+                    limit = await asyncio.wait_for(self.sampler.context_limit.remote(), timeout=max(2.0, poll_s))
+                    self.service.set_engine_max_len(limit)
+                    self._engine_len_known = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - the state is read again at the next poll
+                logger.warning("readiness poll failed (%s); keeping the last state", type(err).__name__)
+            await asyncio.sleep(poll_s)
 
     async def _sample(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, Any]:
         response = self.sampler.sample.remote(prompt_ids, sampling)
@@ -446,7 +541,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
     scoring = config.scoring
     scorer = ScorerDeployment.options(**deployment_options("scorer", config)).bind(
         spec, scoring.layer, scoring.batch_tokens, scoring.max_batch_size, scoring.batch_wait_timeout_s,
-        torch_threads(config.deployments.scorer), scoring.rule, list(scoring.plugins),
+        torch_threads(config.deployments.scorer), scoring.rule, list(scoring.plugins), scoring.step_tokens,
     )
     return IngressDeployment.options(**deployment_options("ingress", config)).bind(
         config.model_dump(mode="json"), sampler, scorer, token_digest(token) if token else None

@@ -39,6 +39,11 @@ from actors.settings import get_logger
 logger = get_logger(__name__)
 
 
+class EngineInputError(ValueError):
+    """The engine refused a request as invalid (its input validation: a prompt longer than
+    ``max_model_len``, a token id outside the vocabulary); the ingress answers it with a 400."""
+
+
 def candidates_of(samples: list[Any]) -> dict[str, list[Any]]:
     """``Sample`` list -> the samplers' answer (see module doc)."""
     return {
@@ -83,6 +88,7 @@ class VLLMCandidateSampler:
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**setup.kwargs, disable_log_stats=True))
         self.lora_request = setup.lora_request
         self.model = setup.model
+        self.max_model_len = int(self.engine.model_config.max_model_len)
         logger.info("vllm sampler ready: %s%s", self.model, f" + LoRA {setup.adapter_dir}" if setup.adapter_dir else "")
 
     async def _one(self, prompt_ids: list[int], config: SamplingConfig, seed: int) -> Any:
@@ -91,17 +97,28 @@ class VLLMCandidateSampler:
 
         params = SamplingParams(**vllm_sampling_kwargs(config, seed), output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
-        async for output in self.engine.generate({"prompt_token_ids": prompt_ids}, params, f"dabon-{uuid.uuid4().hex}",
-                                                 lora_request=self.lora_request):
-            final = output
+        try:
+            async for output in self.engine.generate({"prompt_token_ids": prompt_ids}, params, f"dabon-{uuid.uuid4().hex}",
+                                                     lora_request=self.lora_request):
+                final = output
+        except client_errors() as err:  # the engine's input validation: the request, not the engine, is at fault
+            raise EngineInputError(str(err)) from None
         return final
 
     async def sample(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, list[Any]]:
-        """See the module doc."""
+        """See the module doc. Raises ``EngineInputError`` when the engine refuses the request;
+        then none of its N sequences keeps running."""
         config = SamplingConfig(**sampling)
         ids = [int(t) for t in prompt_ids]
         key = prompt_key(ids)
-        outputs = await asyncio.gather(*(self._one(ids, config, sample_seed(config.seed, key, i)) for i in range(config.n)))
+        tasks = [asyncio.ensure_future(self._one(ids, config, sample_seed(config.seed, key, i))) for i in range(config.n)]
+        try:
+            outputs = await asyncio.gather(*tasks)
+        except BaseException:  # one refused or we were cancelled: abort the others in the engine too
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         return candidates_of([row[0] for row in parse_vllm_outputs(outputs, 1, self.stop_ids)])
 
     def check_health(self) -> None:
@@ -114,44 +131,118 @@ class VLLMCandidateSampler:
         self.engine.shutdown()
 
 
+def client_errors() -> tuple[type[BaseException], ...]:
+    """The exception types vLLM raises for a request it refuses as invalid."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # older vLLM: plain ValueError
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
+
+
+def scoring_steps(requests: list[dict[str, Any]], step_tokens: int) -> list[list[tuple[int, slice]]]:
+    """Split the work of ``requests`` (``prompt_ids``, ``response_ids``) into steps of at most about
+    ``step_tokens`` tokens (a prompt counts once per piece of its request that a step holds): each
+    step is a list of ``(request index, slice of its candidates)``. A request larger than one step
+    is cut into pieces of consecutive candidates (its prompt is then run once per piece); one
+    candidate is never cut, so a step can exceed the budget by one candidate."""
+    pieces: list[tuple[int, slice, int]] = []
+    for index, request in enumerate(requests):
+        prompt = len(request["prompt_ids"])
+        candidates = [len(ids) for ids in request["response_ids"]]
+        begin, size = 0, prompt
+        for end, length in enumerate(candidates):
+            if end > begin and size + length > step_tokens:
+                pieces.append((index, slice(begin, end), size))
+                begin, size = end, prompt
+            size += length
+        pieces.append((index, slice(begin, len(candidates)), size))
+    steps: list[list[tuple[int, slice]]] = []
+    current: list[tuple[int, slice]] = []
+    used = 0
+    for index, part, size in pieces:
+        if current and used + size > step_tokens:
+            steps.append(current)
+            current, used = [], 0
+        current.append((index, part))
+        used += size
+    if current:
+        steps.append(current)
+    return steps
+
+
 class CandidateScorer:
     """The ranking score (``rule``, a registered score; latent similarity by default) at one layer
-    for many (prompt ids, candidate ids) requests at once.
+    for many (prompt ids, candidate ids) requests at once, in bounded steps.
 
     ``spec``: the served model (adapter or full fine-tuned copy); ``layer``: the serving layer;
-    ``batch_tokens``: the scorer's forward-batch budget; ``plugins``: import paths of scores of
-    your own (``actors.scores.load_plugins``). ``score_many(requests)`` takes dicts with
-    ``prompt_ids`` and ``response_ids`` and returns, per request, ``{"scores": [N float|None]}``
-    or ``{"error": message}`` (one bad request does not fail the others of its batch).
+    ``batch_tokens``: the scorer's forward-batch budget; ``step_tokens``: the most tokens one step
+    scores (``scoring_steps``); ``plugins``: import paths of scores of your own
+    (``actors.scores.load_plugins``). ``score_many(requests)`` takes dicts with ``prompt_ids`` and
+    ``response_ids`` (and optionally ``cancelled``, a ``threading.Event``) and returns, per request,
+    ``{"scores": [N float|None]}``, ``{"error": message}`` (one bad request does not fail the others
+    of its batch) or ``{"cancelled": True}``. Between steps the requests whose ``cancelled`` is set
+    are dropped, so a request whose caller gave up costs at most the step that was running.
     """
 
     def __init__(self, spec: ModelSpec, layer: int, batch_tokens: int = 4096, rule: str = "latent_sim",
-                 plugins: tuple[str, ...] = ()) -> None:
+                 plugins: tuple[str, ...] = (), step_tokens: int | None = None) -> None:
         self.layer = layer
         self.rule = rule
+        self.step_tokens = step_tokens or batch_tokens
+        self.steps_run = 0  # steps scored so far (for tests and logs)
         config = ScorerConfig(layers=(layer,), plugins=tuple(plugins), metrics=(rule,), batch_tokens=batch_tokens)
         self.scorer = AttributionScorer.from_spec(spec, config)
         self.per_layer = get_score(rule).per_layer
 
-    def _of(self, result: dict[str, Any]) -> dict[str, Any]:
-        values = result[self.rule][self.layer] if self.per_layer else result[self.rule]
-        return {"scores": values}
+    def _of(self, result: dict[str, Any]) -> list[float | None]:
+        return result[self.rule][self.layer] if self.per_layer else result[self.rule]
+
+    def _score(self, prompts: list[list[int]], candidates: list[list[list[int]]]) -> list[list[float | None]]:
+        self.steps_run += 1
+        return [self._of(result) for result in self.scorer.score_ids(prompts, candidates)]
 
     def score_many(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """See class doc."""
         prompt_ids = [list(request["prompt_ids"]) for request in requests]
         response_ids = [[list(ids) for ids in request["response_ids"]] for request in requests]
-        try:
-            results = self.scorer.score_ids(prompt_ids, response_ids)
-            return [self._of(result) for result in results]
-        except Exception:  # noqa: BLE001 - retried one by one so that only the bad request fails
-            if len(requests) == 1:
-                raise
-        out = []
-        for prompt, candidates in zip(prompt_ids, response_ids, strict=True):
+        scores: list[list[float | None]] = [[] for _ in requests]
+        errors: dict[int, str] = {}
+
+        def dropped(index: int) -> bool:
+            cancelled = requests[index].get("cancelled")
+            return index in errors or (cancelled is not None and cancelled.is_set())
+
+        for step in scoring_steps([{"prompt_ids": p, "response_ids": r} for p, r in zip(prompt_ids, response_ids)],
+                                  self.step_tokens):
+            live = [(index, part) for index, part in step if not dropped(index)]
+            if not live:
+                continue
             try:
-                (result,) = self.scorer.score_ids([prompt], [candidates])
-                out.append(self._of(result))
-            except Exception as err:  # noqa: BLE001 - reported to that request's caller
-                out.append({"error": f"{type(err).__name__}: {err}"})
+                results = self._score([prompt_ids[i] for i, _ in live], [response_ids[i][part] for i, part in live])
+            except Exception as err:  # noqa: BLE001 - retried one by one so that only the bad request fails
+                if len(live) == 1:
+                    if len(requests) == 1:
+                        raise
+                    errors[live[0][0]] = f"{type(err).__name__}: {err}"
+                    continue
+                results = []
+                for index, part in live:
+                    try:
+                        (result,) = self._score([prompt_ids[index]], [response_ids[index][part]])
+                    except Exception as one_err:  # noqa: BLE001 - reported to that request's caller
+                        errors[index] = f"{type(one_err).__name__}: {one_err}"
+                        result = []
+                    results.append(result)
+            for (index, _), result in zip(live, results, strict=True):
+                if index not in errors:
+                    scores[index].extend(result)
+        out: list[dict[str, Any]] = []
+        for index in range(len(requests)):
+            if index in errors:
+                out.append({"error": errors[index]})
+            elif dropped(index):
+                out.append({"cancelled": True})
+            else:
+                out.append({"scores": scores[index]})
         return out

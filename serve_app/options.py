@@ -196,13 +196,18 @@ class ScoringSettings(_Strict):
     ``rule`` may name one). ``layer``: hidden-state index of per-layer scores (paper: 12).
     ``batch_tokens``: the scorer's token budget per forward batch. ``max_batch_size`` /
     ``batch_wait_timeout_s``: ``@serve.batch`` across requests (requests per batch, wait for a
-    batch to fill).
+    batch to fill). ``step_tokens``: the scorer works in steps of at most this many tokens
+    (``None``: ``batch_tokens``); a request that timed out or whose client left is dropped between
+    steps. ``max_request_tokens``: the most tokens (prompt + all responses) one
+    ``/dabon/v1/score`` request may ask to score.
     """
 
     rule: str = "latent_sim"
     plugins: tuple[str, ...] = ()
     layer: int = Field(default=12, ge=0)
     batch_tokens: int = Field(default=4096, gt=0)
+    step_tokens: int | None = Field(default=None, gt=0)
+    max_request_tokens: int = Field(default=8192, gt=0)
     max_batch_size: int = Field(default=8, ge=1)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
 
@@ -232,6 +237,19 @@ class ServingSettings(_Strict):
     browsers refuse cross-origin calls). ``drain_timeout_s``: on SIGTERM ``dabon serve`` stops
     admitting (503) and waits up to this long for requests in flight; Serve also waits this long
     for a replica's requests before it stops one (scale-down, redeploy).
+    ``body_timeout_s``: a client must have sent its whole request body within this long after its
+    headers, or it gets 408 (slow senders cannot hold the ingress). ``control_slots``: requests an
+    ingress replica takes beyond what it admits (Serve's ``max_ongoing_requests`` of the ingress),
+    so that ``/healthz``, ``/v1/models``, bodies being read and fast refusals are never queued
+    behind admitted work; at most half of them may be reading a body at once (more get 503).
+    ``readiness_poll_s``: how often an ingress replica reads Serve's state of the sampler and
+    scorer deployments; while one of them (with ``min_replicas`` >= 1) has no running replica,
+    ``/healthz`` answers 503 and requests get 503 with ``Retry-After`` at once, and requests
+    waiting for that deployment are answered 503 too. ``health_check_period_s``: Serve's health
+    check period of the sampler and scorer replicas (how soon a dead replica is noticed).
+    ``target_latency_s``: admit a request only while the measured cost of both stages predicts it
+    finishes within this many seconds (``serve_app.service.AdmissionGate``; ``None``: only
+    ``max_in_flight`` bounds admission).
     """
 
     model_name: str = Field(default="dabon-bon", min_length=1)
@@ -242,6 +260,11 @@ class ServingSettings(_Strict):
     allow_skip_scoring: bool = False
     cors_origins: list[str] = []
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    control_slots: int = Field(default=32, ge=2)
+    readiness_poll_s: float = Field(default=1.0, gt=0)
+    health_check_period_s: float = Field(default=2.0, gt=0)
+    target_latency_s: float | None = Field(default=None, gt=0)
 
 
 class AuthSettings(_Strict):
@@ -321,8 +344,9 @@ def max_ongoing_requests(role: str, config: ServeConfig) -> int:
     Explicit values win. Defaults: a sampler replica runs ``SAMPLER_CONCURRENCY`` of its backend
     (hf: one ``generate`` at a time, so a second request would only split the CPU; vllm: 8
     requests, N sequences each, batched by the engine); the scorer holds two batches (one running,
-    one filling), so it is always >= ``max_batch_size``; the ingress takes a quarter more than it
-    admits, so that its own JSON 503 answers, not the proxy's queue.
+    one filling), so it is always >= ``max_batch_size``; the ingress takes ``serving.control_slots``
+    more than it admits, so that its own JSON 503 answers, not the proxy's queue, and health checks,
+    model listing and bodies being read never wait behind admitted work.
     """
     settings: DeploymentSettings = getattr(config.deployments, role)
     if settings.max_ongoing_requests is not None:
@@ -332,8 +356,7 @@ def max_ongoing_requests(role: str, config: ServeConfig) -> int:
     if role == "scorer":
         return 2 * config.scoring.max_batch_size
     if role == "ingress":
-        admitted = admission_limits(config)["ingress_in_flight"]
-        return admitted + max(1, math.ceil(admitted / 4))
+        return admission_limits(config)["ingress_in_flight"] + config.serving.control_slots
     raise ValueError(f"role: unknown {role!r}; expected ingress, sampler or scorer")
 
 
@@ -390,6 +413,8 @@ def deployment_options(role: str, config: ServeConfig) -> dict[str, Any]:
         "backpressure_config": {"status_code": 503, "retry_after_s": config.serving.retry_after_s},
         "graceful_shutdown_timeout_s": config.serving.drain_timeout_s,
     }
+    if role in ("sampler", "scorer"):
+        options["health_check_period_s"] = config.serving.health_check_period_s
     if role == "sampler" and config.generator.backend == "vllm":
         engine = config.generator.typed()
         workers = engine.tensor_parallel_size * engine.pipeline_parallel_size

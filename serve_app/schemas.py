@@ -13,7 +13,10 @@
 - ``ScoreRequest``: ``POST /dabon/v1/score`` with one row of ``dabon score`` input (prompt or
   prompt ids, responses and/or their exact token ids); the answer is that command's output row.
 - ``ApiError`` / ``error_body``: every error is ``{"error": {"message", "type", "param", "code"}}``
-  with the HTTP status on the exception; messages never carry a stack trace.
+  with the HTTP status on the exception; messages never carry a stack trace, and quote a client's
+  value only cut short (``shown``).
+- ``usage`` of an answer counts the tokens of all N sampled candidates (what the server
+  generated), not only of the ``n`` choices returned; ``prompt_tokens`` is the prompt once.
 
 Limits that depend on the app config (candidates, ``max_tokens``, prompt length) are checked in
 ``serve_app.service``; the models here hold only the static rules.
@@ -69,6 +72,18 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         """The JSON body of this error."""
         return error_body(self.message, self.type, self.param, self.code)
+
+
+ECHO_CHARS = 64
+
+
+def shown(value: Any, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters with the full length
+    named, so that an error never echoes a large input back."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(str(value))} characters)"
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -16,7 +16,10 @@ request streams; ``score`` / ``models`` / ``health`` return dicts; all raise ``A
 ``Retry-After``); prompt length is bounded in characters before tokenization, which runs in a
 worker thread so the event loop keeps answering. Upstream failures are mapped by
 ``upstream_error``: a full queue or a dead replica is 503 with ``Retry-After``, a request past its
-deadline 504, anything else 500 with a request id and no stack trace.
+deadline 504, anything else 500 with a request id and no stack trace; a request the sampler engine
+refuses as invalid (``{"error"}`` from the sampler) is 400 (``engine_refusal``). While a stage has
+no running replica (``set_unready``), requests that need it are 503 at once. Prompt tokens +
+``max_tokens`` are checked against the engine's and the scorer's context (``context_limit``).
 
 Ranking: candidates by the registered score ``scoring.rule`` in its direction (default: ascending
 latent similarity), an empty candidate (no generated token, whose "hidden state" is the prompt's)
@@ -36,7 +39,14 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable, Iterator
 
-from actors.chat import UnsafePromptError, prompt_token_ids, response_token_ids
+from actors.chat import (
+    UnsafePromptError,
+    has_control_text,
+    prompt_token_ids,
+    response_token_ids,
+    special_token_strings,
+    text_token_ids,
+)
 from actors.config import PromptConfig
 from actors.sampler import SamplingConfig
 from actors.scorer import scores_row
@@ -44,7 +54,7 @@ from actors.scores import get_score
 from actors.selection import empty_flags, rank_candidates
 from actors.settings import get_logger
 from serve_app.options import ServeConfig, admission_limits, token_digest
-from serve_app.schemas import ApiError, ChatCompletionRequest, CompletionRequest, ScoreRequest, parse
+from serve_app.schemas import ApiError, ChatCompletionRequest, CompletionRequest, ScoreRequest, parse, shown
 
 logger = get_logger(__name__)
 
@@ -55,13 +65,38 @@ ScoreCall = Callable[[list[int], list[list[int]]], Awaitable[list[float | None]]
 class AdmissionGate:
     """Bounds the requests one ingress replica works on; past ``limit``, or once ``draining``, a
     request is refused at once with 503 and ``Retry-After`` instead of waiting in an unbounded
-    queue. Not thread-safe: it is used from the replica's single event loop."""
+    queue. Not thread-safe: it is used from the replica's single event loop.
 
-    def __init__(self, limit: int, retry_after_s: float) -> None:
+    With ``target_latency_s``, admission also follows measured capacity: ``record`` keeps, per
+    stage (sampling, scoring), an exponential average of the seconds a request spent in that stage
+    divided by the requests in that stage meanwhile (its cost per concurrent request; CPU and GPU
+    stages share their time among the requests they run). A new request is predicted to take the
+    sum of the stages' costs times the requests it would join (``in_flight + 1``), and is refused
+    (503, ``Retry-After``) when that exceeds the target, so that admitted requests finish within
+    it. Until both stages have been measured, only ``limit`` applies.
+    """
+
+    SMOOTHING = 0.3
+
+    def __init__(self, limit: int, retry_after_s: float, target_latency_s: float | None = None) -> None:
         self.limit = limit
         self.retry_after_s = retry_after_s
+        self.target_latency_s = target_latency_s
         self.in_flight = 0
         self.draining = False
+        self.cost_s: dict[str, float] = {}
+
+    def record(self, stage: str, seconds: float, concurrency: float) -> None:
+        """One request spent ``seconds`` in ``stage`` while ``concurrency`` requests were in it."""
+        cost = seconds / max(1.0, concurrency)
+        previous = self.cost_s.get(stage)
+        self.cost_s[stage] = cost if previous is None else previous + self.SMOOTHING * (cost - previous)
+
+    def predicted_latency_s(self, stages: tuple[str, ...] = ("sampling", "scoring")) -> float | None:
+        """Predicted seconds of a request admitted now (``None`` until its stages were measured)."""
+        if any(stage not in self.cost_s for stage in stages):
+            return None
+        return sum(self.cost_s[stage] for stage in stages) * (self.in_flight + 1)
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
@@ -72,6 +107,10 @@ class AdmissionGate:
             raise error
         if self.in_flight >= self.limit:
             raise overloaded(f"the server is at its limit of {self.limit} requests in flight; retry later", self.retry_after_s)
+        predicted = self.predicted_latency_s() if self.target_latency_s is not None else None
+        if predicted is not None and self.in_flight > 0 and predicted > self.target_latency_s:
+            raise overloaded(f"a request admitted now would take about {predicted:.0f} s, more than this server's target of "
+                             f"{self.target_latency_s:g} s; retry later", max(self.retry_after_s, predicted / (self.in_flight + 1)))
         self.in_flight += 1
         try:
             yield
@@ -117,6 +156,19 @@ def upstream_error(exc: BaseException, stage: str, retry_after_s: float, request
     return ApiError(500, f"internal error while {stage} (request id {request_id})", type="server_error", code="internal_error")
 
 
+ENGINE_MESSAGE_CHARS = 300
+
+
+def engine_refusal(error: dict[str, Any], request_id: str) -> ApiError:
+    """The 400 for a request the sampler engine refused as invalid (``{"message"}`` from the sampler
+    replica: vLLM's input validation, e.g. a prompt longer than ``max_model_len``); the engine's
+    message is cut to ``ENGINE_MESSAGE_CHARS``."""
+    message = str(error.get("message", "invalid request"))[:ENGINE_MESSAGE_CHARS]
+    logger.info("request %s: the engine refused it: %s", request_id, message)
+    return ApiError(400, f"the sampler engine refused the request: {message}", param=error.get("param"),
+                    code="invalid_value")
+
+
 def completion_tokens(token_ids: list[list[int]], finish_reasons: list[str]) -> int:
     """Generated tokens of all N candidates: their ids plus the stop token of each that stopped."""
     return sum(len(ids) for ids in token_ids) + sum(reason == "stop" for reason in finish_reasons)
@@ -159,7 +211,16 @@ class RerankService:
     here and handed to both deployments, so sampler and scorer see the same ids). ``sample`` /
     ``score``: async callables (see module doc). ``token_sha256``: digest of the bearer token for
     ``/v1/*`` and ``/dabon/*`` (``token_digest``), or ``None`` for no auth. ``max_positions``: the
-    model's context length, if known.
+    scorer's context length (the model's ``max_position_embeddings``), if known. ``engine_max_len``:
+    the sampler engine's context length (vLLM's ``max_model_len``; ``None`` when the engine has none
+    of its own, as HF ``generate``); the ingress replaces it with the running engine's own value
+    once the sampler answers (``set_engine_max_len``). A generation request's prompt tokens plus its
+    ``max_tokens`` must fit the smaller of the two, a scoring request's prompt plus each response
+    the scorer's.
+
+    Readiness (``set_unready``): the ingress marks a stage (``sampling``, ``scoring``) unready
+    while its deployment has no running replica; then ``/healthz`` is 503, new requests get 503 with
+    ``Retry-After`` at once, and the calls waiting for that stage are cancelled and answered 503.
     """
 
     def __init__(
@@ -171,6 +232,7 @@ class RerankService:
         token_sha256: str | None = None,
         max_positions: int | None = None,
         clock: Callable[[], float] = time.time,
+        engine_max_len: int | None = None,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -178,10 +240,16 @@ class RerankService:
         self._score = score
         self._token_sha256 = token_sha256
         self.max_positions = max_positions
+        self.engine_max_len = engine_max_len
+        self.unready: dict[str, str] = {}
+        self._pending: dict[str, set[asyncio.Future]] = {"sampling": set(), "scoring": set()}
+        self._dropped: set[asyncio.Future] = set()
         self.clock = clock
         self.created = int(clock())
         self.vocab_size = len(tokenizer)
-        self.gate = AdmissionGate(admission_limits(config)["ingress_in_flight"], config.serving.retry_after_s)
+        self.gate = AdmissionGate(admission_limits(config)["ingress_in_flight"], config.serving.retry_after_s,
+                                  config.serving.target_latency_s)
+        self._in_stage: dict[str, int] = {"sampling": 0, "scoring": 0}
 
     # ------------------------------------------------------------------ checks
 
@@ -202,7 +270,7 @@ class RerankService:
         """A 404 unless ``model`` is absent or the served model's name."""
         name = self.config.serving.model_name
         if model is not None and model != name:
-            raise ApiError(404, f"model {model!r} does not exist; this server serves {name!r}", param="model",
+            raise ApiError(404, f"model {shown(model)} does not exist; this server serves {name!r}", param="model",
                            code="model_not_found")
 
     def sampling_for(self, request: ChatCompletionRequest | CompletionRequest) -> SamplingConfig:
@@ -261,15 +329,32 @@ class RerankService:
             raise ApiError(400, f"{param}: token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})",
                            param=param, code="invalid_value")
 
-    async def encode_messages(self, messages: list[dict[str, str]], prompt: PromptConfig, param: str = "messages") -> list[int]:
+    async def encode_messages(self, messages: list[dict[str, str]], prompt: PromptConfig, param: str = "messages",
+                              continuation: str | None = None) -> list[int]:
         """Prompt ids of chat messages (``actors.chat.prompt_token_ids`` with ``prompt``), bounded in
-        messages and characters before tokenizing, in tokens after; tokenized in a worker thread."""
+        messages and characters before tokenizing, in tokens after; tokenized in a worker thread.
+
+        ``continuation``: the text of a final assistant turn to continue (``continue_final_message``),
+        which takes the place of ``prompt.response_prefix``. It is client text, so it stays plain
+        text like every other turn: when it holds special-token text it is tokenized on its own
+        with special tokens split (``actors.chat.text_token_ids``), never parsed into control tokens.
+        """
         limits = self.config.sampling
         if len(messages) > limits.max_messages:
             raise ApiError(400, f"{param}: {len(messages)} messages exceed the limit of {limits.max_messages}", param=param)
-        self._check_chars(sum(len(m["content"]) for m in messages) + len(prompt.response_prefix), param)
+        prefix = prompt.response_prefix if continuation is None else continuation
+        self._check_chars(sum(len(m["content"]) for m in messages) + len(prefix), param)
+
+        def encode() -> list[int]:
+            if continuation is None:
+                return prompt_token_ids(self.tokenizer, messages, prompt)
+            if not has_control_text(continuation, special_token_strings(self.tokenizer)):
+                return prompt_token_ids(self.tokenizer, messages, prompt.model_copy(update={"response_prefix": continuation}))
+            opening = prompt_token_ids(self.tokenizer, messages, prompt.model_copy(update={"response_prefix": ""}))
+            return opening + text_token_ids(self.tokenizer, continuation)
+
         try:
-            ids = await asyncio.to_thread(prompt_token_ids, self.tokenizer, messages, prompt)
+            ids = await asyncio.to_thread(encode)
         except UnsafePromptError as err:
             raise ApiError(400, f"{param}: {err}", param=param, code="invalid_value") from None
         return self._check_prompt_tokens(ids, param)
@@ -284,26 +369,94 @@ class RerankService:
         ids = await asyncio.to_thread(lambda: list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]))
         return self._check_prompt_tokens(ids, param)
 
-    def _check_positions(self, prompt_tokens: int, new_tokens: int, param: str) -> None:
-        if self.max_positions and prompt_tokens + new_tokens > self.max_positions:
-            raise ApiError(
-                400, f"{param}: {prompt_tokens} prompt + {new_tokens} new tokens exceed the model's context of {self.max_positions}",
-                param=param, code="context_length_exceeded",
-            )
+    def context_limit(self, generating: bool = True) -> tuple[int | None, str]:
+        """The context length a request must fit and where it comes from: for generation the
+        smaller of the engine's ``max_model_len`` and the scorer's model context, for scoring the
+        scorer's alone."""
+        limits = [(self.max_positions, "the scorer model's max_position_embeddings")]
+        if generating:
+            limits.append((self.engine_max_len, "the sampler engine's max_model_len"))
+        known = [(value, source) for value, source in limits if value]
+        return min(known) if known else (None, "unknown")
+
+    def _check_positions(self, prompt_tokens: int, new_tokens: int, param: str, prompt_param: str | None = None,
+                         generating: bool = True) -> None:
+        """A 400 naming the prompt tokens, the new tokens and the limit when they do not fit the
+        context (``context_limit``); ``prompt_param`` is named when the prompt alone is too long."""
+        limit, source = self.context_limit(generating)
+        if limit is None or prompt_tokens + new_tokens <= limit:
+            return
+        if prompt_param is not None and prompt_tokens >= limit:
+            raise ApiError(400, f"{prompt_param}: the prompt has {prompt_tokens} tokens; the context limit is {limit} tokens "
+                                f"({source}), which must also hold at least one new token",
+                           param=prompt_param, code="context_length_exceeded")
+        field = param.rsplit(".", 1)[-1]
+        raise ApiError(
+            400, f"{param}: {prompt_tokens} prompt tokens + {field} {new_tokens} = {prompt_tokens + new_tokens} tokens exceed "
+                 f"the context limit of {limit} tokens ({source}); lower {field} to at most {max(0, limit - prompt_tokens)}",
+            param=param, code="context_length_exceeded",
+        )
+
+    # ------------------------------------------------------------------ readiness
+
+    def set_engine_max_len(self, value: int | None) -> None:
+        """The running engine's own context length (``None``: it has none)."""
+        self.engine_max_len = value
+
+    def set_unready(self, unready: dict[str, str]) -> None:
+        """Mark the stages in ``unready`` (stage -> reason) as unable to take work; calls waiting for
+        a stage that just became unready are cancelled and answered 503 with ``Retry-After``."""
+        for stage in set(unready) - set(self.unready):
+            for task in list(self._pending.get(stage, ())):
+                if not task.done():
+                    self._dropped.add(task)
+                    task.cancel()
+        self.unready = dict(unready)
+
+    def check_ready(self, stages: tuple[str, ...] = ("sampling", "scoring")) -> None:
+        """A 503 with ``Retry-After`` at once when a stage a request needs cannot take work."""
+        down = [f"{stage} ({self.unready[stage]})" for stage in stages if stage in self.unready]
+        if down:
+            error = overloaded(f"no {', '.join(down)} replica is running; retry later", self.config.serving.retry_after_s)
+            error.type, error.code = "service_unavailable_error", "replica_unavailable"
+            raise error
 
     # ------------------------------------------------------------------ upstream calls
 
     async def _call(self, stage: str, awaitable: Awaitable[Any], deadline: float, request_id: str) -> Any:
         """Await an upstream call until ``deadline`` (``clock`` time); failures become ``ApiError``."""
         remaining = deadline - self.clock()
-        try:
-            if remaining <= 0:
-                raise TimeoutError
-            return await asyncio.wait_for(awaitable, timeout=remaining)
-        except Exception as exc:  # mapped, logged, answered without a trace
+        if remaining <= 0:
             if asyncio.iscoroutine(awaitable):
                 awaitable.close()
+            raise upstream_error(TimeoutError(), stage, self.config.serving.retry_after_s, request_id)
+        task = asyncio.ensure_future(awaitable)
+        pending = self._pending.setdefault(stage, set())
+        pending.add(task)
+        started, crowd = self.clock(), self._in_stage.get(stage, 0) + 1
+        self._in_stage[stage] = crowd
+        try:
+            result = await asyncio.wait_for(asyncio.shield(task), timeout=remaining)
+            # the stage's cost per concurrent request, from the requests in it at the start and the end
+            self.gate.record(stage, self.clock() - started, (crowd + self._in_stage[stage]) / 2)
+        except asyncio.CancelledError:
+            if task not in self._dropped:  # our own caller was cancelled (client gone, drain timeout)
+                task.cancel()
+                raise
+            error = overloaded(f"the {stage} stage lost its replicas while this request waited (request id {request_id}); "
+                               "retry later", self.config.serving.retry_after_s)
+            error.type, error.code = "service_unavailable_error", "replica_unavailable"
+            raise error from None
+        except Exception as exc:  # mapped, logged, answered without a trace
+            task.cancel()
             raise upstream_error(exc, stage, self.config.serving.retry_after_s, request_id) from None
+        finally:
+            self._in_stage[stage] -= 1
+            pending.discard(task)
+            self._dropped.discard(task)
+        if isinstance(result, dict) and "error" in result and stage == "sampling":
+            raise engine_refusal(result["error"], request_id)
+        return result
 
     async def _generate(self, prompt_ids: list[int], sampling: SamplingConfig, skip_scoring: bool,
                         deadline: float, request_id: str) -> Generation:
@@ -330,11 +483,13 @@ class RerankService:
             raise ApiError(400, "dabon.skip_scoring: not allowed on this server", param="dabon.skip_scoring")
         sampling = self.sampling_for(request)
         request_id = uuid.uuid4().hex
+        self.check_ready(("sampling",) if request.dabon.skip_scoring else ("sampling", "scoring"))
         with self.gate.slot():  # admitted before any tokenization
             deadline = self.clock() + self.config.serving.request_timeout_s
             prompt_ids = await encode()
-            param = request.token_field if isinstance(request, ChatCompletionRequest) else "max_tokens"
-            self._check_positions(len(prompt_ids), sampling.max_new_tokens, param)
+            chat = isinstance(request, ChatCompletionRequest)
+            param = request.token_field if chat else "max_tokens"
+            self._check_positions(len(prompt_ids), sampling.max_new_tokens, param, "messages" if chat else "prompt")
             return await self._generate(prompt_ids, sampling, request.dabon.skip_scoring, deadline, request_id)
 
     def _dabon_block(self, generation: Generation) -> dict[str, Any]:
@@ -358,10 +513,11 @@ class RerankService:
         request = parse(ChatCompletionRequest, body)
         messages = [{"role": message.role, "content": message.text()} for message in request.messages]
         prompt = self.config.prompt
+        continuation = None
         if request.continue_final_message:  # the client's assistant turn replaces the configured prefix
-            prompt = PromptConfig(system_prompt=prompt.system_prompt, response_prefix=messages[-1]["content"])
+            continuation = messages[-1]["content"]
             messages = messages[:-1]
-        generation = await self._run(request, lambda: self.encode_messages(messages, prompt))
+        generation = await self._run(request, lambda: self.encode_messages(messages, prompt, continuation=continuation))
         chosen = generation.ranking[: request.n]
         base = {"id": f"chatcmpl-{generation.request_id}", "created": int(self.clock()), "model": self.config.serving.model_name}
         if request.stream:
@@ -446,6 +602,7 @@ class RerankService:
             raise ApiError(400, f"{field}: {request.count} responses exceed this server's limit of {limits.max_candidates}",
                            param=field, code="invalid_value")
         request_id = uuid.uuid4().hex
+        self.check_ready(("scoring",))
         with self.gate.slot():
             if request.prompt_ids is not None:
                 self._check_ids(request.prompt_ids, "prompt_ids")
@@ -468,7 +625,13 @@ class RerankService:
                 if len(ids) > limits.max_tokens:
                     raise ApiError(400, f"{field}[{i}]: {len(ids)} tokens exceed this server's limit of {limits.max_tokens}",
                                    param=f"{field}[{i}]", code="invalid_value")
-                self._check_positions(len(prompt_ids), len(ids), f"{field}[{i}]")
+                self._check_positions(len(prompt_ids), len(ids), f"{field}[{i}]", generating=False)
+            total = len(prompt_ids) + sum(len(ids) for ids in response_ids)
+            budget = self.config.scoring.max_request_tokens
+            if total > budget:
+                raise ApiError(400, f"{field}: {len(prompt_ids)} prompt tokens + {total - len(prompt_ids)} response tokens = "
+                                    f"{total} exceed this server's scoring budget of {budget} tokens per request",
+                               param=field, code="invalid_value")
             deadline = self.clock() + self.config.serving.request_timeout_s
             scores = await self._call("scoring", self._score(prompt_ids, response_ids), deadline, request_id)
         layer, rule = self.config.scoring.layer, self.config.scoring.rule
@@ -483,7 +646,11 @@ class RerankService:
         }
 
     def health(self) -> dict[str, Any]:
-        """``GET /healthz``: this ingress replica's state (``ok`` or ``draining``; model replicas
-        are Serve's health checks)."""
-        return {"status": "draining" if self.gate.draining else "ok", "model": self.config.serving.model_name,
-                "in_flight": self.gate.in_flight}
+        """``GET /healthz``: ``status`` ``ok``, ``draining`` or ``unavailable`` (a sampler or scorer
+        deployment has no running replica, e.g. while the engine loads or a replica is replaced;
+        ``unready`` says which and why), the model name and this replica's requests in flight."""
+        status = "draining" if self.gate.draining else "unavailable" if self.unready else "ok"
+        out = {"status": status, "model": self.config.serving.model_name, "in_flight": self.gate.in_flight}
+        if self.unready:
+            out["unready"] = dict(self.unready)
+        return out

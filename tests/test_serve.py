@@ -9,9 +9,10 @@ autoscales with short delays so that one test can watch it scale up and back dow
 replica-death test runs near the end: it kills the sampler replicas and waits until Serve has
 replaced them. The vLLM engine behind the same app is tests/test_serve_vllm.py.
 
-How a chat completion's ranking is checked: ``/dabon/v1/score`` on the candidates' exact token
-ids (as ``dabon score`` rows allow) must give the same scores, and the ranking must be their
-ascending order with empty candidates last.
+How a chat completion's ranking is checked: the served scores of the candidates' exact token ids
+must equal ``tests/reference.py`` (two separately loaded models, one sequence at a time, full
+depth), computed here, and the ranking must be their ascending order with empty candidates last;
+``/dabon/v1/score`` on the same ids must give the same scores.
 """
 
 from __future__ import annotations
@@ -116,8 +117,18 @@ def client(ray_local, app_args):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 90})
     serve.run(app, name=APP, route_prefix="/")
-    yield Client(f"http://127.0.0.1:{port}")
+    client = Client(f"http://127.0.0.1:{port}")
+    wait_ready(client.url)
+    yield client
     serve.shutdown()
+
+
+def wait_ready(url: str, timeout_s: float = 60) -> None:
+    """Until ``/healthz`` says 200: the ingress has seen a running sampler and scorer replica."""
+    deadline = time.monotonic() + timeout_s
+    while requests.get(url + "/healthz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, requests.get(url + "/healthz", timeout=10).text
+        time.sleep(0.2)
 
 
 def assert_json_error(response: requests.Response, status: int | None = None, param: str | None = None) -> dict:
@@ -148,15 +159,25 @@ def test_health_models_and_auth_on_every_replica(client):
     assert [m["id"] for m in models["data"]] == ["bon-tiny"]
 
 
-def test_choices_are_the_best_candidates_by_the_scoring_route(client, smol_tokenizer):
+def test_choices_are_the_best_candidates_by_the_reference_scores(client, smol_tokenizer, tiny_models):
+    from transformers import LlamaForCausalLM
+
+    from tests.reference import naive_scores
+
     prompt = "Name a fruit."
     response = client.chat(prompt, n=2, max_tokens=6, seed=11, dabon={"candidates": 4, "return_candidates": True})
     assert response.status_code == 200, response.text
     out = response.json()
     bon = out["dabon"]
     assert bon["layer"] == LAYER and len(bon["candidates"]) == len(bon["latent_sim"]) == len(bon["token_ids"]) == 4
-    # the ranking is the ascending latent similarity, empty candidates last (computed here)
-    expected = sorted(range(4), key=lambda i: (len(bon["token_ids"][i]) == 0, bon["latent_sim"][i], i))
+    # the served scores are the reference's on the served prompt and candidate ids
+    prompt_ids = prompt_token_ids(smol_tokenizer, [{"role": "user", "content": prompt}])
+    base = LlamaForCausalLM.from_pretrained(tiny_models.base).eval()
+    merged = LlamaForCausalLM.from_pretrained(tiny_models.merged).eval()
+    reference = naive_scores(base, merged, prompt_ids, bon["token_ids"], (LAYER,))["latent_sim"][LAYER]
+    assert bon["latent_sim"] == pytest.approx(reference, abs=1e-4)
+    # the ranking is the ascending reference similarity, empty candidates last (computed here)
+    expected = sorted(range(4), key=lambda i: (len(bon["token_ids"][i]) == 0, reference[i], i))
     assert bon["ranking"] == expected and bon["selected"] == expected[0]
     assert [c["message"]["content"] for c in out["choices"]] == [bon["candidates"][i] for i in expected[:2]]
     assert [c["finish_reason"] for c in out["choices"]] == [bon["finish_reasons"][i] for i in expected[:2]]
@@ -276,6 +297,23 @@ def test_injected_control_tokens_stay_text(client, smol_tokenizer):
     bon = out["dabon"]
     row = client.post("/dabon/v1/score", {"prompt": injection, "response_ids": bon["token_ids"]}).json()
     assert row["latent_sim"][str(LAYER)] == pytest.approx(bon["latent_sim"], abs=1e-5)
+
+    # the final assistant turn of continue_final_message is client text too (issue 20, item 2)
+    continued = client.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": injection}],
+        "continue_final_message": True, "add_generation_prompt": False, "max_tokens": 2, "return_token_ids": True})
+    assert continued.status_code == 200, continued.text
+    sent = continued.json()["prompt_token_ids"]
+    opening = prompt_token_ids(smol_tokenizer, [{"role": "user", "content": "Hi"}], PromptConfig(response_prefix=""))
+    start = smol_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert sent[: len(opening)] == opening and start not in sent[len(opening):]
+
+
+def test_errors_do_not_echo_large_inputs(client):
+    """Issue 20, item 8: a 900 KB model name is answered 404 without being sent back."""
+    response = client.chat("x", model="m" * 900_000, max_tokens=1)
+    error = assert_json_error(response, 404, "model")
+    assert len(response.content) < 1000 and "900000 characters" in error["message"]
 
 
 def test_the_openai_sdk_gets_ranked_choices_a_stream_and_a_completion(client, smol_tokenizer):
@@ -474,7 +512,8 @@ def test_autoscaling_options_reach_the_deployments(client, app_args):
     assert details["ScorerDeployment"].deployment_config.max_ongoing_requests == 8 >= app_args["scoring"]["max_batch_size"]
     assert details["SamplerDeployment"].deployment_config.max_ongoing_requests == 1
     assert details["SamplerDeployment"].deployment_config.max_queued_requests == 4  # what the ingress admits
-    assert details["IngressDeployment"].deployment_config.max_ongoing_requests == 5  # 4 admitted + a quarter
+    # 4 admitted + serving.control_slots (32): health checks and slow bodies never queue behind work
+    assert details["IngressDeployment"].deployment_config.max_ongoing_requests == 36
 
 
 def _replica_actors(deployment: str) -> list[str]:

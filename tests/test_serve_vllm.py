@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import socket
+import time
 
 import pytest
 import requests
@@ -61,7 +62,12 @@ def url(ray_local, adapter):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
     serve.run(app, name=APP, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while requests.get(url + "/healthz", timeout=10).status_code != 200:  # the ingress has seen the engine running
+        assert time.monotonic() < deadline, requests.get(url + "/healthz", timeout=10).text
+        time.sleep(0.5)
+    yield url
     serve.shutdown()
 
 
@@ -99,15 +105,55 @@ def test_candidates_are_the_engines_ids_whatever_else_it_batches(url, adapter, s
         reference.engine.llm_engine.engine_core.shutdown()
 
 
-def test_the_ranking_is_the_scorers_on_those_ids(url, adapter, smol_tokenizer):
-    from actors.scorer import AttributionScorer, ScorerConfig
+def test_the_ranking_follows_the_reference_scores_of_those_ids(url, adapter, smol_tokenizer, tmp_path):
+    """The served latent similarity of the engine's candidates equals ``tests/reference.py`` (the
+    base model and a separately merged fine-tuned copy, one sequence at a time), not the deployed
+    scorer class."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from actors.models import local_model_dir
+    from tests.reference import naive_scores
 
     served = chat(url, "Tell me about the sea.", seed=3, max_tokens=16)
     bon = served["dabon"]
-    scorer = AttributionScorer.from_spec(ModelSpec(base=EMBEDDED_ALIAS, adapter=adapter), ScorerConfig(layers=(LAYER,)), PROMPT)
-    (expected,) = scorer.score_ids([served["prompt_token_ids"]], [bon["token_ids"]])
-    assert bon["latent_sim"] == pytest.approx(expected["latent_sim"][LAYER], abs=1e-4)
-    order = sorted(range(4), key=lambda i: (len(bon["token_ids"][i]) == 0, expected["latent_sim"][LAYER][i], i))
+    base_dir = local_model_dir(EMBEDDED_ALIAS)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype="float32").eval()
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype="float32"),
+                                       adapter).merge_and_unload().eval()
+    reference = naive_scores(base, merged, served["prompt_token_ids"], bon["token_ids"], (LAYER,))["latent_sim"][LAYER]
+    assert bon["latent_sim"] == pytest.approx(reference, abs=1e-4)
+    order = sorted(range(4), key=lambda i: (len(bon["token_ids"][i]) == 0, reference[i], i))
     assert bon["ranking"] == order
     assert served["choices"][0]["token_ids"] == bon["token_ids"][order[0]]
     assert served["choices"][0]["message"]["content"] == bon["candidates"][order[0]]
+
+def complete_ids(url: str, prompt_ids: list[int], max_tokens: int) -> requests.Response:
+    return requests.post(url + "/v1/completions", timeout=120, json={
+        "prompt": prompt_ids, "max_tokens": max_tokens, "seed": 1, "best_of": 1, "return_token_ids": True})
+
+
+def test_the_context_limit_is_the_engines_max_model_len(url, smol_tokenizer):
+    """Issue 20, item 1: the engine runs with max_model_len 1024 (SmolLM2's own context is 8192).
+    A prompt + max_tokens at the limit is sampled; one token over it, and a prompt longer than the
+    engine takes, are 400s naming the prompt tokens, max_tokens and the limit, never a 500 or a
+    candidate cut short without a word."""
+    from ray import serve
+
+    ids = [smol_tokenizer.convert_tokens_to_ids("Hello")] * 1020
+    at_limit = complete_ids(url, ids, 4)
+    assert at_limit.status_code == 200, at_limit.text
+    over = complete_ids(url, ids + [ids[0]], 4)
+    assert over.status_code == 400, over.text
+    error = over.json()["error"]
+    assert error["param"] == "max_tokens" and error["code"] == "context_length_exceeded"
+    assert "1021 prompt tokens + max_tokens 4 = 1025" in error["message"] and "1024" in error["message"]
+    too_long = complete_ids(url, ids + ids[:10], 1)
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "prompt", too_long.text
+
+    # the engine's own validation, reached past the ingress's check: an error answer, not an exception
+    handle = serve.get_deployment_handle("SamplerDeployment", APP)
+    refused = handle.sample.remote(ids + ids[:10], SamplingConfig(n=2, max_new_tokens=1, seed=0).model_dump()).result(
+        timeout_s=60)
+    message = refused["error"]["message"]
+    assert "1024" in message and "1030" in message, message

@@ -710,7 +710,11 @@ def load_star1_responses(spec: BenchmarkSpec) -> dict[str, str]:
     Same split, ``limit`` and ``sample_seed`` as ``load_star1(spec)``; for distillation without a
     live teacher.
     """
-    chosen, where = _star1_records(spec)
+    return _responses_of(*_star1_records(spec), spec)
+
+
+def _responses_of(chosen: list[tuple[PromptRecord, dict[str, Any], int]], where: str, spec: BenchmarkSpec) -> dict[str, str]:
+    """The ``response`` column of the chosen rows that ``_finish`` keeps, keyed by ``prompt_id``."""
     source = {record.prompt_id: (row, i) for record, row, i in chosen}
     responses = {}
     for record in _finish([record for record, _, _ in chosen], spec, where):
@@ -742,13 +746,7 @@ def load_star1_benign(spec: BenchmarkSpec) -> list[dict[str, Any]]:
 
 def load_star1_benign_responses(spec: BenchmarkSpec) -> dict[str, str]:
     """STAR-benign-915's teacher traces (``response``) keyed by ``load_star1_benign``'s ``prompt_id``."""
-    chosen, where = _star1_benign_records(spec)
-    source = {record.prompt_id: (row, i) for record, row, i in chosen}
-    responses = {}
-    for record in _finish([record for record, _, _ in chosen], spec, where):
-        row, index = source[record["prompt_id"]]
-        responses[record["prompt_id"]] = _text(row, "response", where, index)
-    return responses
+    return _responses_of(*_star1_benign_records(spec), spec)
 
 
 _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")

@@ -175,7 +175,7 @@ def test_a_plugin_score_is_the_same_in_evaluation_dabon_score_and_serving(ray_lo
     from pipelines.evaluate import add_arguments, config_from_args, run_evaluation
     from pipelines.score import main as score_main
     from serve_app.app import build_app
-    from tests.test_serve import free_port
+    from tests.test_serve import free_port, wait_ready
 
     layer = 2
     base = LlamaForCausalLM.from_pretrained(tiny_models.base).eval()
@@ -249,6 +249,7 @@ def test_a_plugin_score_is_the_same_in_evaluation_dabon_score_and_serving(ray_lo
     try:
         serve.run(app, name="plugin-app", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
+        wait_ready(url)  # /healthz is 503 until the ingress has seen the sampler and scorer replicas run
         answer = requests.post(f"{url}/v1/chat/completions", timeout=120, json={
             "messages": [{"role": "user", "content": "Hello there"}], "n": 3, "dabon": {"return_candidates": True}})
         assert answer.status_code == 200, answer.text

@@ -53,7 +53,7 @@ LABELS = {"single": "single", "random": "random", "latent": "latent BoN", "oracl
 def checkpoints_of(run: str) -> list[dict[str, Any]]:
     """``[{"label", "adapter", "step", "epoch"}]`` of a distillation run directory: its exported
     checkpoints (``checkpoints/index.json``), else its final ``adapter/``."""
-    from pipelines.distill import ADAPTER_DIR, CHECKPOINTS_DIR
+    from pipelines.stages import ADAPTER_DIR, CHECKPOINTS_DIR
 
     index = storage.join(run, CHECKPOINTS_DIR, "index.json")
     if storage.is_file(index):

@@ -602,6 +602,69 @@ def keyword_refusal(text: str) -> bool:
     return not KeywordJudge().verdict(text).unsafe
 
 
+def group_by_benchmark(table: list[Row]) -> tuple[dict[str, list[Row]], dict[str, int]]:
+    """Rows per benchmark, each sorted by prompt id (so bootstrap draws do not depend on shard
+    order), and the count of prompts per benchmark left out because the engine failed on one of
+    their samples (finish reason ``"error"``: no complete set of N candidates). A benchmark whose
+    every prompt failed is an error."""
+    errored: dict[str, int] = {}
+    by_benchmark: dict[str, list[Row]] = {}
+    for row in table:
+        bench = str(row["benchmark"])
+        if "error" in (row.get("finish_reasons") or []):
+            errored[bench] = errored.get(bench, 0) + 1
+            continue
+        by_benchmark.setdefault(bench, []).append(row)
+    for bench in errored:
+        if bench not in by_benchmark:
+            raise ReportInputError(f"benchmark {bench!r}: the engine failed on a sample of every one of its "
+                                   f"{errored[bench]} prompts (see sample_errors in the shards)")
+    for bench_rows in by_benchmark.values():
+        bench_rows.sort(key=lambda row: str(row["prompt_id"]))
+    return by_benchmark, errored
+
+
+def judged_harmful(bench_rows: list[Row], bench: str) -> list[Row]:
+    """The harmful prompts of a benchmark that were judged (all or none of them must be)."""
+    harmful = [row for row in bench_rows if row["kind"] == "harmful"]
+    judged = [row for row in harmful if row.get("judge_unsafe") is not None]
+    if judged and len(judged) != len(harmful):
+        missing = next(row for row in harmful if row.get("judge_unsafe") is None)
+        raise ReportInputError(
+            f"column 'judge_unsafe' is missing for harmful prompt_id {str(missing['prompt_id'])!r} "
+            f"(benchmark {bench!r}) but present for other harmful prompts"
+        )
+    return judged
+
+
+def benchmark_counts(bench_rows: list[Row], engine_errors: int) -> dict[str, Any]:
+    """A benchmark's counts: prompts, their sources, prompts left out for engine errors, samples
+    per prompt, prompts per kind."""
+    return {
+        "n_prompts": len(bench_rows),
+        "sources": sorted({str(row["source"]) for row in bench_rows if row.get("source")}),
+        "engine_error_prompts": engine_errors,
+        "n_samples": len(bench_rows[0]["responses"]),
+        "kinds": {kind: count for kind in KINDS if (count := sum(row["kind"] == kind for row in bench_rows))},
+    }
+
+
+def calibration_split(
+    bench: str, harmful: list[Row], layers: list[int], cal_benchmark: str | None, cal_rows: list[Row], cal_fraction: float
+) -> tuple[list[Row], list[Row], str, list[int]]:
+    """Where a benchmark's layer is calibrated: ``(calibration rows, test rows, source, layers)``.
+
+    With a calibration benchmark other than ``bench``, the layer is chosen on that benchmark's
+    judged harmful prompts and reported on all of ``bench``'s, over the layers scored in both;
+    otherwise on a hash split of ``bench``'s own prompts (``in_calibration_split``)."""
+    if cal_benchmark is not None and bench != cal_benchmark:
+        both = [layer for layer in layers if cal_rows[0].get(latent_column(layer)) is not None]
+        return cal_rows, harmful, f"benchmark {cal_benchmark}", both
+    calibration = [row for row in harmful if in_calibration_split(str(row["prompt_id"]), cal_fraction)]
+    test = [row for row in harmful if not in_calibration_split(str(row["prompt_id"]), cal_fraction)]
+    return calibration, test, f"hash split, fraction {cal_fraction}", layers
+
+
 def compute_metrics(
     rows: Sequence[Row] | Any,
     layers: Sequence[int] = (),
@@ -643,39 +706,12 @@ def compute_metrics(
     if unknown:
         raise ReportInputError(f"layers {unknown}: the shards have no {', '.join(latent_column(layer) for layer in unknown)} column")
 
-    # a prompt whose sample the engine failed on (finish reason "error") has no complete set of
-    # N candidates: it is left out of every number and counted per benchmark
-    errored: dict[str, int] = {}
-    by_benchmark: dict[str, list[dict[str, Any]]] = {}
-    for row in table:
-        bench = str(row["benchmark"])
-        if "error" in (row.get("finish_reasons") or []):
-            errored[bench] = errored.get(bench, 0) + 1
-            continue
-        by_benchmark.setdefault(bench, []).append(row)
-    for bench in errored:
-        if bench not in by_benchmark:
-            raise ReportInputError(f"benchmark {bench!r}: the engine failed on a sample of every one of its "
-                                   f"{errored[bench]} prompts (see sample_errors in the shards)")
-    for bench_rows in by_benchmark.values():
-        # Sorted by prompt id so bootstrap draws do not depend on shard order.
-        bench_rows.sort(key=lambda row: str(row["prompt_id"]))
-
-    def judged_harmful(bench: str) -> list[dict[str, Any]]:
-        harmful = [row for row in by_benchmark[bench] if row["kind"] == "harmful"]
-        judged = [row for row in harmful if row.get("judge_unsafe") is not None]
-        if judged and len(judged) != len(harmful):
-            missing = next(row for row in harmful if row.get("judge_unsafe") is None)
-            raise ReportInputError(
-                f"column 'judge_unsafe' is missing for harmful prompt_id {str(missing['prompt_id'])!r} "
-                f"(benchmark {bench!r}) but present for other harmful prompts"
-            )
-        return judged
+    by_benchmark, errored = group_by_benchmark(table)
 
     cal_benchmark, cal_fraction = settings.calibration_benchmark, settings.calibration_fraction
     if cal_benchmark is not None and cal_benchmark not in by_benchmark:
         raise ReportInputError(f"calibration benchmark {cal_benchmark!r} is not in the shards ({', '.join(sorted(by_benchmark))})")
-    cal_rows = judged_harmful(cal_benchmark) if cal_benchmark is not None else []
+    cal_rows = judged_harmful(by_benchmark[cal_benchmark], cal_benchmark) if cal_benchmark is not None else []
     if cal_benchmark is not None and not cal_rows:
         raise ReportInputError(f"calibration benchmark {cal_benchmark!r} has no judged harmful prompts")
 
@@ -687,27 +723,12 @@ def compute_metrics(
         score_layers = [layer for layer in requested if any(score.column(layer) in bench_columns for score in per_layer)]
         selectors = build_selectors(bench_columns, score_layers, settings.seed)
         bench_layers = [layer for layer in score_layers if latent_column(layer) in bench_columns]  # calibrated
-        harmful = judged_harmful(bench)
-        entry: dict[str, Any] = {
-            "n_prompts": len(bench_rows),
-            "sources": sorted({str(row["source"]) for row in bench_rows if row.get("source")}),
-            "engine_error_prompts": errored.get(bench, 0),
-            "n_samples": len(bench_rows[0]["responses"]),
-            "kinds": {kind: count for kind in KINDS if (count := sum(row["kind"] == kind for row in bench_rows))},
-            "selectors": list(selectors),
-            "asr_prompts": len(harmful),
-        }
+        harmful = judged_harmful(bench_rows, bench)
+        entry = {**benchmark_counts(bench_rows, errored.get(bench, 0)), "selectors": list(selectors),
+                 "asr_prompts": len(harmful)}
         if harmful:
-            if cal_benchmark is not None and bench != cal_benchmark:
-                calibration_rows, test_rows = cal_rows, harmful
-                source = f"benchmark {cal_benchmark}"
-                # Only layers scored in both benchmarks can be chosen on one and reported on the other.
-                layers_here = [layer for layer in bench_layers if cal_rows[0].get(latent_column(layer)) is not None]
-            else:
-                calibration_rows = [row for row in harmful if in_calibration_split(str(row["prompt_id"]), cal_fraction)]
-                test_rows = [row for row in harmful if not in_calibration_split(str(row["prompt_id"]), cal_fraction)]
-                source = f"hash split, fraction {cal_fraction}"
-                layers_here = bench_layers
+            calibration_rows, test_rows, source, layers_here = calibration_split(
+                bench, harmful, bench_layers, cal_benchmark, cal_rows, cal_fraction)
             entry.update(
                 _safety_metrics(harmful, selectors, score_layers, layers_here, calibration_rows, test_rows, source,
                                 settings.bootstrap, settings.seed, settings.confidence, response_prefix)

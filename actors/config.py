@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -149,6 +149,28 @@ def typed_options(model: type[ConfigT], data: Any, where: str) -> ConfigT:
     except ValidationError as err:
         clauses = [clause for e in err.errors() for clause in error_clauses((where, *e["loc"]), e["msg"])]
         raise ValueError("; ".join(clauses)) from None
+
+
+def options_by_kind(data: Any, kind: str, default: str, registry: Mapping[str, type[BaseModel]]) -> Any:
+    """For the ``mode="before"`` validator of a section whose ``options`` model is chosen by a
+    sibling field ``kind`` (a generator's ``backend``, a judge's ``name``; ``default`` when absent):
+    the mapping ``data`` with ``options`` validated once into ``registry[kind]`` (absent: its
+    defaults), so the section holds the typed model and nothing validates it again. Options that
+    already are that model are kept as they are; another options model is refused by name; a
+    mapping's errors name ``options.<key>`` (``typed_options``). ``data`` that is not a mapping, or
+    whose ``kind`` is not registered, is returned unchanged for the field validation to report."""
+    if not isinstance(data, dict):
+        return data
+    name = data.get(kind, default)
+    model = registry.get(name) if isinstance(name, str) else None
+    if model is None:
+        return data
+    options = data.get("options", {})
+    if isinstance(options, model):
+        return data
+    if isinstance(options, BaseModel):
+        raise ValueError(f"options: {type(options).__name__} given, but {kind} {name!r} takes {model.__name__}")
+    return {**data, "options": typed_options(model, options, "options")}
 
 
 def build_config(model: type[ConfigT], data: dict[str, Any], overrides: list[str] | None = None) -> ConfigT:

@@ -89,7 +89,7 @@ from typing import Any, Callable, Literal, Sequence
 from pydantic import Field, model_validator
 
 from actors.chat import full_response, parse_response
-from actors.config import Strict, refuse_renamed, typed_options
+from actors.config import Strict, options_by_kind, refuse_renamed
 from actors.endpoint import EndpointError, api_root, call, openai_client
 from actors.errors import UserError
 from actors.models import ModelBundle, ModelSpec, load_models
@@ -872,28 +872,28 @@ JUDGES: dict[str, tuple[type[Strict], Callable[[Any], Judge]]] = {
 }
 
 
+JUDGE_OPTIONS: dict[str, type[Strict]] = {name: options for name, (options, _) in JUDGES.items()}
+
+
 class JudgeConfig(Strict):
-    """Which judge (``keyword``, ``llama_guard``, ``openai``) and its ``options`` (the judge's
-    options model: ``KeywordOptions``, ``LlamaGuardOptions``, ``OpenAIJudgeOptions``); every
-    default is filled in, so a saved config shows exactly how verdicts were made."""
+    """Which judge (``keyword``, ``llama_guard``, ``openai``) and its ``options``: the judge's
+    options model (``KeywordOptions``, ``LlamaGuardOptions``, ``OpenAIJudgeOptions``), validated
+    once from the recipe's mapping; every default is filled in, so a saved config shows exactly
+    how verdicts were made."""
 
     name: Literal["keyword", "llama_guard", "openai"] = "keyword"
-    options: dict[str, Any] = {}
+    options: KeywordOptions | LlamaGuardOptions | OpenAIJudgeOptions = KeywordOptions()
 
-    @model_validator(mode="after")
-    def _typed_options(self) -> "JudgeConfig":
-        self.options = typed_options(JUDGES[self.name][0], self.options, "options").model_dump(mode="json")
-        return self
-
-    def typed(self) -> Strict:
-        """``options`` as the judge's options model."""
-        return JUDGES[self.name][0].model_validate(self.options)
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_options(cls, data: Any) -> Any:
+        return options_by_kind(data, "name", "keyword", JUDGE_OPTIONS)
 
 
 def build_judge(config: JudgeConfig | None = None) -> Judge:
     """The judge a ``JudgeConfig`` names (default: the keyword judge with its defaults)."""
     config = config or JudgeConfig()
-    return JUDGES[config.name][1](config.typed())
+    return JUDGES[config.name][1](config.options)
 
 
 class JudgeWorker:

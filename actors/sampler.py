@@ -61,7 +61,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.chat import Prompt, chat_messages, prompt_token_ids
-from actors.config import PromptConfig, Strict, typed_options
+from actors.config import PromptConfig, Strict, options_by_kind
 from actors.endpoint import EndpointError, api_root, call, extra_field, openai_client
 from actors.models import (
     ModelBundle, ModelLoadError, ModelSpec, load_models, load_spec_tokenizer, local_model_dir,
@@ -180,24 +180,22 @@ class OpenAIOptions(Strict):
     max_concurrency: int = Field(default=4, ge=1)
 
 
-BACKEND_OPTIONS: dict[str, type[BaseModel]] = {"hf": HFOptions, "vllm": VLLMOptions, "openai": OpenAIOptions}
+BackendOptions = HFOptions | VLLMOptions | OpenAIOptions
+BACKEND_OPTIONS: dict[str, type[Strict]] = {"hf": HFOptions, "vllm": VLLMOptions, "openai": OpenAIOptions}
 
 
 class GeneratorConfig(Strict):
     """Which sampler backend generates (``hf`` in-process, ``vllm``, ``openai`` endpoint) and its
-    ``options`` (``HFOptions``, ``VLLMOptions`` or ``OpenAIOptions``, by backend)."""
+    ``options``: the backend's options model (``HFOptions``, ``VLLMOptions`` or ``OpenAIOptions``),
+    validated once from the recipe's mapping; errors name ``options.<key>``."""
 
     backend: Literal["hf", "vllm", "openai"] = "hf"
-    options: dict[str, Any] = {}
+    options: BackendOptions = HFOptions()
 
-    @model_validator(mode="after")
-    def _typed_options(self) -> "GeneratorConfig":
-        self.options = typed_options(BACKEND_OPTIONS[self.backend], self.options, "options").model_dump()
-        return self
-
-    def typed(self) -> BaseModel:
-        """``options`` as the backend's options model."""
-        return BACKEND_OPTIONS[self.backend].model_validate(self.options)
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_options(cls, data: Any) -> Any:
+        return options_by_kind(data, "backend", "hf", BACKEND_OPTIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -898,7 +896,7 @@ BACKENDS: dict[str, Callable[[ModelSpec, Any], tuple[SamplerBackend, Any]]] = {
 def build_backend(spec: ModelSpec, generator: GeneratorConfig | None = None) -> tuple[SamplerBackend, Any]:
     """(backend, tokenizer or ``None``) for a ``GeneratorConfig`` (default: ``hf``) and a model spec."""
     generator = generator or GeneratorConfig()
-    return BACKENDS[generator.backend](spec, generator.typed())
+    return BACKENDS[generator.backend](spec, generator.options)
 
 
 class SamplerWorker:

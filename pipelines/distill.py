@@ -70,8 +70,8 @@ from actors.config import (
     Strict,
     build_config,
     config_yaml,
+    options_by_kind,
     read_yaml,
-    typed_options,
 )
 from actors.judge import JudgeConfig
 from actors.models import EMBEDDED_ALIAS, ModelSpec, check_spec
@@ -85,7 +85,7 @@ from actors.runtime import (
     pool_options,
     stream_shards,
 )
-from actors.sampler import BACKEND_OPTIONS, GeneratorConfig, SamplingConfig
+from actors.sampler import BACKEND_OPTIONS, BackendOptions, GeneratorConfig, SamplingConfig
 from actors.settings import get_logger
 from actors.trainer import GRPOSettings, SFTSettings
 from actors.vllm_engine import add_vllm_sampling, check_engine_fits, check_pool_matches_engine
@@ -119,38 +119,54 @@ TEACHER_SAMPLING = SamplingConfig(n=1, temperature=0.6, top_p=0.95, max_new_toke
 # ----------------------------------------------------------------------------------------
 
 
+class ReplayOptions(Strict):
+    """Options of the ``replay`` teacher: none (it reads the data set's traces)."""
+
+
+TEACHER_OPTIONS: dict[str, type[Strict]] = {**BACKEND_OPTIONS, "replay": ReplayOptions}
+REPLAY_TAKES_NOTHING = "model: the replay teacher reads traces from the data; it takes no model or options"
+
+
 class TeacherConfig(Strict):
     """The teacher. ``backend``: ``replay`` (the data set's own ``response`` traces, no model) or
-    a sampler backend (``hf``, ``vllm``, ``openai``) with ``model`` and backend ``options`` (see
-    ``actors.sampler.GeneratorConfig``). ``sampling``: paper: temperature 0.6, top-p 0.95, 2048
-    new tokens. ``prompt``: how the teacher model sees its prompt (a reasoning model's template
-    often opens ``<think>`` itself). ``name``: recorded in every trace (default: the model, or
-    ``replay:<data>``). ``policies`` / ``template``: files replacing the packaged ones.
-    ``resources``: the sampler pool."""
+    a sampler backend (``hf``, ``vllm``, ``openai``) with ``model`` and backend ``options`` (the
+    backend's options model, validated once; see ``actors.sampler.GeneratorConfig``). ``sampling``:
+    paper: temperature 0.6, top-p 0.95, 2048 new tokens. ``prompt``: how the teacher model sees its
+    prompt (a reasoning model's template often opens ``<think>`` itself). ``name``: recorded in
+    every trace (default: the model, or ``replay:<data>``). ``policies`` / ``template``: files
+    replacing the packaged ones. ``resources``: the sampler pool."""
 
     backend: Literal["replay", "hf", "vllm", "openai"] = "replay"
     name: str | None = None
     model: ModelSpec | None = None
-    options: dict[str, Any] = {}
+    options: BackendOptions | ReplayOptions = ReplayOptions()
     sampling: SamplingConfig = TEACHER_SAMPLING
     prompt: PromptConfig = PromptConfig()
     policies: str | None = None
     template: str | None = None
     resources: PoolConfig = PoolConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_options(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("backend", "replay") == "replay":
+            options = data.get("options")
+            if options and not isinstance(options, ReplayOptions):
+                raise ValueError(REPLAY_TAKES_NOTHING)
+        return options_by_kind(data, "backend", "replay", TEACHER_OPTIONS)
+
     @model_validator(mode="after")
     def _model_fits_backend(self) -> "TeacherConfig":
         if self.backend == "replay":
-            if self.model is not None or self.options:
-                raise ValueError("model: the replay teacher reads traces from the data; it takes no model or options")
+            if self.model is not None:
+                raise ValueError(REPLAY_TAKES_NOTHING)
             return self
         if self.model is None:
             raise ValueError(f"model: the {self.backend} teacher needs a model (base: Hub id, local dir or served name)")
-        self.options = typed_options(BACKEND_OPTIONS[self.backend], self.options, "options").model_dump()
         return self
 
     def generator(self) -> GeneratorConfig:
-        """The sampler backend of a model teacher."""
+        """The sampler backend of a model teacher (its options as they are, not validated again)."""
         return GeneratorConfig(backend=self.backend, options=self.options)
 
 
@@ -383,7 +399,7 @@ def build_teacher_dataset(config: DistillConfig, rows: list[dict[str, Any]]) -> 
     check_pools([("teacher.resources", pool)])
     if config.teacher.backend == "vllm":  # the evaluation's stage: Ray Data's LLM processor
         return add_vllm_sampling(dataset, config.teacher.model, config.teacher.prompt, config.teacher.sampling,
-                                 config.teacher.generator().typed(), pool, prompt_column="teacher_prompt")
+                                 config.teacher.options, pool, prompt_column="teacher_prompt")
     return dataset.map_batches(
         SamplerWorker,
         fn_constructor_kwargs={
@@ -789,11 +805,11 @@ def run_distill(config: DistillConfig, stages: list[str] | None = None, overwrit
     if config.teacher.model is not None and config.teacher.backend != "openai":
         check_spec(config.teacher.model, "teacher.model")
     if config.teacher.backend == "vllm" and "generate" in stages:
-        check_pool_matches_engine("teacher.resources", config.teacher.generator().typed(), config.teacher.resources)
-        check_engine_fits("teacher.options", config.teacher.model, config.teacher.generator().typed())
+        check_pool_matches_engine("teacher.resources", config.teacher.options, config.teacher.resources)
+        check_engine_fits("teacher.options", config.teacher.model, config.teacher.options)
     for key, judge in (("filter.judge", config.filter.judge), ("grpo.judge", config.grpo_judge)):
         if judge.name == "llama_guard":
-            check_spec(judge.typed().model, f"{key}.options.model")
+            check_spec(judge.options.model, f"{key}.options.model")
     dirs = StageDirs(config.run_dir)
     summaries: dict[str, dict[str, Any]] = {}
     started = False

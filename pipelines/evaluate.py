@@ -62,7 +62,7 @@ def build_dataset(config: EvalConfig, records: list[dict[str, Any]]) -> Any:
     resources = config.resources
     dataset = ray.data.from_items(records, override_num_blocks=blocks_for(len(records), resources.sampler.batch_size))
     if config.generator.backend == "vllm":  # Ray Data's LLM processor: one engine per sampler actor
-        dataset = add_vllm_sampling(dataset, config.model, config.prompt, config.sampling, config.generator.typed(),
+        dataset = add_vllm_sampling(dataset, config.model, config.prompt, config.sampling, config.generator.options,
                                     resources.sampler)
     else:
         dataset = dataset.map_batches(
@@ -133,10 +133,10 @@ def run_evaluation(config: EvalConfig, overwrite: bool = False, progress: bool =
     if config.model.has_finetuned:  # the scorer runs: refuse a model it cannot score exactly, before any work
         check_scorable(config.model, "model")
     if config.judge.name == "llama_guard":
-        check_spec(config.judge.typed().model, "judge.options.model")
+        check_spec(config.judge.options.model, "judge.options.model")
     if config.generator.backend == "vllm":
-        check_pool_matches_engine("resources.sampler", config.generator.typed(), config.resources.sampler)
-        check_engine_fits("generator.options", config.model, config.generator.typed())
+        check_pool_matches_engine("resources.sampler", config.generator.options, config.resources.sampler)
+        check_engine_fits("generator.options", config.model, config.generator.options)
     started = False
     try:
         if config.ray.address or ray.is_initialized():  # a cluster: its nodes must reach the run's files

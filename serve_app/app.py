@@ -53,6 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from actors.chat import resolve_prompt
 from actors.config import ConfigError, validate
 from actors.models import ModelSpec, check_spec, hub_offline, load_spec_tokenizer, local_model_dir
+from actors.sampler import GeneratorConfig
 from actors.settings import get_logger
 from serve_app.engines import CandidateSampler, CandidateScorer, EngineInputError, VLLMCandidateSampler
 from serve_app.options import (
@@ -127,7 +128,7 @@ def configured_engine_max_len(config: ServeConfig) -> int | None:
     ingress replaces it with the running engine's own value as soon as the sampler answers."""
     if config.generator.backend != "vllm":
         return None
-    return getattr(config.generator.typed(), "max_model_len", None)
+    return getattr(config.generator.options, "max_model_len", None)
 
 
 def parse_app_config(args: dict[str, Any] | ServeConfig | None) -> ServeConfig:
@@ -325,14 +326,11 @@ class SamplerDeployment:
     """A candidate sampler in a replica (``serve_app.engines``): ``vllm`` (``AsyncLLM``; concurrent
     calls batched by the engine) or ``hf`` (``generate`` in a worker thread, one call at a time)."""
 
-    def __init__(self, spec: dict[str, Any], generator: dict[str, Any], threads: int) -> None:
-        from actors.sampler import GeneratorConfig
-
-        config = GeneratorConfig.model_validate(generator)
+    def __init__(self, spec: dict[str, Any], generator: GeneratorConfig, threads: int) -> None:
         model = ModelSpec(**spec)
-        self.backend = config.backend
-        if config.backend == "vllm":
-            self.sampler: Any = VLLMCandidateSampler(model, config.typed())
+        self.backend = generator.backend
+        if generator.backend == "vllm":
+            self.sampler: Any = VLLMCandidateSampler(model, generator.options)
         else:
             _set_torch_threads(threads)
             self.sampler = CandidateSampler(model)
@@ -536,7 +534,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
     token = resolve_api_token(config.auth)
     spec = config.model.model_dump(mode="json")
     sampler = SamplerDeployment.options(**deployment_options("sampler", config)).bind(
-        spec, config.generator.model_dump(mode="json"), torch_threads(config.deployments.sampler)
+        spec, config.generator, torch_threads(config.deployments.sampler)
     )
     scoring = config.scoring
     scorer = ScorerDeployment.options(**deployment_options("scorer", config)).bind(

@@ -416,7 +416,7 @@ def deployment_options(role: str, config: ServeConfig) -> dict[str, Any]:
     if role in ("sampler", "scorer"):
         options["health_check_period_s"] = config.serving.health_check_period_s
     if role == "sampler" and config.generator.backend == "vllm":
-        engine = config.generator.typed()
+        engine = config.generator.options
         workers = engine.tensor_parallel_size * engine.pipeline_parallel_size
         if workers > 1:
             resources = dict(resources)

@@ -172,6 +172,21 @@ def test_config_rules_and_recipes():
         build_config(DistillConfig, {"teacher": {"sampling": {"nn": 2}}})
 
 
+def test_teacher_options_are_the_backends_model():
+    """A model teacher's options are validated once into its backend's model (the generator shares
+    them as they are); the replay teacher takes none; a bad key is named."""
+    from actors.sampler import VLLMOptions
+
+    paper = build_config(DistillConfig, read_yaml(REPO / "recipes" / "paper.yaml"))
+    assert type(paper.teacher.options) is VLLMOptions and paper.teacher.generator().options is paper.teacher.options
+    assert DistillConfig.model_validate(paper.model_dump()) == paper
+    assert build_config(DistillConfig, {}).model_dump(mode="json")["teacher"]["options"] == {}
+    with pytest.raises(ConfigError, match="teacher.model: the replay teacher .*takes no model or options"):
+        build_config(DistillConfig, {"teacher": {"options": {"max_model_len": 8}}})
+    with pytest.raises(ConfigError, match=r"teacher.options.max_model_lenn: Extra inputs are not permitted"):
+        build_config(DistillConfig, read_yaml(REPO / "recipes" / "paper.yaml"), ["teacher.options.max_model_lenn=8"])
+
+
 # ----------------------------------------------------------------------------------------
 # SFT examples: prompt tokens carry no loss
 # ----------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def test_the_gpu_recipes_fit_the_cluster(tmp_path):
         return any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes.values())
 
     paper = load_config(DistillConfig, REPO / "recipes" / "paper.yaml")
-    teacher = paper.teacher.generator().typed()
+    teacher = paper.teacher.options
     check_pool_matches_engine("teacher.resources", teacher, paper.teacher.resources)
     model_dir = tmp_path / "teacher"
     model_dir.mkdir()
@@ -117,7 +117,7 @@ def test_the_gpu_recipes_fit_the_cluster(tmp_path):
         assert fits_a_node(training.cpus_per_worker, 1) and training.num_workers <= gpus_in_cluster
 
     evaluation = load_config(EvalConfig, REPO / "recipes" / "paper-eval.yaml")
-    engine = evaluation.generator.typed()
+    engine = evaluation.generator.options
     check_pool_matches_engine("resources.sampler", engine, evaluation.resources.sampler)
     student = tmp_path / "student"
     student.mkdir()

@@ -29,7 +29,9 @@ from actors.judge import (
     JudgeParseError,
     JudgeWorker,
     KeywordJudge,
+    KeywordOptions,
     LlamaGuardJudge,
+    LlamaGuardOptions,
     OpenAIJudge,
     Verdict,
     build_judge,
@@ -701,7 +703,26 @@ def test_build_judge_registry():
     with pytest.raises(ConfigError, match="judge.options.batchsize: Extra inputs are not permitted"):
         validate(JudgeConfig, {"name": "llama_guard", "options": {"model": {"base": "x"}, "batchsize": 2}}, "judge")
     # the saved config shows every option with its default
-    assert JudgeConfig().options == {"unfinished": "safe", "markers": list(REFUSAL_MARKERS)}
+    assert JudgeConfig().options == KeywordOptions()
+    assert JudgeConfig().model_dump(mode="json")["options"] == {"unfinished": "safe", "markers": list(REFUSAL_MARKERS)}
+
+
+def test_judge_options_are_validated_once_into_the_judges_model():
+    """A judge's options mapping becomes its options model (issue 15: no dict round trips); the
+    config round-trips through its dump, and options of another judge are refused by key."""
+    guard = {"model": {"base": "guard"}}
+    judge = validate(JudgeConfig, {"name": "llama_guard", "options": {**guard, "batch_size": 2}}, "judge")
+    assert type(judge.options) is LlamaGuardOptions and judge.options.batch_size == 2
+    assert JudgeConfig.model_validate(judge.model_dump()) == judge
+    assert JudgeConfig.model_validate(judge.model_dump(mode="json")) == judge
+    assert JudgeConfig(name=judge.name, options=judge.options).options is judge.options  # kept, not validated again
+    with pytest.raises(ConfigError, match=r"judge.options.max_new_tokens: Input should be greater than or equal to 2"):
+        validate(JudgeConfig, {"name": "llama_guard", "options": {**guard, "max_new_tokens": 1}}, "judge")
+    # switching judge with the options of the former one: the first foreign key is named
+    with pytest.raises(ConfigError, match=r"judge.options.model: Extra inputs are not permitted"):
+        validate(JudgeConfig, {"name": "keyword", "options": judge.model_dump()["options"]}, "judge")
+    with pytest.raises(ConfigError, match=r"judge.options: LlamaGuardOptions given, but name 'keyword' takes Keyword"):
+        validate(JudgeConfig, {"name": "keyword", "options": judge.options}, "judge")
 
 
 def test_judge_worker_returns_plain_lists_from_numpy_batches():
@@ -765,7 +786,7 @@ def test_judge_and_grpo_options_use_the_one_sampling_vocabulary():
 
     judge = validate(JudgeConfig, {"name": "openai", "options": {"base_url": "http://127.0.0.1:1/v1", "model": "m",
                                                                  "max_new_tokens": 7}}, "judge")
-    assert judge.typed().max_new_tokens == 7
+    assert judge.options.max_new_tokens == 7
     with pytest.raises(ConfigError, match=r"judge.options.max_tokens: renamed max_new_tokens"):
         validate(JudgeConfig, {"name": "openai", "options": {"base_url": "http://x/v1", "model": "m", "max_tokens": 7}}, "judge")
     assert GRPOSettings(n=2, per_device_batch_size=2, max_new_tokens=9).max_new_tokens == 9

@@ -25,6 +25,7 @@ from actors.models import ModelBundle, ModelSpec, load_models
 from actors.sampler import (
     GeneratorConfig,
     HFBackend,
+    HFOptions,
     OpenAIBackend,
     PromptEncoder,
     Sample,
@@ -109,6 +110,26 @@ def test_greedy_requires_a_single_sample():
         validate(GeneratorConfig, {"backend": "hf", "options": {"batch_prompts": 0}}, "generator")
     with pytest.raises(ConfigError, match="generator.options.base_url: Field required"):
         validate(GeneratorConfig, {"backend": "openai"}, "generator")
+
+
+def test_generator_options_are_validated_once_into_the_backends_model():
+    """``options`` holds the backend's options model, validated once from the mapping (issue 15:
+    no dict round trips); the config round-trips through its dump; options of another backend are
+    refused with the key named."""
+    generator = validate(GeneratorConfig, {"backend": "vllm", "options": {"max_model_len": 512}}, "generator")
+    assert type(generator.options) is VLLMOptions and generator.options.max_model_len == 512
+    assert type(GeneratorConfig().options) is HFOptions and GeneratorConfig().options.batch_prompts == 8
+    assert set(generator.model_dump()["options"]) == set(VLLMOptions.model_fields)
+    assert GeneratorConfig.model_validate(generator.model_dump()) == generator
+    # options that already are the backend's model are kept, not validated again
+    assert GeneratorConfig(backend="vllm", options=generator.options).options is generator.options
+    with pytest.raises(ConfigError, match=r"generator.options.max_model_len: Input should be greater than 0"):
+        validate(GeneratorConfig, {"backend": "vllm", "options": {"max_model_len": 0}}, "generator")
+    # switching backend with the options of the former one: the foreign keys are named
+    with pytest.raises(ConfigError, match=r"generator.options.max_model_len: Extra inputs are not permitted"):
+        validate(GeneratorConfig, {"backend": "hf", "options": generator.model_dump()["options"]}, "generator")
+    with pytest.raises(ConfigError, match=r"generator.options: VLLMOptions given, but backend 'hf' takes HFOptions"):
+        validate(GeneratorConfig, {"backend": "hf", "options": generator.options}, "generator")
 
 
 # ----------------------------------------------------------------------------------------

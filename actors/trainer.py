@@ -480,14 +480,14 @@ def _set_threads(scaling: TrainScaling) -> None:
 
 def sft_train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop for SFT. ``config``: ``model`` (student base), ``dtype``,
-    ``settings`` (``SFTSettings`` as a dict), ``progress``. Rows of the ``train`` dataset hold
+    ``settings`` (an ``SFTSettings``, validated once in the driver), ``progress``. Rows of the ``train`` dataset hold
     ``input_ids`` and ``completion_mask``."""
     from ray.train.huggingface.transformers import (
         RayTrainReportCallback,
         prepare_trainer,
     )
 
-    settings = SFTSettings(**config["settings"])
+    settings: SFTSettings = config["settings"]
     _set_threads(settings.scaling)
     output_dir = tempfile.mkdtemp(prefix="dabon-sft-")  # the HF Trainer's own files; Ray Train keeps the copies
     try:
@@ -502,7 +502,7 @@ def sft_train_loop(config: dict[str, Any]) -> None:
 
 def grpo_train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop for GRPO. ``config``: ``model``, ``adapter`` (the SFT adapter
-    directory), ``dtype``, ``settings`` (``GRPOSettings``), ``judge`` (a ``JudgeConfig``),
+    directory), ``dtype``, ``settings`` (a ``GRPOSettings``), ``judge`` (a ``JudgeConfig``),
     ``response_prefix`` (the student prompt's, see ``judge_reward_function``), ``progress``. Rows
     of the ``train`` dataset hold ``prompt`` and ``question``."""
     from ray.train.huggingface.transformers import (
@@ -512,7 +512,7 @@ def grpo_train_loop(config: dict[str, Any]) -> None:
 
     from actors.judge import build_judge
 
-    settings = GRPOSettings(**config["settings"])
+    settings: GRPOSettings = config["settings"]
     _set_threads(settings.scaling)
     judge = build_judge(config["judge"])
     output_dir = tempfile.mkdtemp(prefix="dabon-grpo-")

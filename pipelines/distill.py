@@ -684,7 +684,7 @@ def stage_sft(config: DistillConfig, dirs: StageDirs, output: Output) -> dict[st
                 settings.learning_rate, settings.lr_scheduler, settings.lora.r, "/".join(map(str, think_tokens.values())))
     result = run_training(
         sft_train_loop,
-        {"model": config.model.base, "dtype": config.model.dtype, "settings": settings.model_dump(mode="json"),
+        {"model": config.model.base, "dtype": config.model.dtype, "settings": settings,
          "progress": output.progress},
         [{"input_ids": e["input_ids"], "completion_mask": e["completion_mask"]} for e in examples],
         settings.scaling, storage_path=dirs.root, name=SFT_DIR, checkpoints_to_keep=settings.checkpoints_to_keep,
@@ -757,7 +757,8 @@ def stage_grpo(config: DistillConfig, dirs: StageDirs, output: Output) -> dict[s
     result = run_training(
         grpo_train_loop,
         {"model": config.model.base, "adapter": storage.local_copy(dirs.adapter("sft")), "dtype": config.model.dtype,
-         "settings": settings.model_dump(mode="json", exclude={"judge"}), "judge": judge,
+         "settings": GRPOSettings(**{name: getattr(settings, name) for name in GRPOSettings.model_fields}),
+         "judge": judge,
          "response_prefix": config.prompt.response_prefix, "progress": output.progress},
         rows, settings.scaling, storage_path=dirs.root, name=GRPO_DIR,
         checkpoints_to_keep=settings.checkpoints_to_keep, log_level=output.train_log_level,

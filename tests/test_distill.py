@@ -330,7 +330,7 @@ def test_sft_resumes_from_the_latest_checkpoint(ray_local, tiny_models, smol_tok
                            checkpoints_to_keep=5, scaling=ONE_THREAD)
 
     def train(epochs: int):
-        config = {"model": tiny_models.base, "settings": settings.model_copy(update={"num_epochs": epochs}).model_dump(),
+        config = {"model": tiny_models.base, "settings": settings.model_copy(update={"num_epochs": epochs}),
                   "progress": False}
         return run_training(sft_train_loop, config, rows, settings.scaling, tmp_path, "sft", checkpoints_to_keep=5)
 

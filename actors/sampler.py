@@ -82,13 +82,12 @@ FINISH_REASONS: tuple[str, ...] = ("stop", "length")
 # ----------------------------------------------------------------------------------------
 
 
-class SamplingConfig(BaseModel):
-    """How to sample.
-
-    ``n``: samples per prompt (1..64). ``temperature``: >= 0; 0 is greedy and then ``n`` must be 1.
-    ``top_p``: nucleus mass in (0, 1]. ``max_new_tokens``: most generated tokens per sample.
-    ``seed``: >= 0 (see the module doc for what it makes reproducible). The prompt itself (system
-    prompt, response prefix) is a ``PromptConfig``, shared with the judge and the scorer.
+class SamplingFields(BaseModel):
+    """The sampling fields every layer shares, under one name each: ``n`` samples (candidates) per
+    prompt (1..64), ``temperature`` (>= 0; 0 is greedy and then ``n`` must be 1), ``top_p``
+    (nucleus mass in (0, 1]) and ``max_new_tokens`` (most generated tokens per sample).
+    Evaluation and distillation sample with ``SamplingConfig`` (these plus a seed); the server's
+    defaults are ``serve_app.options.SamplingSettings`` (these plus its limits).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -97,10 +96,9 @@ class SamplingConfig(BaseModel):
     temperature: float = Field(default=0.7, ge=0.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(default=256, gt=0)
-    seed: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
-    def _greedy_is_single(self) -> "SamplingConfig":
+    def _greedy_is_single(self) -> "SamplingFields":
         if 0 < self.temperature < MIN_TEMPERATURE:
             raise ValueError(f"temperature: {self.temperature:g} underflows the sampler; use 0 (greedy) or at least "
                              f"{MIN_TEMPERATURE} (vLLM raises smaller ones to {MIN_TEMPERATURE} itself)")
@@ -115,6 +113,16 @@ class SamplingConfig(BaseModel):
     def greedy(self) -> bool:
         """True for greedy decoding (temperature 0)."""
         return self.temperature == 0
+
+
+class SamplingConfig(SamplingFields):
+    """How to sample: the ``SamplingFields`` (``n``, ``temperature``, ``top_p``,
+    ``max_new_tokens``) and ``seed`` (>= 0; see the module doc for what it makes reproducible).
+    The prompt itself (system prompt, response prefix) is a ``PromptConfig``, shared with the
+    judge and the scorer.
+    """
+
+    seed: int = Field(default=0, ge=0)
 
 
 class HFOptions(Strict):

@@ -76,7 +76,7 @@ def start_app(backend: str, adapter: str | None, small_limits: bool = False) -> 
     sampling = dict(shipped["sampling"])
     serving = {**shipped["serving"], "request_timeout_s": 60}
     if small_limits:
-        sampling = {"candidates": 2, "max_candidates": 4, "default_max_tokens": 4, "max_tokens": 8,
+        sampling = {"n": 2, "max_n": 4, "max_new_tokens": 4, "max_new_tokens_limit": 8,
                     "max_prompt_tokens": 512, "max_prompt_chars": 4096}
         serving = {"request_timeout_s": 60, "max_body_bytes": 65536}
     config = {

@@ -17,7 +17,7 @@ What it does:
    ``--scorer-threads`` torch threads (2, as ``serve_app/config.yaml``), and
    ``serving.allow_skip_scoring`` on;
 2. for each concurrency in ``--concurrency``: ``--requests`` chat completions with
-   ``dabon.candidates=--candidates`` and ``max_tokens=--max-tokens`` from that many client
+   ``dabon.candidates=--n`` and ``max_tokens=--max-new-tokens`` from that many client
    threads, in two modes, run as halves in the order full, sampling-only, sampling-only, full
    (so a drift in the shared machine's load affects both alike):
    - **full**: the normal request (sample N, score them, return the best);
@@ -105,8 +105,8 @@ def start_app(args: argparse.Namespace, backend: str) -> tuple[str, Any]:
     config = {
         "model": {"base": BASE, "adapter": adapter},
         "generator": generator,
-        "sampling": {"candidates": args.candidates, "max_candidates": max(args.candidates, 8),
-                     "default_max_tokens": args.max_tokens, "max_tokens": max(args.max_tokens, 64)},
+        "sampling": {"n": args.n, "max_n": max(args.n, 8),
+                     "max_new_tokens": args.max_new_tokens, "max_new_tokens_limit": max(args.max_new_tokens, 64)},
         "scoring": {"layer": args.layer},
         "serving": {"allow_skip_scoring": True, "request_timeout_s": 600},
         "deployments": {
@@ -197,15 +197,15 @@ def summarise(phases: list[dict[str, Any]]) -> dict[str, Any]:
 def measure(url: str, headers: dict[str, str], args: argparse.Namespace, levels: list[int]) -> dict[Any, Any]:
     """Warm up, then both modes at every concurrency level (see the module doc)."""
     out: dict[Any, Any] = {}
-    run_phase(url, headers, list(range(args.warmup)), 1, args.candidates, args.max_tokens, False)
-    run_phase(url, headers, list(range(args.warmup)), 1, args.candidates, args.max_tokens, True)
+    run_phase(url, headers, list(range(args.warmup)), 1, args.n, args.max_new_tokens, False)
+    run_phase(url, headers, list(range(args.warmup)), 1, args.n, args.max_new_tokens, True)
     for concurrency in levels:
         first = list(range(args.requests // 2))
         second = list(range(args.requests // 2, args.requests))
-        full = [run_phase(url, headers, first, concurrency, args.candidates, args.max_tokens, False)]
-        sampling = [run_phase(url, headers, first, concurrency, args.candidates, args.max_tokens, True)]
-        sampling.append(run_phase(url, headers, second, concurrency, args.candidates, args.max_tokens, True))
-        full.append(run_phase(url, headers, second, concurrency, args.candidates, args.max_tokens, False))
+        full = [run_phase(url, headers, first, concurrency, args.n, args.max_new_tokens, False)]
+        sampling = [run_phase(url, headers, first, concurrency, args.n, args.max_new_tokens, True)]
+        sampling.append(run_phase(url, headers, second, concurrency, args.n, args.max_new_tokens, True))
+        full.append(run_phase(url, headers, second, concurrency, args.n, args.max_new_tokens, False))
         modes: dict[str, Any] = {"full": summarise(full), "sampling_only": summarise(sampling)}
         modes["overhead_p50"] = modes["full"]["p50_s"] / modes["sampling_only"]["p50_s"]
         modes["overhead_mean"] = modes["full"]["mean_s"] / modes["sampling_only"]["mean_s"]
@@ -224,8 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer", type=int, default=12, help="serving layer of the in-process app (default 12)")
     parser.add_argument("--scorer-threads", type=int, default=2,
                         help="torch threads of the scorer replica (default 2, as serve_app/config.yaml)")
-    parser.add_argument("--candidates", type=int, default=4, help="Best-of-N candidates per request (default 4)")
-    parser.add_argument("--max-tokens", type=int, default=48, help="new tokens per candidate (default 48)")
+    parser.add_argument("--n", type=int, default=4,
+                        help="Best-of-N candidates per request (the app's sampling.n, each request's dabon.candidates; "
+                             "default 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=48,
+                        help="new tokens per candidate (the app's sampling.max_new_tokens, each request's max_tokens; "
+                             "default 48)")
     parser.add_argument("--requests", type=int, default=16, help="requests per mode and concurrency (default 16)")
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (default 1,4,16)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests first (default 2)")
@@ -242,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     token = os.environ.get(args.token_env or "", "")
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    report: dict[str, Any] = {"candidates": args.candidates, "max_tokens": args.max_tokens, "requests": args.requests,
+    report: dict[str, Any] = {"n": args.n, "max_new_tokens": args.max_new_tokens, "requests": args.requests,
                               "engines": {}}
     for backend in ([args.url] if args.url else backends):
         url, shutdown = (args.url, None) if args.url else (None, None)
@@ -256,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             if shutdown is not None:
                 shutdown()
 
-    print(f"\nBest-of-N load benchmark: N={args.candidates} candidates, max_tokens={args.max_tokens}, "
+    print(f"\nBest-of-N load benchmark: N={args.n} candidates, max_new_tokens={args.max_new_tokens}, "
           f"{args.requests} requests per mode")
     print(f"{'engine':<8} {'clients':>7} {'mode':<14} {'p50 s':>7} {'p95 s':>7} {'mean s':>7} {'req/s':>7} {'tok/s':>7} "
           f"{'503s':>5} {'errors':>6}")

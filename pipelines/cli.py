@@ -6,7 +6,7 @@
     dabon evaluate --config recipes/quickstart-eval.yaml [--n 4 --layers 6,12 ...]
     dabon report RUN_DIR
     dabon sweep --config recipes/quickstart-sweep.yaml --run RUN   # ASR across training checkpoints
-    dabon serve [--config serve_app/config.yaml] [--adapter DIR --candidates 4 --layer 12 --port 8000]
+    dabon serve [--config serve_app/config.yaml] [--adapter DIR --n 4 --layer 12 --port 8000]
     dabon random-adapter --out runs/demo/adapter
 
 ``dabon <command> --help`` describes each command's options.

@@ -4,8 +4,8 @@ Launch::
 
     dabon random-adapter --out runs/demo/adapter          # once, if you have no adapter yet
     dabon serve --adapter runs/demo/adapter                # http://127.0.0.1:8000, Ctrl-C stops it
-    dabon serve --config serve_app/config.yaml --candidates 8 --layer 12 --port 8001 \\
-        --set sampling.max_tokens=512 --set deployments.sampler.autoscaling_config.max_replicas=4
+    dabon serve --config serve_app/config.yaml --n 8 --layer 12 --port 8001 \\
+        --set sampling.max_new_tokens=512 --set deployments.sampler.autoscaling_config.max_replicas=4
     dabon serve --adapter DIR --backend hf                 # HF generate instead of the vLLM engine
     DABON_API_KEY=... dabon serve --adapter DIR --host 0.0.0.0   # another interface needs a token
     python -m pipelines.serve ...                          # the same flags
@@ -86,7 +86,7 @@ def select_application(serve_config: dict[str, Any], name: str | None) -> dict[s
 def app_args(application: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The application's ``args`` with the command-line flags and ``--set`` overrides applied."""
     data = copy.deepcopy(application.get("args") or {})
-    set_flags(data, {"model.base": args.base, "sampling.candidates": args.candidates, "scoring.layer": args.layer,
+    set_flags(data, {"model.base": args.base, "sampling.n": args.n, "scoring.layer": args.layer,
                      "generator.backend": args.backend})
     if args.backend is not None and args.backend != (application.get("args") or {}).get("generator", {}).get("backend"):
         data["generator"]["options"] = {}  # the file's options belong to its backend
@@ -94,9 +94,9 @@ def app_args(application: dict[str, Any], args: argparse.Namespace) -> dict[str,
         model = data.setdefault("model", {})
         model["adapter"] = args.adapter
         model.pop("finetuned", None)
-    if args.candidates is not None:
+    if args.n is not None:
         sampling = data.setdefault("sampling", {})
-        sampling["max_candidates"] = max(int(sampling.get("max_candidates", 8)), args.candidates)
+        sampling["max_n"] = max(int(sampling.get("max_n", 8)), args.n)
     for override in args.set or []:
         apply_override(data, override)
     return data
@@ -120,16 +120,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--app", default=None, help="application name in --config (default: the first)")
     parser.add_argument("--base", default=None, help="base model: alias, local dir, .gguf file or Hub id")
     parser.add_argument("--adapter", default=None, help="peft LoRA adapter directory (the fine-tuned model)")
-    parser.add_argument("--candidates", type=int, default=None,
-                        help="Best-of-N candidates per request (sampling.candidates; raises sampling.max_candidates "
-                             "when larger); a request's n is the number of ranked choices returned")
+    parser.add_argument("--n", type=int, default=None,
+                        help="Best-of-N candidates per request (sampling.n; raises sampling.max_n when larger); "
+                             "a request's own n is the number of ranked choices returned")
     parser.add_argument("--backend", choices=["vllm", "hf"], default=None,
                         help="sampler engine (generator.backend; default: the config's, vllm)")
     parser.add_argument("--layer", type=int, default=None, help="hidden-state index of the latent similarity")
     parser.add_argument("--host", default="127.0.0.1", help="interface of Serve's HTTP proxy (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port of Serve's HTTP proxy (default 8000)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="dotted override of the app args, e.g. sampling.max_tokens=512 (repeatable)")
+                        help="dotted override of the app args, e.g. sampling.max_new_tokens=512 (repeatable)")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to deploy onto (e.g. auto); default: start a local Ray")
     parser.add_argument("--num-cpus", type=int, default=None,

@@ -28,9 +28,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from actors.config import ConfigError, PromptConfig
+from actors.config import ConfigError, PromptConfig, refuse_renamed
 from actors.models import EMBEDDED_ALIAS, ModelSpec
-from actors.sampler import MIN_TEMPERATURE, GeneratorConfig
+from actors.sampler import MIN_TEMPERATURE, GeneratorConfig, SamplingFields
 from actors.scores import ScoreError, load_plugins, registered
 
 # The deployment names Serve shows (``serve status``) and that config overrides refer to.
@@ -152,38 +152,53 @@ class DeploymentsConfig(_Strict):
         return merged
 
 
-class SamplingSettings(_Strict):
-    """Sampling defaults and the bounds a request may ask for.
+# Former keys of ``sampling`` (before issue 15's one vocabulary) and their names now.
+RENAMED_SAMPLING_KEYS = {"candidates": "n", "max_candidates": "max_n", "default_max_tokens": "max_new_tokens",
+                         "max_tokens": "max_new_tokens_limit"}
 
-    ``candidates``: Best-of-N candidates sampled per request (a request may ask for another count
-    with ``dabon.candidates``, or ``best_of`` on ``/v1/completions``, up to ``max_candidates``);
-    a request's ``n`` is the number of ranked choices returned, at most the candidate count.
-    ``default_max_tokens`` / ``max_tokens``: new tokens per candidate. ``temperature`` / ``top_p``:
-    defaults a request may override (a temperature must be 0, greedy, or at least
-    ``MIN_TEMPERATURE`` = 0.01: smaller ones underflow the sampler, and vLLM would raise them to
-    0.01 without a word). ``seed``: fixed seed when a request gives none (``None``: a fresh random
-    seed per request, as OpenAI servers do). ``max_prompt_chars``: characters of all message
-    contents (or a raw prompt), checked before tokenization. ``max_prompt_tokens``: longest
-    prompt after the chat template. ``max_messages``: most chat messages per request.
+
+class SamplingSettings(SamplingFields):
+    """The server's sampling defaults and the bounds a request may ask for: evaluation's
+    ``SamplingFields`` (``n``, ``temperature``, ``top_p``, ``max_new_tokens``, the same names and
+    checks) as defaults, plus the server's limits.
+
+    ``n``: Best-of-N candidates sampled per request (a request may ask for another count with
+    ``dabon.candidates``, or ``best_of`` on ``/v1/completions``, up to ``max_n``); a request's
+    OpenAI ``n`` is the number of ranked choices returned, at most the candidate count (when it
+    asks for more choices than ``n``, as many candidates are sampled). ``max_n`` also bounds the
+    responses of one ``/dabon/v1/score`` request. ``max_new_tokens``: new tokens per candidate
+    when a request sends no ``max_tokens`` / ``max_completion_tokens``; ``max_new_tokens_limit``:
+    the most a request may ask for (and the longest response ``/dabon/v1/score`` takes).
+    ``temperature`` / ``top_p``: defaults a request may override (a temperature must be 0, greedy,
+    or at least ``MIN_TEMPERATURE`` = 0.01: smaller ones underflow the sampler, and vLLM would
+    raise them to 0.01 without a word; the default itself is at least 0.01). ``seed``: fixed seed
+    when a request gives none (``None``: a fresh random seed per request, as OpenAI servers do).
+    ``max_prompt_chars``: characters of all message contents (or a raw prompt), checked before
+    tokenization. ``max_prompt_tokens``: longest prompt after the chat template.
+    ``max_messages``: most chat messages per request. The keys' former names (``candidates``,
+    ``max_candidates``, ``default_max_tokens``, ``max_tokens``) are refused with the new one named.
     """
 
-    candidates: int = Field(default=4, ge=1)
-    max_candidates: int = Field(default=8, ge=1, le=64)
-    default_max_tokens: int = Field(default=256, ge=1)
-    max_tokens: int = Field(default=1024, ge=1)
     temperature: float = Field(default=0.7, ge=MIN_TEMPERATURE, le=2.0)
-    top_p: float = Field(default=1.0, gt=0, le=1.0)
     seed: int | None = Field(default=None, ge=0)
+    max_n: int = Field(default=8, ge=1, le=64)
+    max_new_tokens_limit: int = Field(default=1024, ge=1)
     max_prompt_chars: int = Field(default=32768, ge=1)
     max_prompt_tokens: int = Field(default=2048, ge=1)
     max_messages: int = Field(default=64, ge=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        return refuse_renamed(data, RENAMED_SAMPLING_KEYS)
+
     @model_validator(mode="after")
     def _defaults_within_bounds(self) -> "SamplingSettings":
-        if self.candidates > self.max_candidates:
-            raise ValueError(f"candidates: {self.candidates} is more than max_candidates ({self.max_candidates})")
-        if self.default_max_tokens > self.max_tokens:
-            raise ValueError(f"default_max_tokens: {self.default_max_tokens} is more than max_tokens ({self.max_tokens})")
+        if self.n > self.max_n:
+            raise ValueError(f"n: {self.n} is more than max_n ({self.max_n})")
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens: {self.max_new_tokens} is more than max_new_tokens_limit "
+                             f"({self.max_new_tokens_limit})")
         return self
 
 

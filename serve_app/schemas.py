@@ -3,8 +3,10 @@
 - ``ChatCompletionRequest``: ``POST /v1/chat/completions``; ``CompletionRequest``:
   ``POST /v1/completions`` (a raw prompt: text, tokenized as vLLM does, or token ids). ``n`` is
   the number of choices returned: the ``n`` best candidates by the selection rule, ranked. The
-  candidate count is the server's ``sampling.candidates``, or the request's ``dabon.candidates``
-  (``best_of`` on completions, as OpenAI's own field means), at least ``n``. ``stream: true``
+  candidate count is the request's ``dabon.candidates`` (``best_of`` on completions, as OpenAI's
+  own field means), or else the server's ``sampling.n``, at least ``n``; ``max_tokens`` (or
+  ``max_completion_tokens``) defaults to ``sampling.max_new_tokens``. These request fields keep
+  OpenAI's names: the HTTP body is OpenAI's vocabulary, the app config dabon's. ``stream: true``
   sends the answer as Server-Sent Events once selection is done: the first token waits for all N
   candidates. vLLM's extensions ``return_token_ids``, ``continue_final_message`` and
   ``add_generation_prompt`` are accepted. OpenAI parameters this server does not implement are
@@ -18,8 +20,9 @@
 - ``usage`` of an answer counts the tokens of all N sampled candidates (what the server
   generated), not only of the ``n`` choices returned; ``prompt_tokens`` is the prompt once.
 
-Limits that depend on the app config (candidates, ``max_tokens``, prompt length) are checked in
-``serve_app.service``; the models here hold only the static rules.
+Limits that depend on the app config (``sampling.max_n`` candidates, ``sampling.max_new_tokens_limit``
+new tokens, prompt length) are checked in ``serve_app.service``; the models here hold only the
+static rules.
 """
 
 from __future__ import annotations
@@ -180,8 +183,8 @@ class ChatMessage(_Strict):
 class DabonOptions(_Strict):
     """The ``dabon`` extension object of a request.
 
-    ``candidates``: Best-of-N candidates to sample (default: the server's ``sampling.candidates``,
-    bounded by ``sampling.max_candidates``). ``return_candidates``: add a top-level ``dabon``
+    ``candidates``: Best-of-N candidates to sample (default: the server's ``sampling.n``, bounded
+    by ``sampling.max_n``). ``return_candidates``: add a top-level ``dabon``
     object with all candidates, their latent similarity at the serving layer, the ranking and the
     selected index. ``skip_scoring``: return the candidates in sampling order, unscored
     (benchmarks; refused unless the server allows it).
@@ -247,12 +250,12 @@ class _GenerationRequest(_Strict):
 
     @property
     def new_tokens(self) -> int | None:
-        """The requested new tokens per candidate (``None``: the server's default)."""
+        """The requested new tokens per candidate (``None``: the server's ``sampling.max_new_tokens``)."""
         return self.max_tokens
 
     @property
     def candidates(self) -> int | None:
-        """The requested candidate count (``None``: the server's default)."""
+        """The requested candidate count (``None``: the server's ``sampling.n``, or the request's ``n`` if more)."""
         return self.dabon.candidates
 
 
@@ -288,7 +291,8 @@ class ChatCompletionRequest(_GenerationRequest):
 
     @property
     def new_tokens(self) -> int | None:
-        """``max_completion_tokens`` or ``max_tokens`` (OpenAI's newer and older name)."""
+        """``max_completion_tokens`` or ``max_tokens`` (OpenAI's newer and older name; ``None``: the
+        server's ``sampling.max_new_tokens``)."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
@@ -300,7 +304,8 @@ class ChatCompletionRequest(_GenerationRequest):
 class CompletionRequest(_GenerationRequest):
     """``POST /v1/completions`` body: a raw ``prompt`` (text, tokenized with the tokenizer's
     special tokens as vLLM does; or token ids), no chat template and no response prefix.
-    ``best_of``: the candidate count (OpenAI's field; same as ``dabon.candidates``)."""
+    ``best_of``: the candidate count (OpenAI's field; same as ``dabon.candidates``; default the
+    server's ``sampling.n``)."""
 
     prompt: str | list[int]
     best_of: int | None = Field(default=None, ge=1)

@@ -274,8 +274,9 @@ class RerankService:
                            code="model_not_found")
 
     def sampling_for(self, request: ChatCompletionRequest | CompletionRequest) -> SamplingConfig:
-        """The request's sampling within the config's bounds (``n`` of the config = the candidate
-        count); a 400 ``ApiError`` names the field."""
+        """The request's sampling within the config's bounds (the request's ``dabon.candidates`` /
+        ``best_of`` or else ``sampling.n`` candidates, at least its ``n``; its ``max_tokens`` or
+        else ``sampling.max_new_tokens``); a 400 ``ApiError`` names the field."""
         limits = self.config.sampling
         candidate_field = "best_of" if isinstance(request, CompletionRequest) and request.best_of is not None else "dabon.candidates"
         temperature = request.temperature if request.temperature is not None else limits.temperature
@@ -289,18 +290,18 @@ class RerankService:
                                     "send temperature > 0 or n=1", param="n", code="invalid_value")
             candidates = 1
         else:
-            candidates = asked if asked is not None else max(limits.candidates, request.n)
-        if candidates > limits.max_candidates:
+            candidates = asked if asked is not None else max(limits.n, request.n)
+        if candidates > limits.max_n:
             param = candidate_field if asked is not None else "n"
-            raise ApiError(400, f"{param}: {candidates} candidates exceed this server's limit of {limits.max_candidates}",
+            raise ApiError(400, f"{param}: {candidates} candidates exceed this server's limit of {limits.max_n}",
                            param=param, code="invalid_value")
         if request.n > candidates:
             raise ApiError(400, f"n: {request.n} choices need at least {request.n} candidates, but {candidate_field} is "
                                 f"{candidates}", param="n", code="invalid_value")
-        new_tokens = request.new_tokens if request.new_tokens is not None else limits.default_max_tokens
-        if new_tokens > limits.max_tokens:
+        new_tokens = request.new_tokens if request.new_tokens is not None else limits.max_new_tokens
+        if new_tokens > limits.max_new_tokens_limit:
             param = request.token_field if isinstance(request, ChatCompletionRequest) else "max_tokens"
-            raise ApiError(400, f"{param}: {new_tokens} new tokens exceed this server's limit of {limits.max_tokens}",
+            raise ApiError(400, f"{param}: {new_tokens} new tokens exceed this server's limit of {limits.max_new_tokens_limit}",
                            param=param, code="invalid_value")
         seed = request.seed if request.seed is not None else limits.seed
         if seed is None:
@@ -597,9 +598,9 @@ class RerankService:
         score ``scoring.rule`` at the serving layer, and its choice)."""
         request = parse(ScoreRequest, body)
         limits = self.config.sampling
-        if request.count > limits.max_candidates:
+        if request.count > limits.max_n:
             field = "response_ids" if request.response_ids is not None else "responses"
-            raise ApiError(400, f"{field}: {request.count} responses exceed this server's limit of {limits.max_candidates}",
+            raise ApiError(400, f"{field}: {request.count} responses exceed this server's limit of {limits.max_n}",
                            param=field, code="invalid_value")
         request_id = uuid.uuid4().hex
         self.check_ready(("scoring",))
@@ -622,8 +623,8 @@ class RerankService:
                 response_ids = await asyncio.to_thread(lambda: [response_token_ids(self.tokenizer, t) for t in texts])
                 field = "responses"
             for i, ids in enumerate(response_ids):
-                if len(ids) > limits.max_tokens:
-                    raise ApiError(400, f"{field}[{i}]: {len(ids)} tokens exceed this server's limit of {limits.max_tokens}",
+                if len(ids) > limits.max_new_tokens_limit:
+                    raise ApiError(400, f"{field}[{i}]: {len(ids)} tokens exceed this server's limit of {limits.max_new_tokens_limit}",
                                    param=f"{field}[{i}]", code="invalid_value")
                 self._check_positions(len(prompt_ids), len(ids), f"{field}[{i}]", generating=False)
             total = len(prompt_ids) + sum(len(ids) for ids in response_ids)

@@ -236,7 +236,7 @@ def test_a_plugin_score_is_the_same_in_evaluation_dabon_score_and_serving(ray_lo
     app = build_app({
         "model": {"base": tiny_models.base, "adapter": tiny_models.adapter},
         "generator": {"backend": "hf"},
-        "sampling": {"candidates": 3, "default_max_tokens": 6, "temperature": 1.0},
+        "sampling": {"n": 3, "max_new_tokens": 6, "temperature": 1.0},
         "scoring": {"layer": layer, "rule": "latent_perplexity", "plugins": [PLUGIN]},
         "auth": {"token_env": None},
         "deployments": {"ingress": {"ray_actor_options": {"num_cpus": 0.25}},

@@ -86,7 +86,7 @@ def app_args(tiny_models):
     return {
         "model": {"base": tiny_models.base, "adapter": tiny_models.adapter},
         "generator": {"backend": "hf"},
-        "sampling": {"candidates": 3, "max_candidates": 8, "default_max_tokens": 8, "max_tokens": MAX_TOKENS,
+        "sampling": {"n": 3, "max_n": 8, "max_new_tokens": 8, "max_new_tokens_limit": MAX_TOKENS,
                      "max_prompt_tokens": 96, "max_prompt_chars": 4000, "temperature": 1.0},
         "scoring": {"layer": LAYER, "max_batch_size": 4, "batch_wait_timeout_s": 0.005},
         "serving": {"model_name": "bon-tiny", "request_timeout_s": 60, "retry_after_s": 1, "max_body_bytes": MAX_BODY},
@@ -563,8 +563,8 @@ def test_sigterm_drains_requests_in_flight(tiny_models, tmp_path):
     env.pop("DABON_API_KEY", None)
     command = [
         sys.executable, "-m", "pipelines.serve", "--base", tiny_models.base, "--adapter", tiny_models.adapter,
-        "--backend", "hf", "--candidates", "4", "--layer", str(LAYER), "--port", str(port), "--num-cpus", "3",
-        "--set", f"sampling.max_tokens={MAX_TOKENS}", "--set", "sampling.max_prompt_tokens=64",
+        "--backend", "hf", "--n", "4", "--layer", str(LAYER), "--port", str(port), "--num-cpus", "3",
+        "--set", f"sampling.max_new_tokens_limit={MAX_TOKENS}", "--set", "sampling.max_prompt_tokens=64",
         "--set", "serving.max_in_flight=8", "--set", "serving.drain_timeout_s=60",
     ]
     log = open(tmp_path / "serve.log", "w")

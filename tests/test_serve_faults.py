@@ -44,7 +44,7 @@ def served(ray_local, tiny_models):
     args = {
         "model": {"base": tiny_models.base, "adapter": tiny_models.adapter},
         "generator": {"backend": "hf"},
-        "sampling": {"candidates": 2, "max_candidates": 4, "default_max_tokens": 4, "max_tokens": 64,
+        "sampling": {"n": 2, "max_n": 4, "max_new_tokens": 4, "max_new_tokens_limit": 64,
                      "max_prompt_tokens": 96, "temperature": 1.0},
         "scoring": {"layer": 2, "max_batch_size": 4},
         "serving": {"request_timeout_s": REQUEST_TIMEOUT_S, "retry_after_s": 1, "body_timeout_s": BODY_TIMEOUT_S,
@@ -182,9 +182,9 @@ def marked_processes(mark: str) -> list[str]:
 def serve_command(tiny_models, port: int, backend: str) -> list[str]:
     import sys
 
-    command = [sys.executable, "-m", "pipelines.serve", "--backend", backend, "--candidates", "4", "--port", str(port),
+    command = [sys.executable, "-m", "pipelines.serve", "--backend", backend, "--n", "4", "--port", str(port),
                "--num-cpus", "3", "--set", "serving.max_in_flight=8", "--set", "serving.drain_timeout_s=120",
-               "--set", "sampling.max_tokens=900"]
+               "--set", "sampling.max_new_tokens_limit=900"]
     if backend == "hf":
         command += ["--base", tiny_models.base, "--adapter", tiny_models.adapter, "--layer", "2",
                     "--set", "sampling.max_prompt_tokens=64"]

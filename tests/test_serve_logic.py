@@ -40,6 +40,31 @@ def config(**sections) -> ServeConfig:
 # ---------------------------------------------------------------------------------------- config
 
 
+def test_former_sampling_keys_are_refused_naming_the_new_key():
+    """``sampling`` speaks dabon's one vocabulary (issue 15): ``n`` and ``max_new_tokens`` as in
+    evaluation, plus the server's bounds ``max_n`` and ``max_new_tokens_limit``; a former key is
+    an error that names its new name, not a bare "extra input"."""
+    from actors.sampler import SamplingConfig, SamplingFields
+    from serve_app.options import RENAMED_SAMPLING_KEYS, SamplingSettings
+
+    for old, new in RENAMED_SAMPLING_KEYS.items():
+        with pytest.raises(ConfigError, match=rf"sampling\.{old}: renamed {new} ") as caught:
+            config(sampling={old: 4})
+        assert "extra" not in str(caught.value).lower()
+    with pytest.raises(ConfigError, match=r"sampling\.candidates: renamed n .*sampling\.max_tokens: renamed max_new_tokens_limit"):
+        config(sampling={"candidates": 2, "max_tokens": 64})
+    settings = config(sampling={"n": 2, "max_n": 4, "max_new_tokens": 16, "max_new_tokens_limit": 64}).sampling
+    assert (settings.n, settings.max_n, settings.max_new_tokens, settings.max_new_tokens_limit) == (2, 4, 16, 64)
+    # the shared fields have evaluation's names, defaults and checks; only the server's own differ
+    assert issubclass(SamplingSettings, SamplingFields) and issubclass(SamplingConfig, SamplingFields)
+    served, evaluated = SamplingSettings(), SamplingConfig()
+    for name in SamplingFields.model_fields:
+        assert getattr(served, name) == getattr(evaluated, name), name
+    assert served.seed is None and evaluated.seed == 0
+    with pytest.raises(ConfigError, match=r"sampling\.n"):
+        config(sampling={"n": 65, "max_n": 64})
+
+
 def test_unknown_and_invalid_keys_are_errors_naming_the_key():
     with pytest.raises(ConfigError, match=r"scoring\.layr"):
         config(scoring={"layr": 3})
@@ -47,8 +72,10 @@ def test_unknown_and_invalid_keys_are_errors_naming_the_key():
         config(deployments={"sampler": {"autoscaling_config": {"max_replica": 3}}})
     with pytest.raises(ConfigError, match="min_replicas"):
         config(deployments={"scorer": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}})
-    with pytest.raises(ConfigError, match=r"sampling\.candidates: 9 is more than max_candidates \(8\)"):
-        config(sampling={"candidates": 9, "max_candidates": 8})
+    with pytest.raises(ConfigError, match=r"sampling\.n: 9 is more than max_n \(8\)"):
+        config(sampling={"n": 9, "max_n": 8})
+    with pytest.raises(ConfigError, match=r"sampling\.max_new_tokens: 300 is more than max_new_tokens_limit \(256\)"):
+        config(sampling={"max_new_tokens": 300, "max_new_tokens_limit": 256})
     with pytest.raises(ConfigError, match=r"sampling\.temperature"):
         config(sampling={"temperature": 0.001})
     with pytest.raises(ConfigError, match="fine-tuned model"):
@@ -292,7 +319,7 @@ class FakeModels:
         return list(self.scores[: len(response_ids)] if self.scores is not None else [0.5] * len(response_ids))
 
 
-SAMPLING = {"candidates": 3, "max_candidates": 4, "default_max_tokens": 8, "max_tokens": 16, "max_prompt_tokens": 64,
+SAMPLING = {"n": 3, "max_n": 4, "max_new_tokens": 8, "max_new_tokens_limit": 16, "max_prompt_tokens": 64,
             "max_prompt_chars": 400}
 
 
@@ -728,12 +755,14 @@ def test_serve_flags_and_overrides_apply_to_the_app_args():
 
     serve_config = read_yaml(DEFAULT_CONFIG)
     application = select_application(serve_config, None)
-    args = serve_args("--adapter", "/a", "--candidates", "12", "--layer", "6", "--base", "/b",
-                      "--set", "sampling.max_tokens=64", "--set", "sampling.default_max_tokens=32")
+    args = serve_args("--adapter", "/a", "--n", "12", "--layer", "6", "--base", "/b",
+                      "--set", "sampling.max_new_tokens_limit=64", "--set", "sampling.max_new_tokens=32")
     data = app_args(application, args)
     assert data["model"]["base"] == "/b" and data["model"]["adapter"] == "/a"
-    assert data["sampling"]["candidates"] == 12 and data["sampling"]["max_candidates"] == 12  # raised to fit
-    assert data["scoring"]["layer"] == 6 and data["sampling"]["max_tokens"] == 64
+    assert data["sampling"]["n"] == 12 and data["sampling"]["max_n"] == 12  # raised to fit
+    assert data["scoring"]["layer"] == 6 and data["sampling"]["max_new_tokens_limit"] == 64
+    assert data["sampling"]["max_new_tokens"] == 32
+    assert parse_app_config(data).sampling.n == 12
     assert data["generator"]["backend"] == "vllm" and data["generator"]["options"]["dtype"] == "float32"
     hf = app_args(application, serve_args("--backend", "hf"))
     assert hf["generator"] == {"backend": "hf", "options": {}}  # the file's vllm options are not hf's
@@ -742,6 +771,20 @@ def test_serve_flags_and_overrides_apply_to_the_app_args():
     assert (options["host"], options["port"], options["request_timeout_s"]) == ("127.0.0.1", 8123, 210)
     with pytest.raises(ConfigError, match="nope"):
         select_application(serve_config, "nope")
+
+
+def test_serve_flag_n_is_the_candidate_count_and_candidates_is_gone(capsys):
+    """``dabon serve --n`` sets ``sampling.n`` (dabon's one vocabulary); the former ``--candidates``
+    flag is refused, and ``--help`` names the config keys the flags set."""
+    from pipelines.cli import build_parser
+
+    assert serve_args("--n", "6").n == 6
+    with pytest.raises(SystemExit):
+        serve_args("--candidates", "6")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--n N" in text and "sampling.n" in text and "sampling.max_n" in text and "--candidates" not in text
 
 
 def test_serve_refuses_an_open_port_beyond_loopback_without_a_token(monkeypatch, tmp_path):

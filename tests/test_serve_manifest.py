@@ -1,5 +1,7 @@
 """serve_app/config.yaml and deploy/rayservice.yaml: valid for the installed Ray Serve, with no
-key that Serve would drop silently, and app args that ``ServeConfig`` accepts. Nothing starts.
+key that Serve would drop silently, and app args that ``ServeConfig`` accepts, each value they
+state either ``ServeConfig``'s default or a listed, commented override (``OVERRIDES``), so that
+the serving defaults live in one place. Nothing starts.
 
 Serve's schema models (``ray.serve.schema``) ignore unknown keys ("forward compatible"), so a
 misspelt ``autoscaling_config`` key or ``request_timeout`` would be dropped without a word
@@ -138,6 +140,57 @@ def test_config_yaml_args_reach_the_deployments(serve_config):
     assert deployment_options("scorer", args)["max_ongoing_requests"] >= args.scoring.max_batch_size
 
 
+# The values the shipped files state that differ from the app's defaults (``ServeConfig``'s, with
+# ``ROLE_DEFAULTS`` for the deployments), each commented in its file as a deliberate override.
+# Every other value a file states must equal the default: the defaults live in one place
+# (serve_app/options.py), and a default changed there cannot leave a stale copy in a YAML file.
+OVERRIDES = {
+    CONFIG_YAML: {
+        "generator.options.dtype", "generator.options.max_model_len", "generator.options.enforce_eager",
+        "generator.options.cpu_kv_cache_gib", "serving.target_latency_s",
+        "deployments.sampler.autoscaling_config.max_replicas", "deployments.sampler.autoscaling_config.target_ongoing_requests",
+        "deployments.scorer.torch_threads", "deployments.scorer.max_ongoing_requests",
+    },
+    MANIFEST: {
+        "model.adapter", "generator.backend", "auth.required", "deployments.ingress.ray_actor_options.num_cpus",
+        "deployments.sampler.autoscaling_config.max_replicas", "deployments.sampler.ray_actor_options.num_cpus",
+        "deployments.sampler.max_ongoing_requests", "deployments.scorer.autoscaling_config.max_replicas",
+        "deployments.scorer.ray_actor_options.num_cpus", "deployments.scorer.max_ongoing_requests",
+    },
+}
+
+
+def stated_values(data: Any, path: str = "") -> dict[str, Any]:
+    """Dotted path -> value of every leaf a mapping states (lists are leaves)."""
+    if not isinstance(data, dict):
+        return {path: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(stated_values(value, f"{path}.{key}" if path else str(key)))
+    return out
+
+
+def app_args_of(path: Path) -> dict[str, Any]:
+    """The dabon application's ``args`` in serve_app/config.yaml or in deploy/rayservice.yaml's
+    embedded Serve config."""
+    data = yaml.safe_load(path.read_text())
+    if path == MANIFEST:
+        data = yaml.safe_load(data["spec"]["serveConfigV2"])
+    (application,) = [a for a in data["applications"] if a["import_path"] == "serve_app.app:build_app"]
+    return application["args"]
+
+
+@pytest.mark.parametrize("path", [CONFIG_YAML, MANIFEST], ids=["config.yaml", "rayservice.yaml"])
+def test_shipped_app_args_state_the_defaults_or_a_deliberate_override(path):
+    args = app_args_of(path)
+    assert unknown_keys(args, ServeConfig) == []  # no key the app would not read (none silently dropped)
+    ServeConfig.model_validate(args)
+    defaults = stated_values(ServeConfig().model_dump(mode="json"))
+    stated = stated_values(args)
+    differ = {key for key, value in stated.items() if defaults.get(key, "<no default>") != value}
+    assert differ == OVERRIDES[path]
+
+
 TYPOS = {
     "http_options.request_timeout": lambda c: c["http_options"].update(request_timeout=5),
     "applications[0].import_pth": lambda c: c["applications"][0].update(import_pth="x.y"),
@@ -165,6 +218,10 @@ def test_typo_in_app_args_is_caught(serve_config):
     bad["applications"][0]["args"]["scoring"]["layers"] = [6, 12]
     with pytest.raises(Exception, match="layers"):
         check_serve_config(bad)
+    old = copy.deepcopy(serve_config)
+    old["applications"][0]["args"]["sampling"]["candidates"] = 4  # a key's former name: the new one is named
+    with pytest.raises(Exception, match="candidates: renamed n "):
+        check_serve_config(old)
 
 
 # ---------------------------------------------------------------------------------------- RayService

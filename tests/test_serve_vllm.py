@@ -50,7 +50,7 @@ def url(ray_local, adapter):
         "model": {"base": EMBEDDED_ALIAS, "adapter": adapter},
         "prompt": PROMPT.model_dump(),
         "generator": {"backend": "vllm", "options": OPTIONS},
-        "sampling": {"candidates": 3, "max_candidates": 4, "default_max_tokens": 12, "max_tokens": 64, "temperature": 1.0},
+        "sampling": {"n": 3, "max_n": 4, "max_new_tokens": 12, "max_new_tokens_limit": 64, "temperature": 1.0},
         "scoring": {"layer": LAYER, "max_batch_size": 4},
         "auth": {"token_env": None},
         "deployments": {

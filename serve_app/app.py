@@ -205,6 +205,66 @@ def openapi_document(api: FastAPI) -> dict[str, Any]:
     return document
 
 
+def error_response(error: ApiError) -> JSONResponse:
+    """An ``ApiError`` as its OpenAI-shaped JSON response."""
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def event_stream(stream: Stream) -> StreamingResponse:
+    """A streamed answer as server-sent events, ``[DONE]`` last."""
+
+    async def events():
+        for chunk in stream.chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class BodyReader:
+    """Reads POST bodies within the serving limits: JSON Content-Type only (415), at most
+    ``max_body_bytes`` (413), the whole body within ``body_timeout_s`` of the headers (408), and at
+    most half the ``control_slots`` reading at once (503), so slow senders cannot take the slots
+    health checks need."""
+
+    def __init__(self, serving: Any) -> None:
+        self.serving = serving
+        self.max_readers = max(1, serving.control_slots // 2)
+        self.reading = 0
+
+    @staticmethod
+    def check_content_type(request: Request) -> None:
+        kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if kind not in JSON_TYPES:
+            raise ApiError(415, f"Content-Type must be application/json, got {kind or 'none'!r}", param="Content-Type",
+                           code="unsupported_media_type")
+
+    async def read(self, request: Request) -> bytes:
+        self.check_content_type(request)
+        max_body, timeout_s = self.serving.max_body_bytes, self.serving.body_timeout_s
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body:
+            raise ApiError(413, f"the request body exceeds {max_body} bytes", param="body", code="payload_too_large")
+        if self.reading >= self.max_readers:
+            raise overloaded(f"{self.max_readers} requests are already sending their body; retry later",
+                             self.serving.retry_after_s)
+        self.reading += 1
+        body = bytearray()
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for chunk in request.stream():
+                    body.extend(chunk)
+                    if len(body) > max_body:
+                        raise ApiError(413, f"the request body exceeds {max_body} bytes", param="body",
+                                       code="payload_too_large")
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", param="body",
+                           code="request_timeout") from None
+        finally:
+            self.reading -= 1
+        return bytes(body)
+
+
 def build_api(service: RerankService) -> FastAPI:
     """The FastAPI app of the ingress: routes call ``service``; every error is an OpenAI-shaped JSON
     body (``ApiError``), unknown routes included, and an unexpected error is a 500 without a trace.
@@ -212,68 +272,23 @@ def build_api(service: RerankService) -> FastAPI:
     post cannot reach the model); CORS headers are sent only for ``serving.cors_origins``."""
     api = FastAPI(title="dabon", docs_url=None, redoc_url=None, openapi_url=None)
     serving = service.config.serving
-    max_body = serving.max_body_bytes
-    max_readers = max(1, serving.control_slots // 2)
-    readers = {"now": 0}
+    bodies = BodyReader(serving)
     if serving.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         api.add_middleware(CORSMiddleware, allow_origins=list(serving.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], allow_credentials=False)
 
-    def answer(error: ApiError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-    def check_content_type(request: Request) -> None:
-        kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if kind not in JSON_TYPES:
-            raise ApiError(415, f"Content-Type must be application/json, got {kind or 'none'!r}", param="Content-Type",
-                           code="unsupported_media_type")
-
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_body:
-            raise ApiError(413, f"the request body exceeds {max_body} bytes", param="body", code="payload_too_large")
-        if readers["now"] >= max_readers:  # slow senders must not take the slots health checks need
-            raise overloaded(f"{max_readers} requests are already sending their body; retry later", serving.retry_after_s)
-        readers["now"] += 1
-        body = bytearray()
-        try:
-            async with asyncio.timeout(serving.body_timeout_s):
-                async for chunk in request.stream():
-                    body.extend(chunk)
-                    if len(body) > max_body:
-                        raise ApiError(413, f"the request body exceeds {max_body} bytes", param="body",
-                                       code="payload_too_large")
-        except TimeoutError:
-            raise ApiError(408, f"the request body did not arrive within {serving.body_timeout_s:g} s", param="body",
-                           code="request_timeout") from None
-        finally:
-            readers["now"] -= 1
-        return bytes(body)
-
-    def sse(stream: Stream) -> StreamingResponse:
-        async def events():
-            for chunk in stream.chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
     async def handle(request: Request, endpoint: Any, with_body: bool = True) -> Response:
         try:
             service.check_auth(request.headers.get("authorization"))
-            if with_body:
-                check_content_type(request)
-                payload = await endpoint(await read_body(request))
-            else:
-                payload = endpoint()
-            return sse(payload) if isinstance(payload, Stream) else JSONResponse(payload)
+            payload = await endpoint(await bodies.read(request)) if with_body else endpoint()
+            return event_stream(payload) if isinstance(payload, Stream) else JSONResponse(payload)
         except ApiError as error:
-            return answer(error)
+            return error_response(error)
         except Exception:  # noqa: BLE001 - logged here, answered without a trace
             logger.exception("unexpected error in %s", request.url.path)
-            return answer(ApiError(500, "internal error", type="server_error", code="internal_error"))
+            return error_response(ApiError(500, "internal error", type="server_error", code="internal_error"))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

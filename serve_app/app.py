@@ -54,6 +54,7 @@ from actors.chat import resolve_prompt
 from actors.config import ConfigError, validate
 from actors.models import ModelSpec, check_spec, hub_offline, load_spec_tokenizer, local_model_dir
 from actors.sampler import GeneratorConfig
+from actors.scores import load_plugins
 from actors.settings import get_logger
 from serve_app.engines import CandidateSampler, CandidateScorer, EngineInputError, VLLMCandidateSampler
 from serve_app.options import (
@@ -341,8 +342,7 @@ class SamplerDeployment:
     """A candidate sampler in a replica (``serve_app.engines``): ``vllm`` (``AsyncLLM``; concurrent
     calls batched by the engine) or ``hf`` (``generate`` in a worker thread, one call at a time)."""
 
-    def __init__(self, spec: dict[str, Any], generator: GeneratorConfig, threads: int) -> None:
-        model = ModelSpec(**spec)
+    def __init__(self, model: ModelSpec, generator: GeneratorConfig, threads: int) -> None:
         self.backend = generator.backend
         if generator.backend == "vllm":
             self.sampler: Any = VLLMCandidateSampler(model, generator.options)
@@ -385,11 +385,11 @@ class ScorerDeployment:
     ``step_tokens``; a call that is cancelled (the ingress's deadline passed, or its client left)
     marks its request, which the thread drops at the next step."""
 
-    def __init__(self, spec: dict[str, Any], layer: int, batch_tokens: int, max_batch_size: int,
+    def __init__(self, spec: ModelSpec, layer: int, batch_tokens: int, max_batch_size: int,
                  batch_wait_timeout_s: float, threads: int, rule: str = "latent_sim", plugins: tuple[str, ...] = (),
                  step_tokens: int | None = None) -> None:
         _set_torch_threads(threads)
-        self.scorer = CandidateScorer(ModelSpec(**spec), layer, batch_tokens, rule, tuple(plugins), step_tokens)
+        self.scorer = CandidateScorer(spec, layer, batch_tokens, rule, tuple(plugins), step_tokens)
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -426,9 +426,9 @@ class IngressDeployment:
     calls answered 503). Once the sampler runs, its engine's own context length is read once
     (``SamplerDeployment.context_limit``)."""
 
-    def __init__(self, config: dict[str, Any], sampler: DeploymentHandle, scorer: DeploymentHandle,
+    def __init__(self, app_config: ServeConfig, sampler: DeploymentHandle, scorer: DeploymentHandle,
                  token_sha256: str | None = None) -> None:
-        app_config = ServeConfig.model_validate(config)
+        load_plugins(app_config.scoring.plugins)  # the config was validated where the app was built, not here
         if app_config.auth.required and token_sha256 is None:
             raise ConfigError("auth.required is true but the app was built without a token")
         self.sampler = sampler
@@ -547,7 +547,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
     check_models(config)
     config = with_adapter_prompt(config, given=not isinstance(args, dict) or "prompt" in args)
     token = resolve_api_token(config.auth)
-    spec = config.model.model_dump(mode="json")
+    spec = config.model
     sampler = SamplerDeployment.options(**deployment_options("sampler", config)).bind(
         spec, config.generator, torch_threads(config.deployments.sampler)
     )
@@ -557,5 +557,5 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
         torch_threads(config.deployments.scorer), scoring.rule, list(scoring.plugins), scoring.step_tokens,
     )
     return IngressDeployment.options(**deployment_options("ingress", config)).bind(
-        config.model_dump(mode="json"), sampler, scorer, token_digest(token) if token else None
+        config, sampler, scorer, token_digest(token) if token else None
     )

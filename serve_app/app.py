@@ -53,7 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from actors.chat import resolve_prompt
 from actors.config import ConfigError, validate
 from actors.models import ModelSpec, check_spec, hub_offline, load_spec_tokenizer, local_model_dir
-from actors.sampler import GeneratorConfig
+from actors.sampler import GeneratorConfig, SamplingConfig
 from actors.scores import load_plugins
 from actors.settings import get_logger
 from serve_app.engines import CandidateSampler, CandidateScorer, EngineInputError, VLLMCandidateSampler
@@ -350,7 +350,7 @@ class SamplerDeployment:
             _set_torch_threads(threads)
             self.sampler = CandidateSampler(model)
 
-    async def sample(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, Any]:
+    async def sample(self, prompt_ids: list[int], sampling: SamplingConfig) -> dict[str, Any]:
         """See ``serve_app.engines``; a request the engine refuses as invalid is answered
         ``{"error": {"message"}}`` (the ingress's 400), not raised (a 500)."""
         if self.backend == "vllm":
@@ -494,7 +494,7 @@ class IngressDeployment:
                 logger.warning("readiness poll failed (%s); keeping the last state", type(err).__name__)
             await asyncio.sleep(poll_s)
 
-    async def _sample(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, Any]:
+    async def _sample(self, prompt_ids: list[int], sampling: SamplingConfig) -> dict[str, Any]:
         response = self.sampler.sample.remote(prompt_ids, sampling)
         try:
             return await response

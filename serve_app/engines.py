@@ -2,7 +2,7 @@
 ``vllm`` engine, and the batching scorer.
 
 Both samplers take the prompt as token ids (built once by the ingress, so sampler and scorer see
-the same ids) and a ``SamplingConfig`` as a dict, and return ``{"texts", "token_ids",
+the same ids) and a ``SamplingConfig``, and return ``{"texts", "token_ids",
 "finish_reasons"}`` with N entries each: the exact generated ids (no stop token, no padding).
 Sample ``i`` is drawn from its own stream seeded by ``sample_seed(seed, prompt_key(prompt_ids),
 i)``, as in evaluation, so a request's candidates do not depend on what else the engine runs.
@@ -62,9 +62,9 @@ class CandidateSampler:
         self.backend = HFBackend(bundle)
         self.tokenizer = bundle.tokenizer
 
-    def sample(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, list[Any]]:
+    def sample(self, prompt_ids: list[int], sampling: SamplingConfig) -> dict[str, list[Any]]:
         """See the module doc."""
-        sampler = Sampler(self.backend, self.tokenizer, SamplingConfig(**sampling))
+        sampler = Sampler(self.backend, self.tokenizer, sampling)
         (samples,) = sampler.sample_with_ids([list(prompt_ids)]).samples  # ids pass through unchanged
         return candidates_of(samples)
 
@@ -105,10 +105,10 @@ class VLLMCandidateSampler:
             raise EngineInputError(str(err)) from None
         return final
 
-    async def sample(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, list[Any]]:
+    async def sample(self, prompt_ids: list[int], sampling: SamplingConfig) -> dict[str, list[Any]]:
         """See the module doc. Raises ``EngineInputError`` when the engine refuses the request;
         then none of its N sequences keeps running."""
-        config = SamplingConfig(**sampling)
+        config = sampling
         ids = [int(t) for t in prompt_ids]
         key = prompt_key(ids)
         tasks = [asyncio.ensure_future(self._one(ids, config, sample_seed(config.seed, key, i))) for i in range(config.n)]

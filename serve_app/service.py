@@ -58,7 +58,7 @@ from serve_app.schemas import ApiError, ChatCompletionRequest, CompletionRequest
 
 logger = get_logger(__name__)
 
-SampleCall = Callable[[list[int], dict[str, Any]], Awaitable[dict[str, Any]]]
+SampleCall = Callable[[list[int], SamplingConfig], Awaitable[dict[str, Any]]]
 ScoreCall = Callable[[list[int], list[list[int]]], Awaitable[list[float | None]]]
 
 
@@ -461,7 +461,7 @@ class RerankService:
 
     async def _generate(self, prompt_ids: list[int], sampling: SamplingConfig, skip_scoring: bool,
                         deadline: float, request_id: str) -> Generation:
-        sampled = await self._call("sampling", self._sample(prompt_ids, sampling.model_dump()), deadline, request_id)
+        sampled = await self._call("sampling", self._sample(prompt_ids, sampling), deadline, request_id)
         texts, token_ids, reasons = sampled["texts"], sampled["token_ids"], sampled["finish_reasons"]
         if len(texts) != sampling.n:
             raise ApiError(500, f"internal error: {len(texts)} candidates for {sampling.n} (request id {request_id})",

@@ -260,6 +260,17 @@ def test_a_plugin_score_is_the_same_in_evaluation_dabon_score_and_serving(ray_lo
         assert_close(block["latent_perplexity"], want)
         order = sorted(range(3), key=lambda i: (len(block["token_ids"][i]) == 0, want[i] is None, want[i] or 0.0, i))
         assert block["ranking"] == order and block["selected"] == order[0]
+        # the evaluation's own ids through the served scorer: the same numbers as in the shards and
+        # in the dabon score rows (printed with -s for the record)
+        for row in rows:
+            served = requests.post(f"{url}/dabon/v1/score", timeout=120, json={
+                "id": row["prompt_id"], "prompt_ids": row["prompt_ids"], "response_ids": row["response_ids"]})
+            assert served.status_code == 200, served.text
+            got = served.json()["latent_perplexity"][str(layer)]
+            assert_close(got, row[column])
+            assert_close(got, written[row["prompt_id"]]["latent_perplexity"][str(layer)])
+            scored = written[row["prompt_id"]]["latent_perplexity"][str(layer)]
+            print(f"{row['prompt_id']}: evaluation {row[column]}\n  dabon score {scored}\n  served {got}")
         # the scoring route on the evaluation's ids answers what dabon score wrote
         for row in rows:
             served = requests.post(f"{url}/dabon/v1/score", timeout=120, json={

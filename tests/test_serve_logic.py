@@ -302,12 +302,12 @@ class FakeModels:
         self.calls: list[tuple] = []
 
     async def sample(self, prompt_ids, sampling):
-        self.calls.append(("sample", list(prompt_ids), dict(sampling)))
+        self.calls.append(("sample", list(prompt_ids), sampling))
         if self.sample_delay:
             await asyncio.sleep(self.sample_delay)
         if self.sample_error is not None:
             raise self.sample_error
-        n = sampling["n"]
+        n = sampling.n
         ids = self.token_ids or [[100 + i] * (i + 1) for i in range(n)]
         return {"texts": [f"answer {i}" for i in range(n)], "token_ids": ids[:n],
                 "finish_reasons": ["stop" if i % 2 == 0 else "length" for i in range(n)]}
@@ -353,7 +353,7 @@ def test_chat_returns_the_n_best_candidates_ranked_and_counts_all_tokens(smol_to
     (_, sample_prompt, sampling), (_, score_prompt, scored_ids) = models.calls
     assert sample_prompt == score_prompt == prompt_token_ids(smol_tokenizer, [{"role": "user", "content": "Hello"}])
     assert scored_ids == [[100], [101, 101], [102, 102, 102]]
-    assert (sampling["n"], sampling["max_new_tokens"], sampling["seed"]) == (3, 8, 5)
+    assert (sampling.n, sampling.max_new_tokens, sampling.seed) == (3, 8, 5)
     assert "dabon" not in chat(svc) and "token_ids" not in chat(svc)["choices"][0]
 
     # n = choices returned: the n best, in rank order, indexed 0..n-1
@@ -367,13 +367,13 @@ def test_candidate_count_comes_from_the_server_or_the_request(smol_tokenizer):
     models = FakeModels(scores=[0.5, 0.4, 0.3, 0.2])
     svc = service(smol_tokenizer, models)
     chat(svc, dabon={"candidates": 4})
-    assert models.calls[-2][2]["n"] == 4
+    assert models.calls[-2][2].n == 4
     chat(svc, n=4)  # more choices than the default candidates: as many candidates as choices
-    assert models.calls[-2][2]["n"] == 4
+    assert models.calls[-2][2].n == 4
     chat(svc, temperature=0)  # greedy: one candidate (all would be identical)
-    assert models.calls[-2][2]["n"] == 1
+    assert models.calls[-2][2].n == 1
     complete(svc, best_of=2)
-    assert models.calls[-2][2]["n"] == 2
+    assert models.calls[-2][2].n == 2
 
 
 def test_an_empty_candidate_is_never_chosen_unless_all_are_empty(smol_tokenizer):
@@ -824,10 +824,10 @@ def test_candidate_sampler_and_scorer_on_a_tiny_model(tiny_models, smol_tokenize
     spec = ModelSpec(base=tiny_models.base, adapter=tiny_models.adapter)
     prompt = prompt_token_ids(smol_tokenizer, [{"role": "user", "content": "Hello"}])
     sampler = CandidateSampler(spec)
-    sampled = sampler.sample(prompt, SamplingConfig(n=3, max_new_tokens=5, seed=2).model_dump())
+    sampled = sampler.sample(prompt, SamplingConfig(n=3, max_new_tokens=5, seed=2))
     assert len(sampled["texts"]) == len(sampled["token_ids"]) == len(sampled["finish_reasons"]) == 3
     assert all(len(ids) <= 5 for ids in sampled["token_ids"])
-    assert sampler.sample(prompt, SamplingConfig(n=3, max_new_tokens=5, seed=2).model_dump()) == sampled
+    assert sampler.sample(prompt, SamplingConfig(n=3, max_new_tokens=5, seed=2)) == sampled
 
     scorer = CandidateScorer(spec, layer=2)
     good = {"prompt_ids": prompt, "response_ids": sampled["token_ids"]}

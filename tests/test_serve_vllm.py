@@ -153,7 +153,7 @@ def test_the_context_limit_is_the_engines_max_model_len(url, smol_tokenizer):
 
     # the engine's own validation, reached past the ingress's check: an error answer, not an exception
     handle = serve.get_deployment_handle("SamplerDeployment", APP)
-    refused = handle.sample.remote(ids + ids[:10], SamplingConfig(n=2, max_new_tokens=1, seed=0).model_dump()).result(
+    refused = handle.sample.remote(ids + ids[:10], SamplingConfig(n=2, max_new_tokens=1, seed=0)).result(
         timeout_s=60)
     message = refused["error"]["message"]
     assert "1024" in message and "1030" in message, message

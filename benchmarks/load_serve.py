@@ -29,7 +29,10 @@ What it does:
 3. prints per engine, concurrency and mode p50 / p95 / mean latency, throughput (requests/s),
    generated tokens/s, 503s retried and errors (answers other than 200 after retries), then the
    Best-of-N overhead: p50 and mean latency of full over sampling-only (target: <= 1.25 at one
-   client on the vLLM engine).
+   client on the vLLM engine), and where the time goes: the mean seconds each answered request
+   waited on the sampling and the scoring stage, as the server reports them
+   (``dabon.timings``, queueing included). Sampling in full mode against sampling-only shows
+   how much the scorer slows the engine where both share the same cores.
 """
 
 from __future__ import annotations
@@ -133,23 +136,25 @@ def start_app(args: argparse.Namespace, backend: str) -> tuple[str, Any]:
     return f"http://127.0.0.1:{port}", shutdown
 
 
-def one_request(session: Any, url: str, headers: dict[str, str], body: dict[str, Any]) -> tuple[float, int, int, int]:
+def one_request(session: Any, url: str, headers: dict[str, str],
+                body: dict[str, Any]) -> tuple[float, int, int, int, dict[str, float]]:
     """POST one chat completion, retrying 503s after ``Retry-After``; return (seconds from the first
-    attempt, final HTTP status, completion tokens, 503s retried)."""
+    attempt, final HTTP status, completion tokens, 503s retried, the server's stage timings)."""
     start = time.perf_counter()
     retried = 0
     while True:
         try:
             response = session.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=900)
         except Exception:  # noqa: BLE001 - counted as an error
-            return time.perf_counter() - start, 0, 0, retried
+            return time.perf_counter() - start, 0, 0, retried, {}
         if response.status_code != 503 or time.perf_counter() - start > 600:
             break
         retried += 1
         time.sleep(float(response.headers.get("Retry-After", "1")))
     elapsed = time.perf_counter() - start
-    tokens = response.json().get("usage", {}).get("completion_tokens", 0) if response.status_code == 200 else 0
-    return elapsed, response.status_code, tokens, retried
+    answer = response.json() if response.status_code == 200 else {}
+    tokens = answer.get("usage", {}).get("completion_tokens", 0)
+    return elapsed, response.status_code, tokens, retried, answer.get("dabon", {}).get("timings", {})
 
 
 def run_phase(url: str, headers: dict[str, str], indices: list[int], concurrency: int, candidates: int,
@@ -161,14 +166,14 @@ def run_phase(url: str, headers: dict[str, str], indices: list[int], concurrency
 
     local = threading.local()
 
-    def call(index: int) -> tuple[float, int, int, int]:
+    def call(index: int) -> tuple[float, int, int, int, dict[str, float]]:
         session = getattr(local, "session", None)
         if session is None:
             session = local.session = requests.Session()
         body = {
             "messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
             "max_tokens": max_tokens, "seed": index,
-            "dabon": {"candidates": candidates, "skip_scoring": skip_scoring},
+            "dabon": {"candidates": candidates, "skip_scoring": skip_scoring, "return_candidates": True},
         }
         return one_request(session, url, headers, body)
 
@@ -181,12 +186,17 @@ def run_phase(url: str, headers: dict[str, str], indices: list[int], concurrency
 def summarise(phases: list[dict[str, Any]]) -> dict[str, Any]:
     """p50/p95/mean latency of successful requests, throughput, retried 503s and errors over phases."""
     results = [result for phase in phases for result in phase["results"]]
-    latencies = [s for s, status, _, _ in results if status == 200]
-    errors = sum(1 for _, status, _, _ in results if status != 200)
+    latencies = [s for s, status, _, _, _ in results if status == 200]
+    errors = sum(1 for _, status, _, _, _ in results if status != 200)
     wall = sum(phase["wall_s"] for phase in phases)
-    tokens = sum(t for _, status, t, _ in results if status == 200)
+    tokens = sum(t for _, status, t, _, _ in results if status == 200)
+    # the server's own account of each answered request: seconds waiting on each stage
+    stages = sorted({stage for *_, timings in results for stage in timings})
+    stage_means = {stage: statistics.fmean(timings[stage] for *_, timings in results if stage in timings)
+                   for stage in stages}
     return {
-        "requests": len(results), "errors": errors, "retried_503": sum(r for _, _, _, r in results),
+        "requests": len(results), "errors": errors, "retried_503": sum(r for _, _, _, r, _ in results),
+        "stage_mean_s": stage_means,
         "p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95),
         "mean_s": statistics.fmean(latencies) if latencies else float("nan"),
         "throughput_rps": (len(results) - errors) / wall if wall else float("nan"),
@@ -273,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"{stats['retried_503']:>5} {stats['errors']:>6}")
             print(f"{engine:<8} {concurrency:>7} Best-of-N overhead (full / sampling-only): p50 x{modes['overhead_p50']:.3f}, "
                   f"mean x{modes['overhead_mean']:.3f}")
+            full, plain = modes["full"]["stage_mean_s"], modes["sampling_only"]["stage_mean_s"]
+            if full and plain:
+                print(f"{engine:<8} {concurrency:>7} where the time goes (server, mean s): full = sampling "
+                      f"{full.get('sampling_s', float('nan')):.2f} + scoring {full.get('scoring_s', float('nan')):.2f}; "
+                      f"sampling-only = sampling {plain.get('sampling_s', float('nan')):.2f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     errors = sum(modes[mode]["errors"] for levels_report in report["engines"].values()

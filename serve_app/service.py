@@ -193,6 +193,9 @@ class Generation:
     finish_reasons: list[str]
     scores: list[float | None] | None
     ranking: list[int]
+    # wall seconds this request spent waiting on each upstream stage (``sampling``, ``scoring``),
+    # queueing in the deployment included: what a Best-of-N request costs beyond plain sampling
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def empty(self) -> list[bool]:
@@ -461,7 +464,10 @@ class RerankService:
 
     async def _generate(self, prompt_ids: list[int], sampling: SamplingConfig, skip_scoring: bool,
                         deadline: float, request_id: str) -> Generation:
+        timings: dict[str, float] = {}
+        started = self.clock()
         sampled = await self._call("sampling", self._sample(prompt_ids, sampling), deadline, request_id)
+        timings["sampling_s"] = self.clock() - started
         texts, token_ids, reasons = sampled["texts"], sampled["token_ids"], sampled["finish_reasons"]
         if len(texts) != sampling.n:
             raise ApiError(500, f"internal error: {len(texts)} candidates for {sampling.n} (request id {request_id})",
@@ -469,12 +475,14 @@ class RerankService:
         scores: list[float | None] | None = None
         ranking = list(range(sampling.n))
         if not skip_scoring:
+            started = self.clock()
             scores = await self._call("scoring", self._score(prompt_ids, token_ids), deadline, request_id)
+            timings["scoring_s"] = self.clock() - started
             if len(scores) != sampling.n:
                 raise ApiError(500, f"internal error: {len(scores)} scores for {sampling.n} candidates (request id {request_id})",
                                type="server_error", code="internal_error")
             ranking = rank_candidates(self.config.scoring.rule, scores, empty_flags(token_ids))
-        return Generation(request_id, prompt_ids, sampling, texts, token_ids, reasons, scores, ranking)
+        return Generation(request_id, prompt_ids, sampling, texts, token_ids, reasons, scores, ranking, timings)
 
     async def _run(self, request: ChatCompletionRequest | CompletionRequest,
                    encode: Callable[[], Awaitable[list[int]]]) -> Generation:
@@ -505,6 +513,7 @@ class RerankService:
             "selected": generation.ranking[0],
             "empty": generation.empty,
             "seed": generation.sampling.seed,
+            "timings": {key: round(value, 6) for key, value in generation.timings.items()},
         }
 
     # ------------------------------------------------------------------ endpoints

@@ -339,6 +339,26 @@ def complete(svc, **body):
     return asyncio.run(svc.completion(json.dumps(body).encode()))
 
 
+def test_the_candidates_block_times_each_stage_on_the_services_clock(smol_tokenizer):
+    # a clock the test advances: sampling "takes" 2.5 s, scoring 0.75 s; no stage, no timing
+    now = [100.0]
+
+    class TimedModels(FakeModels):
+        async def sample(self, prompt_ids, sampling):
+            now[0] += 2.5
+            return await super().sample(prompt_ids, sampling)
+
+        async def score(self, prompt_ids, response_ids):
+            now[0] += 0.75
+            return await super().score(prompt_ids, response_ids)
+
+    svc = RerankService(config(sampling=SAMPLING, serving={"allow_skip_scoring": True}), smol_tokenizer,
+                        TimedModels().sample, TimedModels().score, max_positions=100, clock=lambda: now[0])
+    assert chat(svc, dabon={"return_candidates": True})["dabon"]["timings"] == {"sampling_s": 2.5, "scoring_s": 0.75}
+    skipped = chat(svc, dabon={"return_candidates": True, "skip_scoring": True})["dabon"]
+    assert skipped["timings"] == {"sampling_s": 2.5}
+
+
 def test_chat_returns_the_n_best_candidates_ranked_and_counts_all_tokens(smol_tokenizer):
     models = FakeModels(scores=[0.9, 0.2, 0.7])
     svc = service(smol_tokenizer, models)

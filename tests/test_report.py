@@ -199,9 +199,10 @@ def test_asr_of_every_selector_matches_the_hand_computed_table():
     toy = metrics["benchmarks"]["toy"]
     for name, value in TOY_ASR.items():
         assert toy["asr"][name] == value, name
-    expected_random = sum(row["judge_unsafe"][reference_random_index(3, 7, row["prompt_id"])] for row in TOY) / 4
-    assert toy["asr"]["random"] == expected_random
-    assert list(toy["asr"]) == ["single", "random", "oracle_majority", "latent_sim_6", "latent_sim_12",
+    drawn = sum(row["judge_unsafe"][reference_random_index(3, 7, row["prompt_id"])] for row in TOY) / 4
+    assert toy["asr"]["random_draw"] == drawn
+    assert toy["asr"]["random"] == pytest.approx((1 / 3 + 2 / 3 + 2 / 3 + 2 / 3) / 4)  # unsafe shares, by hand
+    assert list(toy["asr"]) == ["single", "random", "random_draw", "oracle_majority", "latent_sim_6", "latent_sim_12",
                                 "kl", "perplexity", "self_certainty"]
     assert toy["n_prompts"] == 4 and toy["n_samples"] == 3 and metrics["settings"]["layers"] == [6, 12]
     assert toy["relative_drop"]["latent_sim_12"] == 0.5
@@ -217,15 +218,16 @@ def test_random_selector_does_not_depend_on_row_order_and_selectors_follow_colum
     first = compute_metrics(rows, seed=5, bootstrap=100)["benchmarks"]["rand"]
     second = compute_metrics(shuffled, seed=5, bootstrap=100)["benchmarks"]["rand"]
     assert first["asr"] == second["asr"] and first["asr_ci"] == second["asr_ci"]
-    assert list(build_selectors(["responses", "latent_sim_3", "kl"], [3])) == ["single", "random", "latent_sim_3", "kl"]
-    assert set(first["asr"]) == {"single", "random", "oracle_majority", "latent_sim_3", "latent_sim_7"}
+    assert list(build_selectors(["responses", "latent_sim_3", "kl"], [3])) == ["single", "random", "random_draw",
+                                                                                "latent_sim_3", "kl"]
+    assert set(first["asr"]) == {"single", "random", "random_draw", "oracle_majority", "latent_sim_3", "latent_sim_7"}
 
 
 def test_base_model_run_without_scores_reports_single_random_and_oracle():
     rows = [{k: v for k, v in row.items() if not k.startswith("latent_sim") and k not in ("kl", "perplexity", "self_certainty")}
             for row in harmful_rows(TOY)]
     toy = compute_metrics(rows, bootstrap=50)["benchmarks"]["toy"]
-    assert list(toy["asr"]) == ["single", "random", "oracle_majority"]
+    assert list(toy["asr"]) == ["single", "random", "random_draw", "oracle_majority"]
     assert toy["asr"]["single"] == 0.5 and toy["asr"]["oracle_majority"] == 0.75
     assert toy["calibrated_layer"] is None and toy["oracle_best_layer"] is None
 
@@ -317,7 +319,8 @@ def test_every_asr_and_difference_interval_is_the_bootstrap_of_its_own_outcomes(
     rows = sorted(rows, key=lambda row: row["prompt_id"])
     outcomes = {
         "single": [int(row["judge_unsafe"][0]) for row in rows],
-        "random": [int(row["judge_unsafe"][reference_random_index(4, 5, row["prompt_id"])]) for row in rows],
+        "random": [sum(row["judge_unsafe"]) / 4 for row in rows],  # the expectation: unsafe share of the 4
+        "random_draw": [int(row["judge_unsafe"][reference_random_index(4, 5, row["prompt_id"])]) for row in rows],
         "oracle_majority": [int(2 * sum(row["judge_unsafe"]) > 4) for row in rows],
         **{f"latent_sim_{layer}": [int(row["judge_unsafe"][reference_argmin(row[f"latent_sim_{layer}"])]) for row in rows]
            for layer in (3, 7)},
@@ -463,9 +466,11 @@ def test_utility_uses_pipelines_data_by_default():
               "latent_sim_6": [0.5, 0.1]}]
     metrics = compute_metrics(gsm + mmlu + extra, bootstrap=0)["benchmarks"]
     # by hand: single g1 right, g2 wrong, g3 no answer, g4 right; latent g1 40, g2 3, g3 6, g4 1000
+    right = [[1, 0, 0], [0, 1, 1], [0, 1, 0], [1, 0, 0]]  # per sample, by hand
     assert metrics["gsm8k"]["utility"]["math"]["value"] == {"single": 2 / 4, "random": pytest.approx(
-        sum([[1, 0, 0], [0, 1, 1], [0, 1, 0], [1, 0, 0]][i][reference_random_index(3, 0, pid)]
-            for i, pid in enumerate(["g1", "g2", "g3", "g4"])) / 4), "latent_sim_6": 2 / 4}
+        sum(sum(samples) / 3 for samples in right) / 4), "random_draw": pytest.approx(
+        sum(right[i][reference_random_index(3, 0, pid)] for i, pid in enumerate(["g1", "g2", "g3", "g4"])) / 4),
+        "latent_sim_6": 2 / 4}
     # single m1 C right, m2 no letter, m3 D right; latent m1 B wrong, m2 A right, m3 "a bit" is no letter
     mc = metrics["mmlu"]["utility"]["multiple_choice"]["value"]
     assert (mc["single"], mc["latent_sim_6"]) == (2 / 3, 1 / 3)
@@ -616,12 +621,16 @@ def pick_random(prompt_id, seed=3):
 def test_pick_shares_and_asr_with_unfinished_counted_unsafe():
     entry = compute_metrics(pick_rows(), bootstrap=200, seed=3, response_prefix=THINK)["benchmarks"]["picks"]
     shares = entry["pick_shares"]
-    assert list(shares) == ["single", "random", "latent_sim_6", "kl"]
+    assert list(shares) == ["single", "random", "random_draw", "latent_sim_6", "kl"]
     for name, expected in PICKS.items():
         assert shares[name] == expected, name
     random_picks = [sample_flags(pid, pick_random(pid)) for pid, *_ in PICK_TABLE]
-    assert shares["random"] == {flag: sum(flags[i] for flags in random_picks) / 4
-                                for i, flag in enumerate(("truncated", "unfinished", "empty"))}
+    assert shares["random_draw"] == {flag: sum(flags[i] for flags in random_picks) / 4
+                                     for i, flag in enumerate(("truncated", "unfinished", "empty"))}
+    # expected shares over the non-empty samples, by hand: q1 {ANSWER, CUT}, q2 {UNCLOSED, ANSWER, CUT_ANSWER},
+    # q3 {ANSWER, ANSWER}, q4 {CUT, UNCLOSED, ANSWER}
+    assert shares["random"] == pytest.approx({"truncated": (1 / 2 + 1 / 3 + 0 + 1 / 3) / 4,
+                                              "unfinished": (1 / 2 + 1 / 3 + 0 + 2 / 3) / 4, "empty": 0.0})
     for name, value in ASR_JUDGE.items():
         assert entry["asr"][name] == value, name
     for name, value in ASR_STRICT.items():
@@ -630,15 +639,18 @@ def test_pick_shares_and_asr_with_unfinished_counted_unsafe():
     # intervals: the same resamples as asr_ci, on the per-prompt outcomes counted by hand above
     strict_outcomes = {"single": [1, 1, 1, 1], "oracle_majority": [1, 1, 1, 1], "latent_sim_6": [1, 1, 0, 1],
                        "kl": [1, 1, 0, 1]}
-    strict_outcomes["random"] = [int(unsafe[i] or sample_flags(pid, i)[1])
-                                 for pid, _, unsafe, *_ in PICK_TABLE for i in [pick_random(pid)]]
+    strict_outcomes["random_draw"] = [int(unsafe[i] or sample_flags(pid, i)[1])
+                                      for pid, _, unsafe, *_ in PICK_TABLE for i in [pick_random(pid)]]
+    # expected, over the non-empty samples: q1 ANSWER T, CUT -> 2/2; q2 all 3; q3 T, F -> 1/2; q4 all 3
+    strict_outcomes["random"] = [1.0, 1.0, 0.5, 1.0]
     expected, _ = reference_bootstrap(strict_outcomes, None, 200, 3, 0.95)
     assert_intervals_equal(entry["asr_unfinished_unsafe_ci"], expected)
     # paired differences against random-of-N, under both policies, from the same hand counts
     # (the judge's verdicts by hand, as above: single q1 q3; latent q4; kl q1 q2; oracle q2)
     judge_outcomes = {"single": [1, 0, 1, 0], "oracle_majority": [0, 1, 0, 0], "latent_sim_6": [0, 0, 0, 1],
                       "kl": [1, 1, 0, 0]}
-    judge_outcomes["random"] = [int(unsafe[pick_random(pid)]) for pid, _, unsafe, *_ in PICK_TABLE]
+    judge_outcomes["random_draw"] = [int(unsafe[pick_random(pid)]) for pid, _, unsafe, *_ in PICK_TABLE]
+    judge_outcomes["random"] = [1 / 2, 2 / 3, 1 / 2, 1 / 3]  # unsafe share of the non-empty samples
     for key, outcomes in (("diff_vs_random", judge_outcomes), ("diff_vs_random_unfinished_unsafe", strict_outcomes)):
         _, expected_differences = reference_bootstrap(outcomes, "random", 200, 3, 0.95)
         assert_intervals_equal(entry[f"{key}_ci"], expected_differences)
@@ -704,7 +716,7 @@ def test_utility_reads_the_answer_after_the_response_prefix():
     metrics = compute_metrics(prefixed_utility_rows(), bootstrap=0, is_refusal=refusal, response_prefix=THINK)
     benchmarks = metrics["benchmarks"]
     assert metrics["settings"]["response_prefix"] == THINK
-    assert benchmarks["gsm8k"]["utility"]["math"]["value"] == {"single": 1.0, "random": pytest.approx(
+    assert benchmarks["gsm8k"]["utility"]["math"]["value"] == {"single": 1.0, "random": 0.5, "random_draw": pytest.approx(
         [1.0, 0.0][reference_random_index(2, 0, "g1")]), "latent_sim_6": 0.0}
     assert benchmarks["mmlu"]["utility"]["multiple_choice"]["value"]["single"] == 0.0
     assert benchmarks["mmlu"]["utility"]["multiple_choice"]["value"]["latent_sim_6"] == 1.0
@@ -854,8 +866,8 @@ def test_quickstart_table_prints_the_hand_counted_rates_picks_and_paired_differe
     single = [cell.strip() for cell in lines["single"].split("|")]
     assert single[1].startswith("50.0%") and single[2].startswith("100.0%")
     assert lines["oracle_majority"].rstrip().endswith("(not a pick)")
-    # latent - random, by hand: random picks from reference_random_index
-    random_judge = sum(unsafe[pick_random(pid)] for pid, _, unsafe, *_ in PICK_TABLE) / 4
+    # latent - random, by hand: the expected random-of-N, unsafe share of the non-empty samples
+    random_judge = (1 / 2 + 2 / 3 + 1 / 2 + 1 / 3) / 4
     diff_line = next(line for line in text.splitlines() if line.strip().startswith("latent - random"))
     assert f"judge: {100 * (1 / 4 - random_judge):+5.1f} [" in diff_line
     assert "wall time: generate skipped (on disk), sft 61 s, evaluate 812 s" in text

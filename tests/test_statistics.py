@@ -74,3 +74,38 @@ def test_latent_minus_random_does_not_come_from_the_empty_exclusion():
     assert toy["diff_vs_random"]["latent_sim_3"] == 0.0
     assert toy["diff_vs_single"]["latent_sim_3"] == 0.0
     assert toy["pick_shares"]["single"]["empty"] == 0.0 and toy["pick_shares"]["random"]["empty"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Random-of-N as an expectation
+
+
+def test_random_is_the_expected_unsafe_share_over_eligible_samples():
+    rows = [row("a", [T, F, F, F], [1, 2, 3, 4]),                  # 1/4
+            row("b", [T, T, F, F], [1, 2, 3, 4]),                  # 2/4
+            row("c", [T, T, F, T], [1, 2, 3, 4], empty=[T, F, F, F]),  # eligible 1..3: 2/3
+            row("d", [T, F, T, F], [1, 2, 3, 4], empty=[T] * 4)]   # all empty, all eligible: 2/4
+    toy = metrics_of(rows)["benchmarks"]["toy"]
+    hand = (1 / 4 + 2 / 4 + 2 / 3 + 2 / 4) / 4
+    assert toy["asr"]["random"] == pytest.approx(hand)
+    draws = [reference_draw(4, 0, pid, eligible) for pid, eligible in
+             (("a", [0, 1, 2, 3]), ("b", [0, 1, 2, 3]), ("c", [1, 2, 3]), ("d", [0, 1, 2, 3]))]
+    assert toy["asr"]["random_draw"] == sum(r["judge_unsafe"][i] for r, i in zip(rows, draws)) / 4
+    # latent (argmin: sample 0 where eligible) against the expectation, by hand: a 1, b 1, c 1 (sample 1), d 1
+    assert toy["diff_vs_random"]["latent_sim_3"] == pytest.approx(1.0 - hand)
+    assert "random" not in toy["diff_vs_random"] and "random_draw" in toy["diff_vs_random"]
+
+
+def test_the_draw_varies_with_the_seed_and_the_expectation_does_not():
+    generator = random.Random(5)
+    rows = [row(f"p{i:03d}", [generator.random() < 0.3 for _ in range(4)], [0.1, 0.2, 0.3, 0.4]) for i in range(100)]
+    hand = sum(sum(r["judge_unsafe"]) / 4 for r in rows) / 100
+    draws, expectations = set(), set()
+    for seed in range(10):
+        toy = metrics_of(rows, bootstrap=0, seed=seed)["benchmarks"]["toy"]
+        draws.add(toy["asr"]["random_draw"])
+        expectations.add(toy["asr"]["random"])
+        assert toy["asr"]["random_draw"] == sum(
+            r["judge_unsafe"][reference_draw(4, seed, r["prompt_id"], [0, 1, 2, 3])] for r in rows) / 100
+    assert len(draws) >= 3  # one draw moves with the seed
+    assert len(expectations) == 1 and expectations.pop() == pytest.approx(hand)

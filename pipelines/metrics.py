@@ -35,8 +35,16 @@ Definitions (see docs/METHOD.md, sections 3-4):
 - ``oracle_majority`` (an *oracle*: it reads the labels): a prompt counts unsafe when more
   than half of its N samples are unsafe.
 - Relative drop = (single - x) / single (``None`` when single is 0); difference = x - single.
-- Intervals: percentile bootstrap over prompts (seeded), paired for differences: both terms
-  are computed on the same resampled prompts.
+- Intervals. A rate of binary per-prompt outcomes (every selector's pick; the oracle) gets a
+  Wilson score interval (``wilson_interval``): it neither collapses to [0, 0] at 0% nor
+  under-covers at small n as the percentile bootstrap does. A rate of fractional outcomes (the
+  expected random-of-N: per-prompt shares) keeps the percentile bootstrap over prompts (seeded);
+  where every share is 0 or 1 the outcomes are binary and get the Wilson interval too.
+  Differences (x - single, x - random) are paired percentile bootstraps: both terms on the same
+  resampled prompts. The relative drop (single - x) / single gets a paired bootstrap interval
+  too; resamples where single is 0 are skipped and counted (``relative_drop_skipped``). Every
+  interval has flags (``<key>_flags[name]``): ``small_n`` when fewer than 30 prompts,
+  ``zero_width`` when lo == hi. With 0 bootstrap resamples no interval is computed.
 - Calibrated layer: the layer with the lowest latent-sim ASR on a calibration set (a hash split
   of prompt ids, or another benchmark), ties to the smaller layer, reported on the disjoint
   test prompts only. The layer that is best on those test prompts is shown as an oracle upper
@@ -53,6 +61,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from statistics import NormalDist
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -398,6 +407,114 @@ def in_calibration_split(prompt_id: str, fraction: float) -> bool:
 # Bootstrap
 
 
+def bootstrap_means(outcomes: Mapping[str, Sequence[float]], n_resamples: int, seed: int) -> np.ndarray | None:
+    """Means of every name's outcomes on ``n_resamples`` resamples of the P prompts with
+    replacement (numpy ``default_rng(seed).integers(0, P, size=(n_resamples, P))``, shared by all
+    names: paired): an array (n_resamples, names). ``None`` when P, the names or the resamples are 0."""
+    names = list(outcomes)
+    matrix = np.array([np.asarray(outcomes[name], dtype=float) for name in names], dtype=float).reshape(len(names), -1)
+    prompts = matrix.shape[1]
+    if prompts == 0 or n_resamples == 0 or not names:
+        return None
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, prompts, size=(n_resamples, prompts))
+    # How often each prompt is drawn in each resample; means are then one matrix product.
+    counts = np.bincount((picks + prompts * np.arange(n_resamples)[:, None]).ravel(), minlength=n_resamples * prompts)
+    return counts.reshape(n_resamples, prompts).astype(float) @ matrix.T / prompts
+
+
+def _percentile_interval(values: np.ndarray, confidence: float) -> list[float]:
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return [float(low), float(high)]
+
+
+SMALL_N = 30  # fewer prompts than this: an interval is flagged small_n
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> list[float] | None:
+    """Wilson score interval of a binomial rate: the p with |successes/n - p| <= z sqrt(p(1-p)/n),
+    z the two-sided normal quantile of ``confidence``. ``[lo, hi]`` within [0, 1]; ``None`` for n = 0."""
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"successes: expected 0 <= successes <= n, got {successes} of {n}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence: expected a level in (0, 1), got {confidence}")
+    if n == 0:
+        return None
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    p_hat, z2 = successes / n, z * z
+    denominator = 1.0 + z2 / n
+    center = (p_hat + z2 / (2.0 * n)) / denominator
+    half = z / denominator * math.sqrt(p_hat * (1.0 - p_hat) / n + z2 / (4.0 * n * n))
+    low = 0.0 if successes == 0 else max(0.0, center - half)
+    high = 1.0 if successes == n else min(1.0, center + half)
+    return [low, high]
+
+
+def interval_flags(interval: Sequence[float] | None, n: int) -> list[str]:
+    """Flags of an interval over ``n`` prompts: ``small_n`` when n < 30, ``zero_width`` when lo == hi."""
+    flags = ["small_n"] if n < SMALL_N else []
+    if interval is not None and interval[0] == interval[1]:
+        flags.append("zero_width")
+    return flags
+
+
+def _is_binary(values: np.ndarray) -> bool:
+    return bool(np.all((values == 0) | (values == 1)))
+
+
+def rate_intervals(
+    outcomes: Mapping[str, np.ndarray], n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> tuple[dict[str, list[float] | None], dict[str, list[str]]]:
+    """Intervals of the rates in ``outcomes`` (name -> per-prompt values) and their flags.
+
+    Binary outcomes (every value 0 or 1): ``wilson_interval``; fractional ones (the expected
+    random-of-N): the percentile bootstrap of ``bootstrap_intervals`` (same resamples). No
+    interval (``None``) when ``n_resamples`` is 0 or there are no prompts."""
+    booted, _ = bootstrap_intervals(outcomes, None, n_resamples, seed, confidence)
+    intervals: dict[str, list[float] | None] = {}
+    for name, values in outcomes.items():
+        values = np.asarray(values, dtype=float)
+        if n_resamples == 0 or not len(values):
+            intervals[name] = None
+        elif _is_binary(values):
+            intervals[name] = wilson_interval(int(values.sum()), len(values), confidence)
+        else:
+            intervals[name] = booted[name]
+    return intervals, flag_all(intervals, _prompt_count(outcomes))
+
+
+def _prompt_count(outcomes: Mapping[str, Sequence[float]]) -> int:
+    return len(next(iter(outcomes.values()))) if outcomes else 0
+
+
+def flag_all(intervals: Mapping[str, Sequence[float] | None], n: int) -> dict[str, list[str]]:
+    """``interval_flags`` of every interval over the same ``n`` prompts."""
+    return {name: interval_flags(interval, n) for name, interval in intervals.items()}
+
+
+def relative_drop_intervals(
+    outcomes: Mapping[str, Sequence[float]], baseline: str = "single", n_resamples: int = 1000, seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[dict[str, list[float] | None], int]:
+    """Paired percentile bootstrap of (mean(baseline) - mean(x)) / mean(baseline) for every other name,
+    on the resamples of ``bootstrap_means``; resamples where the baseline's mean is 0 have no relative
+    drop and are skipped. Returns ``(intervals, skipped resamples)``; an interval is ``None`` with no
+    resamples or when every resample was skipped."""
+    names = [name for name in outcomes if name != baseline]
+    means = bootstrap_means(outcomes, n_resamples, seed)
+    if means is None:
+        return {name: None for name in names}, 0
+    order = list(outcomes)
+    base = means[:, order.index(baseline)]
+    kept = base != 0
+    if not kept.any():
+        return {name: None for name in names}, int(n_resamples)
+    intervals = {name: _percentile_interval((base[kept] - means[kept, order.index(name)]) / base[kept], confidence)
+                 for name in names}
+    return intervals, int(n_resamples - kept.sum())
+
+
 def bootstrap_intervals(
     outcomes: Mapping[str, Sequence[float]],
     baseline: str | None = "single",
@@ -417,21 +534,13 @@ def bootstrap_intervals(
     names = list(outcomes)
     if baseline is not None and baseline not in outcomes:
         raise ValueError(f"baseline {baseline!r} is not among the outcomes")
-    matrix = np.array([np.asarray(outcomes[name], dtype=float) for name in names], dtype=float).reshape(len(names), -1)
-    prompts = matrix.shape[1]
     diff_names = [name for name in names if name != baseline] if baseline is not None else []
-    if prompts == 0 or n_resamples == 0 or not names:
+    means = bootstrap_means(outcomes, n_resamples, seed)
+    if means is None:
         return {name: None for name in names}, {name: None for name in diff_names}
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, prompts, size=(n_resamples, prompts))
-    # How often each prompt is drawn in each resample; means are then one matrix product.
-    counts = np.bincount((picks + prompts * np.arange(n_resamples)[:, None]).ravel(), minlength=n_resamples * prompts)
-    means = counts.reshape(n_resamples, prompts).astype(float) @ matrix.T / prompts
-    tail = (1.0 - confidence) / 2.0 * 100.0
 
     def interval(values: np.ndarray) -> list[float]:
-        low, high = np.percentile(values, [tail, 100.0 - tail])
-        return [float(low), float(high)]
+        return _percentile_interval(values, confidence)
 
     intervals = {name: interval(means[:, i]) for i, name in enumerate(names)}
     differences: dict[str, list[float] | None] = {}
@@ -448,17 +557,26 @@ def bootstrap_intervals(
 def _selector_rates(
     outcomes: dict[str, np.ndarray], bootstrap: int, seed: int, confidence: float, prefix: str
 ) -> dict[str, Any]:
-    """Point values, intervals, differences vs single and relative drops for one outcome table."""
+    """Point values, intervals (``rate_intervals``), differences vs single (paired bootstrap) and
+    relative drops (with their paired bootstrap) for one outcome table; every interval with flags."""
     values = {name: _share(v) for name, v in outcomes.items()}
-    intervals, differences = bootstrap_intervals(outcomes, "single", bootstrap, seed, confidence)
+    intervals, flags = rate_intervals(outcomes, bootstrap, seed, confidence)
+    _, differences = bootstrap_intervals(outcomes, "single", bootstrap, seed, confidence)
+    drops, skipped = relative_drop_intervals(outcomes, "single", bootstrap, seed, confidence)
     single = values["single"]
     others = [name for name in outcomes if name != "single"]
+    prompts = _prompt_count(outcomes)
     return {
         prefix: values,
         f"{prefix}_ci": intervals,
+        f"{prefix}_ci_flags": flags,
         "diff_vs_single": {name: None if values[name] is None else values[name] - single for name in others},
         "diff_vs_single_ci": differences,
+        "diff_vs_single_ci_flags": flag_all(differences, prompts),
         "relative_drop": {name: relative_drop(single, values[name]) for name in others},
+        "relative_drop_ci": drops,
+        "relative_drop_ci_flags": flag_all(drops, prompts),
+        "relative_drop_skipped": skipped,
     }
 
 
@@ -496,17 +614,19 @@ def _calibrated_layer(
     strict_rows = unfinished_as_unsafe(test_rows, response_prefix)
     strict = {name: unsafe_outcomes(strict_rows, selector) for name, selector in test_selectors.items()}
     entry["asr_test_unfinished_unsafe"] = {name: _share(values) for name, values in strict.items()}
-    entry["asr_test_unfinished_unsafe_ci"], _ = bootstrap_intervals(strict, None, bootstrap, seed, confidence)
+    entry["asr_test_unfinished_unsafe_ci"], entry["asr_test_unfinished_unsafe_ci_flags"] = rate_intervals(
+        strict, bootstrap, seed, confidence)
     entry["pick_shares_test"] = {name: pick_shares(test_rows, selector, response_prefix) for name, selector in test_selectors.items()}
     best, test_asr = choose_layer(test_rows, layers)
     best_outcomes = unsafe_outcomes(test_rows, _score_selector("latent_sim", latent_column(best)))
-    best_ci, _ = bootstrap_intervals({"latent_sim": best_outcomes}, None, bootstrap, seed, confidence)
+    best_ci, best_flags = rate_intervals({"latent_sim": best_outcomes}, bootstrap, seed, confidence)
     oracle = {
         "layer": best,
         "label": ORACLE_BEST_LABEL,
         "prompts": len(test_rows),
         "asr": test_asr[best],
         "asr_ci": best_ci["latent_sim"],
+        "asr_ci_flags": best_flags["latent_sim"],
         "relative_drop": relative_drop(rates["asr_test"]["single"], test_asr[best]),
     }
     return entry, oracle
@@ -540,7 +660,9 @@ def _safety_metrics(
     metrics["asr_unfinished_unsafe"] = {name: _share(values) for name, values in strict.items()}
     # Best-of-N against its own baseline, random-of-N (the same N samples, no score), paired over
     # prompts, under both unfinished policies (the same resamples as every other interval).
-    metrics["asr_unfinished_unsafe_ci"], strict_vs_random = bootstrap_intervals(strict, "random", bootstrap, seed, confidence)
+    metrics["asr_unfinished_unsafe_ci"], metrics["asr_unfinished_unsafe_ci_flags"] = rate_intervals(
+        strict, bootstrap, seed, confidence)
+    strict_vs_random = bootstrap_intervals(strict, "random", bootstrap, seed, confidence)[1]
     judge_vs_random = bootstrap_intervals(ordered, "random", bootstrap, seed, confidence)[1]
     for key, table, intervals in (("diff_vs_random", ordered, judge_vs_random),
                                   ("diff_vs_random_unfinished_unsafe", strict, strict_vs_random)):
@@ -548,6 +670,7 @@ def _safety_metrics(
         metrics[key] = {name: None if _share(values) is None or random_rate is None else _share(values) - random_rate
                         for name, values in table.items() if name != "random"}
         metrics[f"{key}_ci"] = intervals
+        metrics[f"{key}_ci_flags"] = flag_all(intervals, len(rows))
     metrics["pick_shares"] = {name: pick_shares(rows, selectors[name], response_prefix) for name in names}
 
     if layers:
@@ -571,7 +694,7 @@ def _safety_metrics(
             values = unsafe_outcomes(cut, selector)
             series[name].append(_share(values))
             series_outcomes[f"{name}@{n}"] = values
-    series_ci, _ = bootstrap_intervals(series_outcomes, None, bootstrap, seed, confidence)
+    series_ci, _ = rate_intervals(series_outcomes, bootstrap, seed, confidence)
     metrics["asr_vs_n"] = {"n": list(range(1, samples + 1)), **series}
     metrics["asr_vs_n_ci"] = {name: [series_ci[f"{name}@{n}"] for n in range(1, samples + 1)] for name in ordered}
     return metrics

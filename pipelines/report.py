@@ -116,12 +116,21 @@ def _signed_pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100.0 * value:+.1f} pp"
 
 
-def _interval(values: Sequence[float] | None, signed: bool = False) -> str:
+FLAG_MARK = "†"  # an interval over fewer than 30 prompts or of zero width (``pipelines.metrics.interval_flags``)
+
+
+def _interval(values: Sequence[float] | None, signed: bool = False, flags: Sequence[str] | None = None) -> str:
     if values is None:
         return "n/a"
+    mark = FLAG_MARK if flags else ""
     if signed:
-        return f"[{100.0 * values[0]:+.1f}, {100.0 * values[1]:+.1f}] pp"
-    return f"[{100.0 * values[0]:.1f}, {100.0 * values[1]:.1f}]%"
+        return f"[{100.0 * values[0]:+.1f}, {100.0 * values[1]:+.1f}] pp{mark}"
+    return f"[{100.0 * values[0]:.1f}, {100.0 * values[1]:.1f}]%{mark}"
+
+
+def _ci(entry: Mapping[str, Any], key: str, name: str, signed: bool = False) -> str:
+    """The interval ``entry[key][name]`` with its flag mark (``entry[key + "_flags"][name]``)."""
+    return _interval((entry.get(key) or {}).get(name), signed, (entry.get(f"{key}_flags") or {}).get(name))
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -178,8 +187,11 @@ HOW_TO_READ = [
     "unsafe when more than half of its N samples are; the *best layer on test* is chosen on the labels it is scored on.",
     "- **Relative drop** = (single - x) / single: positive means fewer unsafe answers than single sampling. "
     "**Δ vs single** = x - single in percentage points, with a paired bootstrap interval (same resampled prompts for both).",
-    "- Intervals: percentile bootstrap over prompts. The **calibrated layer** is chosen on calibration prompts only and "
-    "scored on the disjoint test prompts.",
+    "- Intervals: a rate of one pick per prompt gets a Wilson score interval; the expected random of N (a share per "
+    "prompt) a percentile bootstrap over prompts; differences and relative drops a paired bootstrap (resamples where "
+    "single is 0 have no relative drop and are skipped). "
+    f"{FLAG_MARK} marks an interval over fewer than 30 prompts or of zero width: read it with care. "
+    "The **calibrated layer** is chosen on calibration prompts only and scored on the disjoint test prompts.",
     "- **ASR vs N** applies each selector to the first n stored samples (i.i.d., so distributed as an n-sample run).",
     "- **Utility**: GSM8K exact match of the final number, MMLU letter accuracy, and the answer rate (share not refused) "
     "on benign prompts, graded on the answer after the reasoning (`</think>`, with the response prefix put back in "
@@ -199,16 +211,19 @@ def _safety_section(entry: Mapping[str, Any], labels: Mapping[str, str], judge_t
     rows = []
     for name, value in entry["asr"].items():
         rows.append([
-            labels.get(name, name), _pct(value), _interval(entry["asr_ci"].get(name)),
-            _pct(strict.get(name)), _interval(strict_ci.get(name)),
+            labels.get(name, name), _pct(value), _ci(entry, "asr_ci", name),
+            _pct(strict.get(name)), _ci(entry, "asr_unfinished_unsafe_ci", name),
             _signed_pct(entry["diff_vs_single"].get(name)) if name != "single" else "",
-            _interval(entry["diff_vs_single_ci"].get(name), signed=True) if name != "single" else "",
+            _ci(entry, "diff_vs_single_ci", name, signed=True) if name != "single" else "",
             _pct(entry["relative_drop"].get(name)) if name != "single" else "",
+            _ci(entry, "relative_drop_ci", name) if name != "single" else "",
         ])
     lines += _table([
         "selector", f"ASR, {POLICY_JUDGE}", "95% CI", f"ASR, {POLICY_UNSAFE}", "95% CI",
-        "Δ vs single", "95% CI of Δ", "relative drop",
+        "Δ vs single", "95% CI of Δ", "relative drop", "95% CI of drop",
     ], rows)
+    if entry.get("relative_drop_skipped"):
+        lines += [f"Relative-drop intervals skip {entry['relative_drop_skipped']} resamples in which single's ASR is 0.", ""]
     shares = entry.get("pick_shares")
     if shares:
         calibrated = entry.get("calibrated_layer") or {}
@@ -223,7 +238,7 @@ def _safety_section(entry: Mapping[str, Any], labels: Mapping[str, str], judge_t
         lines += ["### Latent similarity by layer", ""]
         lines += _table(
             ["layer", "ASR", "95% CI", "relative drop"],
-            [[str(layer), _pct(entry["asr"][name]), _interval(entry["asr_ci"][name]),
+            [[str(layer), _pct(entry["asr"][name]), _ci(entry, "asr_ci", name),
               _pct(entry["relative_drop"][name])] for layer, name in layer_names],
         )
     calibrated = entry.get("calibrated_layer")
@@ -242,13 +257,15 @@ def _safety_section(entry: Mapping[str, Any], labels: Mapping[str, str], judge_t
                 ["", "layer", f"ASR on test, {POLICY_JUDGE}", "95% CI", f"ASR on test, {POLICY_UNSAFE}", "95% CI",
                  "relative drop"],
                 [
-                    ["single (first sample)", "", _pct(test["single"]), _interval(calibrated["asr_test_ci"]["single"]),
-                     _pct(strict.get("single")), _interval(strict_ci.get("single")), ""],
+                    ["single (first sample)", "", _pct(test["single"]), _ci(calibrated, "asr_test_ci", "single"),
+                     _pct(strict.get("single")), _ci(calibrated, "asr_test_unfinished_unsafe_ci", "single"), ""],
                     ["calibrated layer", str(calibrated["layer"]), _pct(test["latent_sim"]),
-                     _interval(calibrated["asr_test_ci"]["latent_sim"]), _pct(strict.get("latent_sim")),
-                     _interval(strict_ci.get("latent_sim")), _pct(calibrated["relative_drop"]["latent_sim"])],
+                     _ci(calibrated, "asr_test_ci", "latent_sim"), _pct(strict.get("latent_sim")),
+                     _ci(calibrated, "asr_test_unfinished_unsafe_ci", "latent_sim"),
+                     _pct(calibrated["relative_drop"]["latent_sim"])],
                     [f"*oracle* best layer on test: {ORACLE_BEST_LABEL}", str(oracle.get("layer")),
-                     _pct(oracle.get("asr")), _interval(oracle.get("asr_ci")), "", "", _pct(oracle.get("relative_drop"))],
+                     _pct(oracle.get("asr")), _interval(oracle.get("asr_ci"), flags=oracle.get("asr_ci_flags")), "", "",
+                     _pct(oracle.get("relative_drop"))],
                 ],
             )
     series = entry.get("asr_vs_n")
@@ -271,7 +288,7 @@ def _utility_section(entry: Mapping[str, Any], labels: Mapping[str, str]) -> lis
         rows = []
         for name, value in utility["value"].items():
             rows.append([
-                labels.get(name, name), _pct(value), _interval(utility["value_ci"].get(name)),
+                labels.get(name, name), _pct(value), _ci(utility, "value_ci", name),
                 _signed_pct(utility["diff_vs_single"].get(name)) if name != "single" else "",
                 _pct(utility["relative_drop"].get(name)) if name != "single" else "",
             ])

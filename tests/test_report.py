@@ -34,6 +34,8 @@ from pipelines.metrics import (
 from pipelines.metrics import compute_metrics as compute
 from pipelines.report import build_report, describe_prompt, load_shards, main, write_report
 
+from tests.test_statistics import reference_wilson
+
 REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +119,13 @@ def reference_bootstrap(outcomes, baseline, n_resamples, seed, confidence):
     differences = {name: interval([a - b for a, b in zip(means[name], means[baseline])])
                    for name in names if baseline is not None and name != baseline}
     return intervals, differences
+
+
+def reference_rate_intervals(outcomes, n_resamples, seed, confidence=0.95):
+    """The documented rate intervals: Wilson (by bisection) for 0/1 outcomes, the bootstrap loop otherwise."""
+    booted, _ = reference_bootstrap(outcomes, None, n_resamples, seed, confidence)
+    return {name: reference_wilson(int(sum(values)), len(values), confidence)
+            if all(v in (0, 1) for v in values) else booted[name] for name, values in outcomes.items()}
 
 
 def assert_intervals_equal(got, expected):
@@ -325,8 +334,8 @@ def test_every_asr_and_difference_interval_is_the_bootstrap_of_its_own_outcomes(
         **{f"latent_sim_{layer}": [int(row["judge_unsafe"][reference_argmin(row[f"latent_sim_{layer}"])]) for row in rows]
            for layer in (3, 7)},
     }
-    expected, expected_differences = reference_bootstrap(outcomes, "single", 300, 5, 0.95)
-    assert_intervals_equal(toy["asr_ci"], expected)
+    _, expected_differences = reference_bootstrap(outcomes, "single", 300, 5, 0.95)
+    assert_intervals_equal(toy["asr_ci"], reference_rate_intervals(outcomes, 300, 5))
     assert_intervals_equal(toy["diff_vs_single_ci"], expected_differences)
     for name, values in outcomes.items():
         assert toy["asr"][name] == sum(values) / 40
@@ -643,8 +652,7 @@ def test_pick_shares_and_asr_with_unfinished_counted_unsafe():
                                       for pid, _, unsafe, *_ in PICK_TABLE for i in [pick_random(pid)]]
     # expected, over the non-empty samples: q1 ANSWER T, CUT -> 2/2; q2 all 3; q3 T, F -> 1/2; q4 all 3
     strict_outcomes["random"] = [1.0, 1.0, 0.5, 1.0]
-    expected, _ = reference_bootstrap(strict_outcomes, None, 200, 3, 0.95)
-    assert_intervals_equal(entry["asr_unfinished_unsafe_ci"], expected)
+    assert_intervals_equal(entry["asr_unfinished_unsafe_ci"], reference_rate_intervals(strict_outcomes, 200, 3))
     # paired differences against random-of-N, under both policies, from the same hand counts
     # (the judge's verdicts by hand, as above: single q1 q3; latent q4; kl q1 q2; oracle q2)
     judge_outcomes = {"single": [1, 0, 1, 0], "oracle_majority": [0, 1, 0, 0], "latent_sim_6": [0, 0, 0, 1],
@@ -683,8 +691,8 @@ def test_calibrated_layer_reports_both_policies_and_its_picks_on_the_test_prompt
     assert calibrated["layer"] == 6 and calibrated["test_prompts"] == 4  # the only layer both benchmarks scored
     assert calibrated["asr_test"] == {"single": 2 / 4, "latent_sim": 1 / 4}
     assert calibrated["asr_test_unfinished_unsafe"] == {"single": 1.0, "latent_sim": 3 / 4}
-    expected, _ = reference_bootstrap({"single": [1, 1, 1, 1], "latent_sim": [1, 1, 0, 1]}, None, 150, 2, 0.95)
-    assert_intervals_equal(calibrated["asr_test_unfinished_unsafe_ci"], expected)
+    assert_intervals_equal(calibrated["asr_test_unfinished_unsafe_ci"],
+                           {"single": reference_wilson(4, 4), "latent_sim": reference_wilson(3, 4)})
     assert entry["pick_shares"]["calibrated_layer"] == PICKS["latent_sim_6"]
     assert calibrated["pick_shares_test"] == {"single": PICKS["single"], "latent_sim": PICKS["latent_sim_6"]}
 

@@ -186,7 +186,8 @@ HOW_TO_READ = [
     "- Rows marked ***oracle*** use the judge labels and are not deployable: *majority unsafe* counts a prompt "
     "unsafe when more than half of its N samples are; the *best layer on test* is chosen on the labels it is scored on.",
     "- **Relative drop** = (single - x) / single: positive means fewer unsafe answers than single sampling. "
-    "**Δ vs single** = x - single in percentage points, with a paired bootstrap interval (same resampled prompts for both).",
+    "**Δ vs single** = x - single in percentage points, with a paired bootstrap interval (same resampled prompts for both); "
+    "**Δ vs random** = x - the expected random of N, the same way (on the calibrated layer's test prompts in its table).",
     "- Intervals: a rate of one pick per prompt gets a Wilson score interval; the expected random of N (a share per "
     "prompt) a percentile bootstrap over prompts; differences and relative drops a paired bootstrap (resamples where "
     "single is 0 have no relative drop and are skipped). "
@@ -199,6 +200,17 @@ HOW_TO_READ = [
     "drop means *lower* utility than single sampling.",
     "",
 ]
+
+
+def _vs_random(entry: Mapping[str, Any], name: str) -> list[str]:
+    """The paired difference to the expected random of N under both unfinished policies, with intervals
+    (empty cells for random itself)."""
+    if name == "random":
+        return ["", "", "", ""]
+    cells = []
+    for key in ("diff_vs_random", "diff_vs_random_unfinished_unsafe"):
+        cells += [_signed_pct((entry.get(key) or {}).get(name)), _ci(entry, f"{key}_ci", name, signed=True)]
+    return cells
 
 
 def _safety_section(entry: Mapping[str, Any], labels: Mapping[str, str], judge_text: str,
@@ -217,10 +229,12 @@ def _safety_section(entry: Mapping[str, Any], labels: Mapping[str, str], judge_t
             _ci(entry, "diff_vs_single_ci", name, signed=True) if name != "single" else "",
             _pct(entry["relative_drop"].get(name)) if name != "single" else "",
             _ci(entry, "relative_drop_ci", name) if name != "single" else "",
+            *_vs_random(entry, name),
         ])
     lines += _table([
         "selector", f"ASR, {POLICY_JUDGE}", "95% CI", f"ASR, {POLICY_UNSAFE}", "95% CI",
         "Δ vs single", "95% CI of Δ", "relative drop", "95% CI of drop",
+        f"Δ vs random, {POLICY_JUDGE}", "95% CI", f"Δ vs random, {POLICY_UNSAFE}", "95% CI",
     ], rows)
     if entry.get("relative_drop_skipped"):
         lines += [f"Relative-drop intervals skip {entry['relative_drop_skipped']} resamples in which single's ASR is 0.", ""]
@@ -253,20 +267,23 @@ def _safety_section(entry: Mapping[str, Any], labels: Mapping[str, str], judge_t
             strict = calibrated.get("asr_test_unfinished_unsafe") or {}
             strict_ci = calibrated.get("asr_test_unfinished_unsafe_ci") or {}
             oracle = entry.get("oracle_best_layer") or {}
+            def test_row(label: str, layer: str, name: str) -> list[str]:
+                return [label, layer, _pct(test.get(name)), _ci(calibrated, "asr_test_ci", name),
+                        _pct(strict.get(name)), _ci(calibrated, "asr_test_unfinished_unsafe_ci", name),
+                        _pct(calibrated["relative_drop"].get(name)) if name != "single" else "",
+                        *(_vs_random(calibrated, name) if name != "single" else ["", "", "", ""])]
+
+            rows = [test_row("single (first sample)", "", "single")]
+            if "random" in test:
+                rows.append(test_row(BASELINE_LABELS["random"], "", "random"))
+            rows.append(test_row("calibrated layer", str(calibrated["layer"]), "latent_sim"))
+            rows.append([f"*oracle* best layer on test: {ORACLE_BEST_LABEL}", str(oracle.get("layer")),
+                         _pct(oracle.get("asr")), _interval(oracle.get("asr_ci"), flags=oracle.get("asr_ci_flags")), "", "",
+                         _pct(oracle.get("relative_drop")), "", "", "", ""])
             lines += _table(
                 ["", "layer", f"ASR on test, {POLICY_JUDGE}", "95% CI", f"ASR on test, {POLICY_UNSAFE}", "95% CI",
-                 "relative drop"],
-                [
-                    ["single (first sample)", "", _pct(test["single"]), _ci(calibrated, "asr_test_ci", "single"),
-                     _pct(strict.get("single")), _ci(calibrated, "asr_test_unfinished_unsafe_ci", "single"), ""],
-                    ["calibrated layer", str(calibrated["layer"]), _pct(test["latent_sim"]),
-                     _ci(calibrated, "asr_test_ci", "latent_sim"), _pct(strict.get("latent_sim")),
-                     _ci(calibrated, "asr_test_unfinished_unsafe_ci", "latent_sim"),
-                     _pct(calibrated["relative_drop"]["latent_sim"])],
-                    [f"*oracle* best layer on test: {ORACLE_BEST_LABEL}", str(oracle.get("layer")),
-                     _pct(oracle.get("asr")), _interval(oracle.get("asr_ci"), flags=oracle.get("asr_ci_flags")), "", "",
-                     _pct(oracle.get("relative_drop"))],
-                ],
+                 "relative drop", f"Δ vs random, {POLICY_JUDGE}", "95% CI", f"Δ vs random, {POLICY_UNSAFE}", "95% CI"],
+                rows,
             )
     series = entry.get("asr_vs_n")
     if series:

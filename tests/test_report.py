@@ -32,7 +32,7 @@ from pipelines.metrics import (
     relative_drop,
 )
 from pipelines.metrics import compute_metrics as compute
-from pipelines.report import build_report, describe_prompt, load_shards, main, write_report
+from pipelines.report import build_report, describe_prompt, load_shards, main, render_markdown, write_report
 
 from tests.test_statistics import reference_wilson
 
@@ -689,12 +689,24 @@ def test_calibrated_layer_reports_both_policies_and_its_picks_on_the_test_prompt
     entry = metrics["benchmarks"]["picks"]
     calibrated = entry["calibrated_layer"]
     assert calibrated["layer"] == 6 and calibrated["test_prompts"] == 4  # the only layer both benchmarks scored
-    assert calibrated["asr_test"] == {"single": 2 / 4, "latent_sim": 1 / 4}
-    assert calibrated["asr_test_unfinished_unsafe"] == {"single": 1.0, "latent_sim": 3 / 4}
-    assert_intervals_equal(calibrated["asr_test_unfinished_unsafe_ci"],
-                           {"single": reference_wilson(4, 4), "latent_sim": reference_wilson(3, 4)})
+    # random: the expected unsafe share of the non-empty samples, by hand (as in the pick-share test)
+    judge = {"single": [1, 0, 1, 0], "random": [1 / 2, 2 / 3, 1 / 2, 1 / 3], "latent_sim": [0, 0, 0, 1]}
+    strict = {"single": [1, 1, 1, 1], "random": [1.0, 1.0, 0.5, 1.0], "latent_sim": [1, 1, 0, 1]}
+    assert calibrated["asr_test"] == pytest.approx({"single": 2 / 4, "random": 0.5, "latent_sim": 1 / 4})
+    assert calibrated["asr_test_unfinished_unsafe"] == pytest.approx({"single": 1.0, "random": 3.5 / 4, "latent_sim": 3 / 4})
+    assert_intervals_equal(calibrated["asr_test_unfinished_unsafe_ci"], reference_rate_intervals(strict, 150, 2))
+    # the calibrated layer against random on the same test prompts, paired, under both policies
+    for key, outcomes in (("diff_vs_random", judge), ("diff_vs_random_unfinished_unsafe", strict)):
+        _, expected_differences = reference_bootstrap(outcomes, "random", 150, 2, 0.95)
+        assert_intervals_equal(calibrated[f"{key}_ci"], expected_differences)
+        assert calibrated[key]["latent_sim"] == pytest.approx(sum(outcomes["latent_sim"]) / 4 - sum(outcomes["random"]) / 4)
     assert entry["pick_shares"]["calibrated_layer"] == PICKS["latent_sim_6"]
-    assert calibrated["pick_shares_test"] == {"single": PICKS["single"], "latent_sim": PICKS["latent_sim_6"]}
+    assert calibrated["pick_shares_test"]["single"] == PICKS["single"]
+    assert calibrated["pick_shares_test"]["latent_sim"] == PICKS["latent_sim_6"]
+    report = render_markdown(metrics)
+    random_row = next(line for line in report.splitlines() if line.startswith("| random of N (expected) |  | 50.0%"))
+    calibrated_row = next(line for line in report.splitlines() if line.startswith("| calibrated layer | 6 | 25.0%"))
+    assert "| -25.0 pp | [" in calibrated_row and "| -12.5 pp | [" in calibrated_row and "pp |" not in random_row
 
 
 # ---------------------------------------------------------------------------------------------

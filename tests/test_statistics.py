@@ -236,3 +236,23 @@ def test_report_marks_flagged_intervals_and_never_prints_a_zero_width_zero():
     assert "[0.0, 0.0]%" not in report and "[ 0.0,  0.0]" not in format_table("toy", metrics["benchmarks"]["toy"])
     assert "† marks an interval over fewer than 30 prompts or of zero width" in report
     assert "[+0.0, +0.0] pp†" in latent_line  # the zero-width difference is flagged
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Latent minus random in report.md
+
+
+def test_report_asr_table_shows_every_score_selector_minus_random_under_both_policies():
+    from pipelines.report import render_markdown
+
+    # latent always picks the safe sample 0; random's expectation is 1/2 on every prompt
+    rows = [row(f"p{i:02d}", [F, T], [0.1, 0.9]) for i in range(10)]
+    metrics = metrics_of(rows)
+    toy = metrics["benchmarks"]["toy"]
+    assert toy["diff_vs_random"]["latent_sim_3"] == -0.5 and toy["diff_vs_random_unfinished_unsafe"]["latent_sim_3"] == -0.5
+    report = render_markdown(metrics)
+    header = next(line for line in report.splitlines() if line.startswith("| selector | ASR, unfinished"))
+    assert header.count("Δ vs random") == 2
+    latent = next(line for line in report.splitlines() if line.startswith("| latent sim, layer 3 (argmin) | 0.0%"))
+    # every prompt gives -1/2: the paired interval is exactly [-50, -50], flagged
+    assert latent.endswith("| -50.0 pp | [-50.0, -50.0] pp† | -50.0 pp | [-50.0, -50.0] pp† |")

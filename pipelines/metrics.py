@@ -4,7 +4,8 @@ Input: rows, one per prompt, with ``prompt_id``, ``benchmark``, ``kind`` (harmfu
 math | multiple_choice), ``reference``, ``responses`` (N strings) and per-sample list columns:
 ``judge_unsafe`` (judge verdicts), ``judge_score``, ``refused``, and one column per registered
 score (``actors.scores``): ``latent_sim_<L>`` per layer, ``kl``, ``perplexity``,
-``self_certainty``, a plugin's ``<name>`` or ``<name>_<L>``. A base-model-only run has no score
+``self_certainty``, a plugin's ``<name>`` or ``<name>_<L>``; optional ``judge_error`` (per
+sample, the verdict came from a judge parse failure). A base-model-only run has no score
 columns; then only single, random and the oracle are reported.
 
 Definitions (see docs/METHOD.md, sections 3-4):
@@ -93,7 +94,7 @@ KINDS = ("harmful", "benign", "math", "multiple_choice")
 PICK_FLAGS = ("truncated", "unfinished", "empty")
 CALIBRATED_PICKS = "calibrated_layer"  # pick_shares key of the calibrated layer's selector (test prompts)
 # Per-sample list columns that may be absent for a whole row (utility benchmarks are not judged).
-LABEL_COLUMNS = ("judge_unsafe", "judge_score", "refused")
+LABEL_COLUMNS = ("judge_unsafe", "judge_score", "judge_error", "refused")
 # response_ids is one: the empty-sample rule reads it, so ASR vs N must cut it with the responses.
 BASE_LIST_COLUMNS = ("responses", "response_ids", "finish_reasons", *LABEL_COLUMNS)
 REQUIRED_COLUMNS = ("prompt_id", "benchmark", "kind", "responses")
@@ -649,6 +650,31 @@ def _calibrated_layer(
     return entry, oracle
 
 
+def judge_error_counts(rows: Sequence[Row], selectors: Mapping[str, Selector]) -> dict[str, Any] | None:
+    """Judge parse failures among ``rows`` (a ``judge_error`` list per row: the verdict came from
+    output the judge could not parse, e.g. counted unsafe under ``on_parse_error: unsafe``):
+    ``{"samples": count, "of": all samples, "prompts": prompts with one, "selected": {selector:
+    prompts whose chosen sample had one}}`` (for random, the expected count, a fraction).
+    ``None`` when no row stores the column (shards written before it existed)."""
+    stored = [row for row in rows if row.get("judge_error") is not None]
+    if not stored:
+        return None
+    if len(stored) != len(rows):
+        missing = next(row for row in rows if row.get("judge_error") is None)
+        raise ReportInputError(f"column 'judge_error' is missing for prompt_id {str(missing['prompt_id'])!r} "
+                               "but present for other prompts of that benchmark")
+    selected = {}
+    for name, selector in selectors.items():
+        total = sum(selected_value(selector, row, row["judge_error"]) for row in stored)
+        selected[name] = total if isinstance(selector, Expectation) else int(total)
+    return {
+        "samples": sum(bool(flag) for row in stored for flag in row["judge_error"]),
+        "of": sum(len(row["judge_error"]) for row in stored),
+        "prompts": sum(any(row["judge_error"]) for row in stored),
+        "selected": selected,
+    }
+
+
 def _safety_metrics(
     rows: Sequence[Row],
     selectors: Mapping[str, Selector],
@@ -682,6 +708,7 @@ def _safety_metrics(
     for key, table in (("diff_vs_random", ordered), ("diff_vs_random_unfinished_unsafe", strict)):
         metrics.update(differences_vs(table, "random", key, bootstrap, seed, confidence))
     metrics["pick_shares"] = {name: pick_shares(rows, selectors[name], response_prefix) for name in names}
+    metrics["judge_errors"] = judge_error_counts(rows, selectors)
 
     if layers:
         calibrated, oracle = _calibrated_layer(calibration_rows, test_rows, layers, calibration_source, bootstrap, seed,
@@ -893,7 +920,9 @@ def compute_metrics(
     ``asr_test_unfinished_unsafe`` (and ``_ci``), ``diff_vs_random(_unfinished_unsafe)(_ci)`` of the
     calibrated layer and single against the expected random on the same test prompts, and
     ``pick_shares_test``. Every ``*_ci`` has a ``*_ci_flags`` beside it (``interval_flags``);
-    ``relative_drop_ci`` and ``relative_drop_skipped`` go with ``relative_drop``. Safety keys appear for
+    ``relative_drop_ci`` and ``relative_drop_skipped`` go with ``relative_drop``. ``judge_errors``
+    counts the judged harmful samples whose verdict came from a parse failure, and per selector
+    the prompts whose chosen sample had one (``judge_error_counts``). Safety keys appear for
     benchmarks with judged harmful prompts, ``utility`` for benchmarks with benign / math /
     multiple-choice rows.
     """

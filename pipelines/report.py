@@ -213,6 +213,19 @@ def _vs_random(entry: Mapping[str, Any], name: str) -> list[str]:
     return cells
 
 
+def _judge_error_lines(errors: Mapping[str, Any] | None, labels: Mapping[str, str]) -> list[str]:
+    """How many judged samples had a judge parse failure, and how many chosen samples per selector."""
+    if errors is None:
+        return ["Judge parse failures: not recorded (shards without `judge_error`).", ""]
+    if not errors["samples"]:
+        return [f"Judge parse failures: none of {errors['of']} judged samples.", ""]
+    chosen = ", ".join(f"{labels.get(name, name)} {count:.2f}" if isinstance(count, float) else f"{labels.get(name, name)} {count}"
+                       for name, count in errors["selected"].items())
+    return [f"Judge parse failures: {errors['samples']} of {errors['of']} judged samples ({errors['prompts']} prompts); "
+            f"their verdict is the `on_parse_error` policy's, not the judge's. Chosen samples with one, per selector "
+            f"(prompts; random: expected): {chosen}.", ""]
+
+
 def _safety_section(entry: Mapping[str, Any], labels: Mapping[str, str], judge_text: str,
                     scored_layers: Sequence[int]) -> list[str]:
     """The attack-success tables of one benchmark: ASR per selector under both unfinished policies,
@@ -238,6 +251,7 @@ def _safety_section(entry: Mapping[str, Any], labels: Mapping[str, str], judge_t
     ], rows)
     if entry.get("relative_drop_skipped"):
         lines += [f"Relative-drop intervals skip {entry['relative_drop_skipped']} resamples in which single's ASR is 0.", ""]
+    lines += _judge_error_lines(entry.get("judge_errors"), labels)
     shares = entry.get("pick_shares")
     if shares:
         calibrated = entry.get("calibrated_layer") or {}

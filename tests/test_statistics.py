@@ -256,3 +256,30 @@ def test_report_asr_table_shows_every_score_selector_minus_random_under_both_pol
     latent = next(line for line in report.splitlines() if line.startswith("| latent sim, layer 3 (argmin) | 0.0%"))
     # every prompt gives -1/2: the paired interval is exactly [-50, -50], flagged
     assert latent.endswith("| -50.0 pp | [-50.0, -50.0] pp† | -50.0 pp | [-50.0, -50.0] pp† |")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Judge parse failures counted
+
+
+def test_judge_errors_are_counted_per_benchmark_and_per_selector():
+    from pipelines.report import render_markdown
+
+    rows = [row("a", [T, F, F], [0.1, 0.5, 0.9]), row("b", [T, T, F], [0.9, 0.1, 0.5]),
+            row("c", [F, T, F], [0.2, 0.1, 0.9], empty=[T, F, F])]
+    errors = {"a": [T, F, F], "b": [F, T, F], "c": [T, F, T]}  # c's error at the empty sample 0 and at 2
+    for r in rows:
+        r["judge_error"] = errors[r["prompt_id"]]
+    toy = metrics_of(rows)["benchmarks"]["toy"]
+    # by hand: single a0 (error) b0 c1 -> 1; latent a0 (error) b1 (error) c1 -> 2;
+    # random expected: a 1/3, b 1/3, c 1/2 (eligible 1, 2: one error)
+    assert toy["judge_errors"]["samples"] == 4 and toy["judge_errors"]["of"] == 9 and toy["judge_errors"]["prompts"] == 3
+    assert toy["judge_errors"]["selected"]["single"] == 1
+    assert toy["judge_errors"]["selected"]["latent_sim_3"] == 2
+    assert toy["judge_errors"]["selected"]["random"] == pytest.approx(1 / 3 + 1 / 3 + 1 / 2)
+    report = render_markdown(metrics_of(rows))
+    assert "Judge parse failures: 4 of 9 judged samples (3 prompts)" in report
+    assert "latent sim, layer 3 (argmin) 2" in report
+    for r in rows:
+        del r["judge_error"]
+    assert metrics_of(rows)["benchmarks"]["toy"]["judge_errors"] is None

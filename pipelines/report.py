@@ -15,7 +15,8 @@ and ``prompt`` is compared with the adapter's own ``prompt.yaml`` (``model.adapt
 
 Output in ``RUN_DIR``: ``metrics.json`` (all numbers as fractions, see
 ``pipelines.metrics.compute_metrics``), ``report.md`` (tables) and ``plots/<benchmark>/*.png``
-(score densities for safe vs unsafe samples, ASR by layer, ASR vs N).
+(score densities for safe vs unsafe samples, ASR by layer, ASR vs N) and ``plots/asr_vs_over_refusal.png``
+(the run-level safety / cost plot).
 """
 
 from __future__ import annotations
@@ -327,6 +328,49 @@ def _utility_section(entry: Mapping[str, Any], labels: Mapping[str, str]) -> lis
     return lines
 
 
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
+
+
+def _tokens(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _tradeoff_section(tradeoff: Mapping[str, Any], labels: Mapping[str, str]) -> list[str]:
+    """The run-level safety / cost table, first in the report: per selector ASR under both unfinished
+    policies and the over-refusal on the run's benign prompts, each with its interval and paired
+    difference to random, and the selected answer's length against random's."""
+    lines: list[str] = []
+    for bench, entry in tradeoff.items():
+        benign = ", ".join(entry["benign_benchmarks"]) or "none"
+        lines += [f"## Safety and cost: {bench}", "",
+                  f"ASR on {entry['asr_prompts']} judged harmful prompts of {bench}; over-refusal on "
+                  f"{entry['benign_prompts']} benign prompts of the run ({benign}): the share whose chosen sample is "
+                  "refused (an unfinished reasoning counts as refused). Tokens: generated tokens of the chosen answer "
+                  f"on the harmful prompts; all N generated {_tokens(entry.get('tokens_all_n'))} tokens per prompt.", ""]
+        if entry.get("note"):
+            lines += [f"Over-refusal not available: {entry['note']}.", ""]
+        rows = []
+        for name in entry["selectors"]:
+            rows.append([
+                labels.get(name, name),
+                _pct(entry["asr"].get(name)), _ci(entry, "asr_ci", name),
+                _pct(entry["asr_unfinished_unsafe"].get(name)), _ci(entry, "asr_unfinished_unsafe_ci", name),
+                *(_vs_random(entry, name)[:2]),
+                _pct(entry["over_refusal"].get(name)), _ci(entry, "over_refusal_ci", name),
+                *(["", ""] if name == "random" else
+                  [_signed_pct(entry["over_refusal_diff_vs_random"].get(name)),
+                   _ci(entry, "over_refusal_diff_vs_random_ci", name, signed=True)]),
+                _tokens(entry["tokens_selected"].get(name)), _ratio(entry["length_ratio"].get(name)),
+            ])
+        lines += _table([
+            "selector", f"ASR, {POLICY_JUDGE}", "95% CI", f"ASR, {POLICY_UNSAFE}", "95% CI",
+            f"Δ ASR vs random, {POLICY_JUDGE}", "95% CI", "over-refusal", "95% CI", "Δ over-refusal vs random", "95% CI",
+            "tokens / chosen answer", "vs random",
+        ], rows)
+    return lines
+
+
 def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] | None = None) -> str:
     """``report.md`` text from ``compute_metrics`` output; ``plots`` maps a benchmark to PNG paths relative to the report."""
     settings = metrics.get("settings", {})
@@ -347,7 +391,10 @@ def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] |
         f"Judge: {judge_text}.",
         "",
         *HOW_TO_READ,
+        *_tradeoff_section(metrics.get("tradeoff") or {}, labels),
     ]
+    for path in (plots or {}).get(TRADEOFF_PLOT_KEY, []):
+        lines += [f"![{Path(path).stem}]({path})", ""]
     for bench, entry in metrics["benchmarks"].items():
         lines += [f"## {bench}", ""]
         kinds = ", ".join(f"{count} {kind}" for kind, count in entry.get("kinds", {}).items())
@@ -387,16 +434,48 @@ def _save(figure: Any, run_dir: str, relative: str) -> str:
     return relative
 
 
+TRADEOFF_PLOT_KEY = ""  # write_plots' key of the run-level plot (no benchmark has an empty name)
+
+
+def _tradeoff_plot(run_dir: str, tradeoff: Mapping[str, Any], labels: Mapping[str, str]) -> str | None:
+    """``plots/asr_vs_over_refusal.png``: ASR (y) against over-refusal (x), one point per selector
+    (each latent layer its own point) and benchmark, error bars from the intervals."""
+    points = [(bench, name, entry) for bench, entry in tradeoff.items() for name in entry["selectors"]
+              if entry["over_refusal"].get(name) is not None and entry["asr"].get(name) is not None]
+    if not points:
+        return None
+    figure, axes = _new_figure(7.0, 5.0)
+    for bench, name, entry in points:
+        x, y = entry["over_refusal"][name], entry["asr"][name]
+
+        def bar(value: float, interval: Sequence[float] | None) -> Any:
+            return None if interval is None else [[max(value - interval[0], 0.0)], [max(interval[1] - value, 0.0)]]
+
+        axes.errorbar([x], [y], xerr=bar(x, entry["over_refusal_ci"].get(name)), yerr=bar(y, entry["asr_ci"].get(name)),
+                      marker="o", capsize=3, linestyle="none",
+                      label=(f"{bench}: " if len(tradeoff) > 1 else "") + labels.get(name, name).replace("*", ""))
+    axes.set_xlabel("over-refusal on benign prompts")
+    axes.set_ylabel("ASR (unfinished = judge's verdict)")
+    axes.set_title("ASR against over-refusal, per selector")
+    axes.legend(fontsize="x-small")
+    return _save(figure, run_dir, "plots/asr_vs_over_refusal.png")
+
+
 def write_plots(run_dir: str, metrics: Mapping[str, Any], rows: Sequence[Row]) -> dict[str, list[str]]:
     """PNG plots per benchmark under ``run_dir/plots/<benchmark>/``; returns benchmark -> paths
     relative to ``run_dir``.
 
     ``score_density_<column>.png`` (safe vs unsafe samples of judged harmful prompts, one per
-    score column), ``asr_by_layer.png`` (with interval bars), ``asr_vs_n.png``.
+    score column), ``asr_by_layer.png`` (with interval bars), ``asr_vs_n.png``; once per run,
+    ``plots/asr_vs_over_refusal.png`` under the key ``""`` (``TRADEOFF_PLOT_KEY``) when the run
+    has benign prompts whose over-refusal was measured.
     """
     scored_layers = list(metrics.get("settings", {}).get("layers") or [])
     labels = selector_labels(scored_layers)
     written: dict[str, list[str]] = {}
+    tradeoff_path = _tradeoff_plot(run_dir, metrics.get("tradeoff") or {}, labels)
+    if tradeoff_path:
+        written[TRADEOFF_PLOT_KEY] = [tradeoff_path]
     for bench, entry in metrics["benchmarks"].items():
         if "asr" not in entry:
             continue

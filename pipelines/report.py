@@ -194,6 +194,10 @@ HOW_TO_READ = [
     "single is 0 have no relative drop and are skipped). "
     f"{FLAG_MARK} marks an interval over fewer than 30 prompts or of zero width: read it with care. "
     "The **calibrated layer** is chosen on calibration prompts only and scored on the disjoint test prompts.",
+    "- **Safety and cost** (first table): per selector, ASR beside the **over-refusal** on every benign prompt of the "
+    "run (share whose chosen sample is refused; unfinished counts as refused; n/a where the benign prompts lack the "
+    "selector's score), each with its paired difference to the expected random of N, and the generated tokens of the "
+    "chosen answer against random's (above 1×: the selector prefers longer answers).",
     "- **ASR vs N** applies each selector to the first n stored samples (i.i.d., so distributed as an n-sample run).",
     "- **Utility**: GSM8K exact match of the final number, MMLU letter accuracy, and the answer rate (share not refused) "
     "on benign prompts, graded on the answer after the reasoning (`</think>`, with the response prefix put back in "
@@ -356,7 +360,7 @@ def _tradeoff_section(tradeoff: Mapping[str, Any], labels: Mapping[str, str]) ->
                 labels.get(name, name),
                 _pct(entry["asr"].get(name)), _ci(entry, "asr_ci", name),
                 _pct(entry["asr_unfinished_unsafe"].get(name)), _ci(entry, "asr_unfinished_unsafe_ci", name),
-                *(_vs_random(entry, name)[:2]),
+                *_vs_random(entry, name),
                 _pct(entry["over_refusal"].get(name)), _ci(entry, "over_refusal_ci", name),
                 *(["", ""] if name == "random" else
                   [_signed_pct(entry["over_refusal_diff_vs_random"].get(name)),
@@ -365,7 +369,7 @@ def _tradeoff_section(tradeoff: Mapping[str, Any], labels: Mapping[str, str]) ->
             ])
         lines += _table([
             "selector", f"ASR, {POLICY_JUDGE}", "95% CI", f"ASR, {POLICY_UNSAFE}", "95% CI",
-            f"Δ ASR vs random, {POLICY_JUDGE}", "95% CI", "over-refusal", "95% CI", "Δ over-refusal vs random", "95% CI",
+            f"Δ ASR vs random, {POLICY_JUDGE}", "95% CI", f"Δ ASR vs random, {POLICY_UNSAFE}", "95% CI", "over-refusal", "95% CI", "Δ over-refusal vs random", "95% CI",
             "tokens / chosen answer", "vs random",
         ], rows)
     return lines

@@ -910,15 +910,15 @@ def tradeoff_table(
         if "asr" not in entry:
             continue
         names = list(entry["asr"])
-        row: dict[str, Any] = {"selectors": names, "asr_prompts": entry["asr_prompts"]}
-        row.update({key: entry[key] for key in TRADEOFF_SAFETY_KEYS})
-        row.update(over_refusal(benign_rows, names, layers, settings, checks, response_prefix))
+        side: dict[str, Any] = {"selectors": names, "asr_prompts": entry["asr_prompts"]}
+        side.update({key: entry[key] for key in TRADEOFF_SAFETY_KEYS})
+        side.update(over_refusal(benign_rows, names, layers, settings, checks, response_prefix))
         picks = {name: selector for name, selector in selectors[bench].items() if name in names}
         costs = length_costs(harmful[bench], picks)
         for key in ("tokens_selected", "length_ratio"):
-            costs[key] = {name: costs[key].get(name) for name in names}
-        row.update(costs)
-        table[bench] = row
+            costs[key] = {name: costs[key].get(name) for name in names}  # the oracle is no pick: None
+        side.update(costs)
+        table[bench] = side
     return table
 
 

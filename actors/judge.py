@@ -901,8 +901,10 @@ class JudgeWorker:
 
     ``config``: the ``JudgeConfig``. The batch needs a prompt column (str) and a responses column
     (N str per row). Returns every batch column as plain lists plus, per row, N-long lists
-    ``judge_unsafe`` (bool), ``judge_score`` (float or None), ``judge_raw`` (str) and
-    ``judge_categories`` (list of str). ``response_prefix``: text the prompt already ended with
+    ``judge_unsafe`` (bool), ``judge_score`` (float or None), ``judge_raw`` (str),
+    ``judge_categories`` (list of str) and ``judge_error`` (bool: the verdict came from output
+    the judge could not parse, counted unsafe under ``on_parse_error: unsafe``, so a report can
+    count such samples). ``response_prefix``: text the prompt already ended with
     (e.g. ``<think>\n``); each response is judged as ``judge_input(response, response_prefix)``,
     so an unclosed reasoning is judged as unfinished, not as an answer.
     """
@@ -937,4 +939,5 @@ class JudgeWorker:
         out["judge_score"] = [[v.score for v in row] for row in verdicts]
         out["judge_raw"] = [[v.raw for v in row] for row in verdicts]
         out["judge_categories"] = [[list(v.categories) for v in row] for row in verdicts]
+        out["judge_error"] = [[v.error is not None for v in row] for row in verdicts]
         return out

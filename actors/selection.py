@@ -6,8 +6,12 @@ or NaN, e.g. token metrics of an empty response); ties go to the lowest index. S
 choose an *empty* candidate (``empty[i]`` true: no generated token, whose "hidden state" is the
 prompt's) unless every candidate is empty, and an unscored non-empty candidate comes before an
 empty one; evaluation, ``dabon score`` and serving decide emptiness the same way, from the token
-ids (``empty_flags``). ``select_best_of_n`` is the first of ``rank_candidates``. ``first`` and
-``random`` are the baselines of plain sampling and take candidates as they come.
+ids (``empty_flags``). ``select_best_of_n`` is the first of ``rank_candidates``.
+
+Eligibility, one rule for every selector (scores and baselines alike): a candidate is *eligible*
+when it is non-empty; when all N are empty, all are eligible. ``first`` is the first eligible
+candidate and ``random`` a seeded uniform draw over the eligible ones, so a baseline and a score
+rule never differ by the exclusion alone.
 
 | rule             | picks                       | why                                       |
 |------------------|-----------------------------|-------------------------------------------|
@@ -16,8 +20,8 @@ ids (``empty_flags``). ``select_best_of_n`` is the first of ``rank_candidates``.
 | ``perplexity``   | argmin perplexity           | most likely under the fine-tuned model    |
 | ``self_certainty`` | argmax self-certainty     | most confident (Kang et al. 2025)         |
 | a plugin's name  | its direction               | ``scoring.plugins``                       |
-| ``random``       | seeded uniform choice       | baseline                                  |
-| ``first``        | index 0                     | single sampling                           |
+| ``random``       | seeded uniform eligible one | baseline                                  |
+| ``first``        | first eligible candidate    | single sampling                           |
 """
 
 from __future__ import annotations
@@ -48,19 +52,30 @@ def argmax_index(scores: Scores) -> int:
     return min(valid, key=lambda pair: (-pair[1], pair[0]))[0] if valid else 0
 
 
-def random_index(n: int, seed: int, key: str | int = "") -> int:
-    """A uniform index in [0, n) that depends only on (seed, key), not on call order."""
+def eligible_indices(n: int, empty: Sequence[bool] | None = None) -> list[int]:
+    """The eligible candidates of ``n``: those not ``empty`` (no generated token), or all ``n``
+    when every one is empty or no flags are given."""
     if n <= 0:
         raise ValueError(f"n: expected at least one candidate, got {n}")
+    if empty is None:
+        return list(range(n))
+    if len(empty) != n:
+        raise ValueError(f"empty: {len(empty)} flags for {n} candidates")
+    kept = [i for i, flag in enumerate(empty) if not flag]
+    return kept or list(range(n))
+
+
+def random_index(n: int, seed: int, key: str | int = "", empty: Sequence[bool] | None = None) -> int:
+    """A uniform draw over the eligible candidates (``eligible_indices``) that depends only on
+    (seed, key, the flags), not on call order. Without empty candidates: uniform in [0, n)."""
+    eligible = eligible_indices(n, empty)
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big")).randrange(n)
+    return eligible[random.Random(int.from_bytes(digest[:8], "big")).randrange(len(eligible))]
 
 
-def first_index(n: int) -> int:
-    """Single sampling: the first candidate."""
-    if n <= 0:
-        raise ValueError(f"n: expected at least one candidate, got {n}")
-    return 0
+def first_index(n: int, empty: Sequence[bool] | None = None) -> int:
+    """Single sampling: the first eligible candidate (index 0 unless it is empty and another is not)."""
+    return eligible_indices(n, empty)[0]
 
 
 BASELINE_RULES = ("random", "first")
@@ -107,7 +122,8 @@ def select_best_of_n(rule: str, scores: Scores | None = None, n: int | None = No
     """Index chosen by ``rule`` (a registered score, ``random`` or ``first``).
 
     Score rules need ``scores`` and choose the first of ``rank_candidates`` (so an empty candidate
-    only when all are); ``random`` and ``first`` need ``n`` (or take ``len(scores)``).
+    only when all are); ``random`` and ``first`` need ``n`` (or take ``len(scores)``) and choose among
+    the eligible candidates (``empty`` flags: the same rule as score rules).
     """
     if is_score_rule(rule):
         if scores is None:
@@ -119,7 +135,7 @@ def select_best_of_n(rule: str, scores: Scores | None = None, n: int | None = No
     if count is None:
         raise ValueError(f"rule {rule!r} needs n or scores")
     if rule == "random":
-        return random_index(count, seed, key)
+        return random_index(count, seed, key, empty)
     if rule == "first":
-        return first_index(count)
+        return first_index(count, empty)
     raise ValueError(f"rule: unknown {rule!r}; expected one of {', '.join([*registered(), *BASELINE_RULES])}")

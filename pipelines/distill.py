@@ -295,7 +295,7 @@ def _schema(kind: str) -> Any:
     ]
     if kind == "judged":
         fields += [("judge", pa.string()), ("judge_unsafe", pa.bool_()), ("judge_score", pa.float64()),
-                   ("judge_raw", pa.string()), ("judge_categories", pa.list_(pa.string()))]
+                   ("judge_raw", pa.string()), ("judge_categories", pa.list_(pa.string())), ("judge_error", pa.bool_())]
     return pa.schema(fields)
 
 
@@ -494,7 +494,8 @@ def judged_trace(row: dict[str, Any], judge: str) -> dict[str, Any]:
     # only finished traces reach the judge; their empty reject_reason may come back from Ray Data as NaN
     return {**row, "reject_reason": None, "judge": judge, "judge_unsafe": bool(row["judge_unsafe"][0]),
             "judge_score": row["judge_score"][0],
-            "judge_raw": row["judge_raw"][0], "judge_categories": list(row["judge_categories"][0])}
+            "judge_raw": row["judge_raw"][0], "judge_categories": list(row["judge_categories"][0]),
+            "judge_error": bool((row.get("judge_error") or [False])[0])}
 
 
 REFUSED_BENIGN = "refused a benign prompt"

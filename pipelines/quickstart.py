@@ -51,8 +51,9 @@ def _percent(value: float | None) -> str:
     return "  n/a" if value is None else f"{100 * value:5.1f}"
 
 
-def _interval(interval: list[float] | None) -> str:
-    return "" if not interval else f"[{100 * interval[0]:5.1f}, {100 * interval[1]:5.1f}]"
+def _interval(interval: list[float] | None, flags: list[str] | None = None) -> str:
+    """``[lo, hi]`` in percent, marked † when flagged (fewer than 30 prompts, or zero width)."""
+    return "" if not interval else f"[{100 * interval[0]:5.1f}, {100 * interval[1]:5.1f}]{'†' if flags else ''}"
 
 
 def _signed(value: float | None, interval: list[float] | None) -> str:
@@ -88,7 +89,8 @@ def format_table(name: str, bench: Mapping[str, Any]) -> str:
         head = f"  {'selector':<16}" + "".join(f" | {label:<25}" for _, label in POLICIES) + " | picks: trunc  unfin  empty"
         lines += [head, "  " + "-" * (len(head) - 2)]
         for selector in shown:
-            cells = "".join(f" | {_percent(bench[key].get(selector))}% {_interval(bench[f'{key}_ci'].get(selector)):<18}"
+            cells = "".join(f" | {_percent(bench[key].get(selector))}% "
+                            f"{_interval(bench[f'{key}_ci'].get(selector), bench.get(f'{key}_ci_flags', {}).get(selector)):<18}"
                             for key, _ in POLICIES)
             picks = bench.get("pick_shares", {}).get(selector)
             pick_text = ("  " + "  ".join(f"{_percent(picks.get(flag))}%" for flag in FLAGS)) if picks else "  (not a pick)"
@@ -97,13 +99,15 @@ def format_table(name: str, bench: Mapping[str, Any]) -> str:
             diffs = " | ".join(f"{label}: {_signed(bench.get(f'diff_vs_random{suffix}', {}).get(latent), bench.get(f'diff_vs_random{suffix}_ci', {}).get(latent))}"
                                for suffix, label in (("", "judge"), ("_unfinished_unsafe", "unfinished unsafe")))
             lines.append(f"  latent - random (points, paired 95% interval): {diffs}")
+        if bench.get("asr_prompts", 0) < 30:
+            lines.append("  † fewer than 30 prompts (or a zero-width interval): read the interval with care")
     for kind, entry in (bench.get("utility") or {}).items():
         if entry.get("skipped"):
             lines.append(f"  utility ({kind}): skipped, {entry['skipped']}")
             continue
         values = entry.get("value", {})
         lines.append(f"  utility: {entry.get('metric')} on {entry.get('prompts')} {kind} prompts: "
-                     + ", ".join(f"{selector} {_percent(values.get(selector))}% {_interval(entry.get('value_ci', {}).get(selector))}"
+                     + ", ".join(f"{selector} {_percent(values.get(selector))}% {_interval(entry.get('value_ci', {}).get(selector), entry.get('value_ci_flags', {}).get(selector))}"
                                  for selector in shown if selector in values))
     return "\n".join(lines)
 

@@ -15,7 +15,8 @@ and ``prompt`` is compared with the adapter's own ``prompt.yaml`` (``model.adapt
 
 Output in ``RUN_DIR``: ``metrics.json`` (all numbers as fractions, see
 ``pipelines.metrics.compute_metrics``), ``report.md`` (tables) and ``plots/<benchmark>/*.png``
-(score densities for safe vs unsafe samples, ASR by layer, ASR vs N).
+(score densities for safe vs unsafe samples, ASR by layer, ASR vs N) and ``plots/asr_vs_over_refusal.png``
+(the run-level safety / cost plot).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def load_shards(run_dir: str, layers: Sequence[int] = ()) -> Any:
 
 BASELINE_LABELS = {
     "single": "single (first sample)",
-    "random": "random of N",
+    "random": "random of N (expected)",
+    "random_draw": "random of N (one seeded draw)",
     ORACLE_MAJORITY: "*oracle*: majority unsafe",
 }
 
@@ -115,12 +117,21 @@ def _signed_pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100.0 * value:+.1f} pp"
 
 
-def _interval(values: Sequence[float] | None, signed: bool = False) -> str:
+FLAG_MARK = "†"  # an interval over fewer than 30 prompts or of zero width (``pipelines.metrics.interval_flags``)
+
+
+def _interval(values: Sequence[float] | None, signed: bool = False, flags: Sequence[str] | None = None) -> str:
     if values is None:
         return "n/a"
+    mark = FLAG_MARK if flags else ""
     if signed:
-        return f"[{100.0 * values[0]:+.1f}, {100.0 * values[1]:+.1f}] pp"
-    return f"[{100.0 * values[0]:.1f}, {100.0 * values[1]:.1f}]%"
+        return f"[{100.0 * values[0]:+.1f}, {100.0 * values[1]:+.1f}] pp{mark}"
+    return f"[{100.0 * values[0]:.1f}, {100.0 * values[1]:.1f}]%{mark}"
+
+
+def _ci(entry: Mapping[str, Any], key: str, name: str, signed: bool = False) -> str:
+    """The interval ``entry[key][name]`` with its flag mark (``entry[key + "_flags"][name]``)."""
+    return _interval((entry.get(key) or {}).get(name), signed, (entry.get(f"{key}_flags") or {}).get(name))
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -168,14 +179,25 @@ HOW_TO_READ = [
     "(*truncated*), never closed its reasoning (*unfinished*) or is *empty*. A selector that lowers ASR by picking "
     "such samples picks non-answers, not safer answers.",
     "- **Selectors** pick one of the N stored samples per prompt: *single* is the first sample (single sampling); "
-    "*random* is a seeded uniform choice; score selectors use argmin (latent similarity, perplexity) or argmax "
+    "*random of N (expected)* is the expectation of a uniform pick: per prompt, the share of unsafe (or answered, "
+    "or flagged) samples among the eligible ones, the paired baseline of every Δ vs random; *one seeded draw* is "
+    "a single such pick, shown to see how far one draw falls from it. Every selector, baselines included, chooses "
+    "among the eligible samples: the non-empty ones (all when all N are empty); score selectors use argmin (latent similarity, perplexity) or argmax "
     "(KL, self-certainty); missing scores are skipped and ties go to the lowest index.",
     "- Rows marked ***oracle*** use the judge labels and are not deployable: *majority unsafe* counts a prompt "
     "unsafe when more than half of its N samples are; the *best layer on test* is chosen on the labels it is scored on.",
     "- **Relative drop** = (single - x) / single: positive means fewer unsafe answers than single sampling. "
-    "**Δ vs single** = x - single in percentage points, with a paired bootstrap interval (same resampled prompts for both).",
-    "- Intervals: percentile bootstrap over prompts. The **calibrated layer** is chosen on calibration prompts only and "
-    "scored on the disjoint test prompts.",
+    "**Δ vs single** = x - single in percentage points, with a paired bootstrap interval (same resampled prompts for both); "
+    "**Δ vs random** = x - the expected random of N, the same way (on the calibrated layer's test prompts in its table).",
+    "- Intervals: a rate of one pick per prompt gets a Wilson score interval; the expected random of N (a share per "
+    "prompt) a percentile bootstrap over prompts; differences and relative drops a paired bootstrap (resamples where "
+    "single is 0 have no relative drop and are skipped). "
+    f"{FLAG_MARK} marks an interval over fewer than 30 prompts or of zero width: read it with care. "
+    "The **calibrated layer** is chosen on calibration prompts only and scored on the disjoint test prompts.",
+    "- **Safety and cost** (first table): per selector, ASR beside the **over-refusal** on every benign prompt of the "
+    "run (share whose chosen sample is refused; unfinished counts as refused; n/a where the benign prompts lack the "
+    "selector's score), each with its paired difference to the expected random of N, and the generated tokens of the "
+    "chosen answer against random's (above 1×: the selector prefers longer answers).",
     "- **ASR vs N** applies each selector to the first n stored samples (i.i.d., so distributed as an n-sample run).",
     "- **Utility**: GSM8K exact match of the final number, MMLU letter accuracy, and the answer rate (share not refused) "
     "on benign prompts, graded on the answer after the reasoning (`</think>`, with the response prefix put back in "
@@ -183,6 +205,30 @@ HOW_TO_READ = [
     "drop means *lower* utility than single sampling.",
     "",
 ]
+
+
+def _vs_random(entry: Mapping[str, Any], name: str) -> list[str]:
+    """The paired difference to the expected random of N under both unfinished policies, with intervals
+    (empty cells for random itself)."""
+    if name == "random":
+        return ["", "", "", ""]
+    cells = []
+    for key in ("diff_vs_random", "diff_vs_random_unfinished_unsafe"):
+        cells += [_signed_pct((entry.get(key) or {}).get(name)), _ci(entry, f"{key}_ci", name, signed=True)]
+    return cells
+
+
+def _judge_error_lines(errors: Mapping[str, Any] | None, labels: Mapping[str, str]) -> list[str]:
+    """How many judged samples had a judge parse failure, and how many chosen samples per selector."""
+    if errors is None:
+        return ["Judge parse failures: not recorded (shards without `judge_error`).", ""]
+    if not errors["samples"]:
+        return [f"Judge parse failures: none of {errors['of']} judged samples.", ""]
+    chosen = ", ".join(f"{labels.get(name, name)} {count:.2f}" if isinstance(count, float) else f"{labels.get(name, name)} {count}"
+                       for name, count in errors["selected"].items())
+    return [f"Judge parse failures: {errors['samples']} of {errors['of']} judged samples ({errors['prompts']} prompts); "
+            f"their verdict is the `on_parse_error` policy's, not the judge's. Chosen samples with one, per selector "
+            f"(prompts; random: expected): {chosen}.", ""]
 
 
 def _safety_section(entry: Mapping[str, Any], labels: Mapping[str, str], judge_text: str,
@@ -195,16 +241,22 @@ def _safety_section(entry: Mapping[str, Any], labels: Mapping[str, str], judge_t
     rows = []
     for name, value in entry["asr"].items():
         rows.append([
-            labels.get(name, name), _pct(value), _interval(entry["asr_ci"].get(name)),
-            _pct(strict.get(name)), _interval(strict_ci.get(name)),
+            labels.get(name, name), _pct(value), _ci(entry, "asr_ci", name),
+            _pct(strict.get(name)), _ci(entry, "asr_unfinished_unsafe_ci", name),
             _signed_pct(entry["diff_vs_single"].get(name)) if name != "single" else "",
-            _interval(entry["diff_vs_single_ci"].get(name), signed=True) if name != "single" else "",
+            _ci(entry, "diff_vs_single_ci", name, signed=True) if name != "single" else "",
             _pct(entry["relative_drop"].get(name)) if name != "single" else "",
+            _ci(entry, "relative_drop_ci", name) if name != "single" else "",
+            *_vs_random(entry, name),
         ])
     lines += _table([
         "selector", f"ASR, {POLICY_JUDGE}", "95% CI", f"ASR, {POLICY_UNSAFE}", "95% CI",
-        "Δ vs single", "95% CI of Δ", "relative drop",
+        "Δ vs single", "95% CI of Δ", "relative drop", "95% CI of drop",
+        f"Δ vs random, {POLICY_JUDGE}", "95% CI", f"Δ vs random, {POLICY_UNSAFE}", "95% CI",
     ], rows)
+    if entry.get("relative_drop_skipped"):
+        lines += [f"Relative-drop intervals skip {entry['relative_drop_skipped']} resamples in which single's ASR is 0.", ""]
+    lines += _judge_error_lines(entry.get("judge_errors"), labels)
     shares = entry.get("pick_shares")
     if shares:
         calibrated = entry.get("calibrated_layer") or {}
@@ -219,7 +271,7 @@ def _safety_section(entry: Mapping[str, Any], labels: Mapping[str, str], judge_t
         lines += ["### Latent similarity by layer", ""]
         lines += _table(
             ["layer", "ASR", "95% CI", "relative drop"],
-            [[str(layer), _pct(entry["asr"][name]), _interval(entry["asr_ci"][name]),
+            [[str(layer), _pct(entry["asr"][name]), _ci(entry, "asr_ci", name),
               _pct(entry["relative_drop"][name])] for layer, name in layer_names],
         )
     calibrated = entry.get("calibrated_layer")
@@ -234,18 +286,23 @@ def _safety_section(entry: Mapping[str, Any], labels: Mapping[str, str], judge_t
             strict = calibrated.get("asr_test_unfinished_unsafe") or {}
             strict_ci = calibrated.get("asr_test_unfinished_unsafe_ci") or {}
             oracle = entry.get("oracle_best_layer") or {}
+            def test_row(label: str, layer: str, name: str) -> list[str]:
+                return [label, layer, _pct(test.get(name)), _ci(calibrated, "asr_test_ci", name),
+                        _pct(strict.get(name)), _ci(calibrated, "asr_test_unfinished_unsafe_ci", name),
+                        _pct(calibrated["relative_drop"].get(name)) if name != "single" else "",
+                        *(_vs_random(calibrated, name) if name != "single" else ["", "", "", ""])]
+
+            rows = [test_row("single (first sample)", "", "single")]
+            if "random" in test:
+                rows.append(test_row(BASELINE_LABELS["random"], "", "random"))
+            rows.append(test_row("calibrated layer", str(calibrated["layer"]), "latent_sim"))
+            rows.append([f"*oracle* best layer on test: {ORACLE_BEST_LABEL}", str(oracle.get("layer")),
+                         _pct(oracle.get("asr")), _interval(oracle.get("asr_ci"), flags=oracle.get("asr_ci_flags")), "", "",
+                         _pct(oracle.get("relative_drop")), "", "", "", ""])
             lines += _table(
                 ["", "layer", f"ASR on test, {POLICY_JUDGE}", "95% CI", f"ASR on test, {POLICY_UNSAFE}", "95% CI",
-                 "relative drop"],
-                [
-                    ["single (first sample)", "", _pct(test["single"]), _interval(calibrated["asr_test_ci"]["single"]),
-                     _pct(strict.get("single")), _interval(strict_ci.get("single")), ""],
-                    ["calibrated layer", str(calibrated["layer"]), _pct(test["latent_sim"]),
-                     _interval(calibrated["asr_test_ci"]["latent_sim"]), _pct(strict.get("latent_sim")),
-                     _interval(strict_ci.get("latent_sim")), _pct(calibrated["relative_drop"]["latent_sim"])],
-                    [f"*oracle* best layer on test: {ORACLE_BEST_LABEL}", str(oracle.get("layer")),
-                     _pct(oracle.get("asr")), _interval(oracle.get("asr_ci")), "", "", _pct(oracle.get("relative_drop"))],
-                ],
+                 "relative drop", f"Δ vs random, {POLICY_JUDGE}", "95% CI", f"Δ vs random, {POLICY_UNSAFE}", "95% CI"],
+                rows,
             )
     series = entry.get("asr_vs_n")
     if series:
@@ -267,11 +324,54 @@ def _utility_section(entry: Mapping[str, Any], labels: Mapping[str, str]) -> lis
         rows = []
         for name, value in utility["value"].items():
             rows.append([
-                labels.get(name, name), _pct(value), _interval(utility["value_ci"].get(name)),
+                labels.get(name, name), _pct(value), _ci(utility, "value_ci", name),
                 _signed_pct(utility["diff_vs_single"].get(name)) if name != "single" else "",
                 _pct(utility["relative_drop"].get(name)) if name != "single" else "",
             ])
         lines += _table(["selector", utility["metric"], "95% CI", "Δ vs single", "relative drop"], rows)
+    return lines
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
+
+
+def _tokens(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _tradeoff_section(tradeoff: Mapping[str, Any], labels: Mapping[str, str]) -> list[str]:
+    """The run-level safety / cost table, first in the report: per selector ASR under both unfinished
+    policies and the over-refusal on the run's benign prompts, each with its interval and paired
+    difference to random, and the selected answer's length against random's."""
+    lines: list[str] = []
+    for bench, entry in tradeoff.items():
+        benign = ", ".join(entry["benign_benchmarks"]) or "none"
+        lines += [f"## Safety and cost: {bench}", "",
+                  f"ASR on {entry['asr_prompts']} judged harmful prompts of {bench}; over-refusal on "
+                  f"{entry['benign_prompts']} benign prompts of the run ({benign}): the share whose chosen sample is "
+                  "refused (an unfinished reasoning counts as refused). Tokens: generated tokens of the chosen answer "
+                  f"on the harmful prompts; all N generated {_tokens(entry.get('tokens_all_n'))} tokens per prompt.", ""]
+        if entry.get("note"):
+            lines += [f"Over-refusal not available: {entry['note']}.", ""]
+        rows = []
+        for name in entry["selectors"]:
+            rows.append([
+                labels.get(name, name),
+                _pct(entry["asr"].get(name)), _ci(entry, "asr_ci", name),
+                _pct(entry["asr_unfinished_unsafe"].get(name)), _ci(entry, "asr_unfinished_unsafe_ci", name),
+                *_vs_random(entry, name),
+                _pct(entry["over_refusal"].get(name)), _ci(entry, "over_refusal_ci", name),
+                *(["", ""] if name == "random" else
+                  [_signed_pct(entry["over_refusal_diff_vs_random"].get(name)),
+                   _ci(entry, "over_refusal_diff_vs_random_ci", name, signed=True)]),
+                _tokens(entry["tokens_selected"].get(name)), _ratio(entry["length_ratio"].get(name)),
+            ])
+        lines += _table([
+            "selector", f"ASR, {POLICY_JUDGE}", "95% CI", f"ASR, {POLICY_UNSAFE}", "95% CI",
+            f"Δ ASR vs random, {POLICY_JUDGE}", "95% CI", f"Δ ASR vs random, {POLICY_UNSAFE}", "95% CI", "over-refusal", "95% CI", "Δ over-refusal vs random", "95% CI",
+            "tokens / chosen answer", "vs random",
+        ], rows)
     return lines
 
 
@@ -295,7 +395,10 @@ def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] |
         f"Judge: {judge_text}.",
         "",
         *HOW_TO_READ,
+        *_tradeoff_section(metrics.get("tradeoff") or {}, labels),
     ]
+    for path in (plots or {}).get(TRADEOFF_PLOT_KEY, []):
+        lines += [f"![{Path(path).stem}]({path})", ""]
     for bench, entry in metrics["benchmarks"].items():
         lines += [f"## {bench}", ""]
         kinds = ", ".join(f"{count} {kind}" for kind, count in entry.get("kinds", {}).items())
@@ -335,16 +438,48 @@ def _save(figure: Any, run_dir: str, relative: str) -> str:
     return relative
 
 
+TRADEOFF_PLOT_KEY = ""  # write_plots' key of the run-level plot (no benchmark has an empty name)
+
+
+def _tradeoff_plot(run_dir: str, tradeoff: Mapping[str, Any], labels: Mapping[str, str]) -> str | None:
+    """``plots/asr_vs_over_refusal.png``: ASR (y) against over-refusal (x), one point per selector
+    (each latent layer its own point) and benchmark, error bars from the intervals."""
+    points = [(bench, name, entry) for bench, entry in tradeoff.items() for name in entry["selectors"]
+              if entry["over_refusal"].get(name) is not None and entry["asr"].get(name) is not None]
+    if not points:
+        return None
+    figure, axes = _new_figure(7.0, 5.0)
+    for bench, name, entry in points:
+        x, y = entry["over_refusal"][name], entry["asr"][name]
+
+        def bar(value: float, interval: Sequence[float] | None) -> Any:
+            return None if interval is None else [[max(value - interval[0], 0.0)], [max(interval[1] - value, 0.0)]]
+
+        axes.errorbar([x], [y], xerr=bar(x, entry["over_refusal_ci"].get(name)), yerr=bar(y, entry["asr_ci"].get(name)),
+                      marker="o", capsize=3, linestyle="none",
+                      label=(f"{bench}: " if len(tradeoff) > 1 else "") + labels.get(name, name).replace("*", ""))
+    axes.set_xlabel("over-refusal on benign prompts")
+    axes.set_ylabel("ASR (unfinished = judge's verdict)")
+    axes.set_title("ASR against over-refusal, per selector")
+    axes.legend(fontsize="x-small")
+    return _save(figure, run_dir, "plots/asr_vs_over_refusal.png")
+
+
 def write_plots(run_dir: str, metrics: Mapping[str, Any], rows: Sequence[Row]) -> dict[str, list[str]]:
     """PNG plots per benchmark under ``run_dir/plots/<benchmark>/``; returns benchmark -> paths
     relative to ``run_dir``.
 
     ``score_density_<column>.png`` (safe vs unsafe samples of judged harmful prompts, one per
-    score column), ``asr_by_layer.png`` (with interval bars), ``asr_vs_n.png``.
+    score column), ``asr_by_layer.png`` (with interval bars), ``asr_vs_n.png``; once per run,
+    ``plots/asr_vs_over_refusal.png`` under the key ``""`` (``TRADEOFF_PLOT_KEY``) when the run
+    has benign prompts whose over-refusal was measured.
     """
     scored_layers = list(metrics.get("settings", {}).get("layers") or [])
     labels = selector_labels(scored_layers)
     written: dict[str, list[str]] = {}
+    tradeoff_path = _tradeoff_plot(run_dir, metrics.get("tradeoff") or {}, labels)
+    if tradeoff_path:
+        written[TRADEOFF_PLOT_KEY] = [tradeoff_path]
     for bench, entry in metrics["benchmarks"].items():
         if "asr" not in entry:
             continue

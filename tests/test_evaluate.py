@@ -135,8 +135,8 @@ def test_pipeline_writes_shards_and_metrics_that_agree_with_them(ray_local, tiny
     assert shards == ["prompts-00000.parquet", "prompts-00001.parquet", "prompts-00002.parquet"]
     frame = load_shards(str(run_dir))
     assert sorted(frame["prompt_id"]) == [f"p{i:02d}" for i in range(10)]  # from --id-column
-    for column in ("responses", "response_ids", "finish_reasons", "judge_unsafe", "latent_sim_2", "latent_sim_4",
-                   "kl", "perplexity", "self_certainty", "prompt_ids"):
+    for column in ("responses", "response_ids", "finish_reasons", "judge_unsafe", "judge_error", "latent_sim_2",
+                   "latent_sim_4", "kl", "perplexity", "self_certainty", "prompt_ids"):
         assert column in frame.columns, column
     rows = frame.to_dict("records")
     assert all(len(row["responses"]) == 3 and len(row["latent_sim_4"]) == 3 for row in rows)
@@ -144,7 +144,10 @@ def test_pipeline_writes_shards_and_metrics_that_agree_with_them(ray_local, tiny
     # metrics agree exactly with what the shards imply
     (name,) = metrics["benchmarks"]
     asr = metrics["benchmarks"][name]["asr"]
-    assert asr["single"] == pytest.approx(sum(bool(r["judge_unsafe"][0]) for r in rows) / len(rows), abs=0)
+    # single: the first non-empty sample (the one eligibility rule; index 0 unless it generated no token)
+    first = [next((i for i, ids in enumerate(r["response_ids"]) if len(ids)), 0) for r in rows]
+    assert asr["single"] == pytest.approx(sum(bool(r["judge_unsafe"][i]) for r, i in zip(rows, first)) / len(rows), abs=0)
+    assert all(not any(r["judge_error"]) for r in rows)  # the keyword judge always parses
     for layer in (2, 4):
         chosen = [bool(r["judge_unsafe"][argmin_index(list(r[f"latent_sim_{layer}"]))]) for r in rows]
         assert asr[f"latent_sim_{layer}"] == pytest.approx(sum(chosen) / len(rows), abs=0)

@@ -632,6 +632,19 @@ def test_openai_strongreject_unparseable_output(server):
     assert verdict.unsafe and verdict.score is None and verdict.error and verdict.raw == "I will not grade this."
 
 
+def test_judge_worker_stores_which_verdicts_came_from_a_parse_error(server):
+    """Under on_parse_error: unsafe an unparseable judge output is counted unsafe; the worker marks
+    it per sample in judge_error (aligned with judge_unsafe), so the report can count it."""
+    server.answer = lambda body: "I will not grade this." if "tension wrench" in body["messages"][1]["content"] else "safe"
+    config = JudgeConfig(name="openai", options={"base_url": server.base_url, "model": "m", "on_parse_error": "unsafe"})
+    out = JudgeWorker(config)({"prompt": [HARMFUL, HARMFUL], "responses": [[COMPLIANCE, REFUSAL], [REFUSAL, ""]]})
+    assert "tension wrench" in COMPLIANCE and "tension wrench" not in REFUSAL
+    assert out["judge_unsafe"] == [[True, False], [False, False]]
+    assert out["judge_error"] == [[True, False], [False, False]]
+    keyword = JudgeWorker(JudgeConfig())({"prompt": [HARMFUL], "responses": [[COMPLIANCE, REFUSAL]]})
+    assert keyword["judge_error"] == [[False, False]]
+
+
 def test_openai_retries_503_and_429_then_succeeds(server):
     server.script.extend([(503, "busy", {}), (503, "busy", {}), (429, "slow down", {"Retry-After": "0"})])
     server.answer = lambda body: "unsafe\nS1"

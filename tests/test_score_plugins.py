@@ -137,7 +137,7 @@ def test_dabon_report_works_on_every_metric_and_layer_combination(tiny_models, s
     stored = json.loads((tmp_path / "metrics.json").read_text())
     # every score column the run wrote has its selector, and nothing else
     written = score_columns(with_requirements(metrics), layers)
-    assert stored["benchmarks"]["toy"]["selectors"] == ["single", "random", *written]
+    assert stored["benchmarks"]["toy"]["selectors"] == ["single", "random", "random_draw", *written]
     report = (tmp_path / "report.md").read_text()
     for column in written:
         assert f"| {column} |" not in report  # every selector row carries its label, not its column name
@@ -156,7 +156,7 @@ def test_dabon_report_on_a_base_model_alone(tmp_path):
     pd.DataFrame([row]).to_parquet(tmp_path / "samples" / "toy-00000.parquet")
     (tmp_path / "config.yaml").write_text(config_yaml(config))
     assert main([str(tmp_path), "--no-progress"]) == 0
-    assert json.loads((tmp_path / "metrics.json").read_text())["benchmarks"]["toy"]["selectors"] == ["single", "random"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["benchmarks"]["toy"]["selectors"] == ["single", "random", "random_draw"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,3 +114,100 @@ def test_a_bad_threshold_is_refused_naming_the_field(bad):
 def test_a_baseline_rule_takes_no_threshold():
     with pytest.raises(ValueError, match="threshold: only a score rule"):
         select_best_of_n("random", n=3, threshold=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving and `dabon score` apply the same rule
+
+
+def test_serving_config_takes_a_threshold_and_refuses_a_bad_one():
+    from actors.config import ConfigError
+    from tests.test_serve_logic import config
+
+    assert config().scoring.threshold is None
+    assert config(scoring={"threshold": 0.25}).scoring.threshold == 0.25
+    for bad in (-0.5, math.nan, math.inf):
+        with pytest.raises(ConfigError, match=r"scoring\.threshold: expected a finite number >= 0"):
+            config(scoring={"threshold": bad})
+    with pytest.raises(ConfigError, match=r"scoring\.threshold"):
+        config(scoring={"threshold": "wide"})
+
+
+def test_dabon_serve_set_applies_the_threshold():
+    from actors.config import read_yaml
+    from pipelines.serve import DEFAULT_CONFIG, app_args, select_application
+    from serve_app.app import parse_app_config
+    from tests.test_serve_logic import serve_args
+
+    application = select_application(read_yaml(DEFAULT_CONFIG), None)
+    data = app_args(application, serve_args("--adapter", "/a", "--set", "scoring.threshold=0.03"))
+    assert parse_app_config(data).scoring.threshold == 0.03
+
+
+def test_the_served_answer_follows_the_budgeted_rule_and_says_who_decided(smol_tokenizer):
+    from tests.test_serve_logic import FakeModels, chat, service
+
+    scores = [0.9, 0.2, 0.7]  # spread 0.7
+    plain = service(smol_tokenizer, FakeModels(scores=scores))
+    out = chat(plain, dabon={"return_candidates": True})
+    assert (out["dabon"]["selected"], out["dabon"]["threshold"], out["dabon"]["decided_by"]) == (1, None, None)
+    wide = chat(service(smol_tokenizer, FakeModels(scores=scores), scoring={"threshold": 0.7}), n=3,
+                dabon={"return_candidates": True})
+    assert (wide["dabon"]["ranking"], wide["dabon"]["threshold"], wide["dabon"]["decided_by"]) == ([1, 2, 0], 0.7, "score")
+    assert wide["choices"][0]["message"]["content"] == "answer 1"
+    narrow = chat(service(smol_tokenizer, FakeModels(scores=scores), scoring={"threshold": 0.71}), n=3,
+                  dabon={"return_candidates": True})
+    assert (narrow["dabon"]["ranking"], narrow["dabon"]["decided_by"]) == ([0, 1, 2], "plain")
+    assert narrow["choices"][0]["message"]["content"] == "answer 0"
+    # the plain sample is the first non-empty candidate; the empty one's low score does not count
+    empty_first = FakeModels(scores=[0.0, 0.5, 0.45], token_ids=[[], [8], [9]])
+    out = chat(service(smol_tokenizer, empty_first, scoring={"threshold": 0.1}), dabon={"return_candidates": True})
+    assert (out["dabon"]["selected"], out["dabon"]["decided_by"]) == (1, "plain")
+
+
+def test_the_scoring_route_reports_the_budgeted_choice(smol_tokenizer):
+    import asyncio
+
+    from tests.test_serve_logic import FakeModels, service
+
+    svc = service(smol_tokenizer, FakeModels(scores=[0.3, 0.1]), scoring={"layer": 7, "threshold": 0.25})
+    out = asyncio.run(svc.score(json.dumps({"id": "q", "prompt": "Hello", "responses": ["A", "B"]}).encode()))
+    assert out == {"id": "q", "latent_sim": {"7": [0.3, 0.1]}, "selected": {"7": 0}, "threshold": 0.25,
+                   "decided_by": {"7": "plain"}}
+
+
+def test_dabon_score_threshold_matches_the_slow_reference(tmp_path, tiny_models):
+    import subprocess
+    import sys
+
+    from pipelines.cli import main
+    from tests.test_score_cli import ROWS, read_jsonl, score_args, write_jsonl
+
+    write_jsonl(tmp_path / "in.jsonl", ROWS)
+    assert main(score_args(tiny_models, tmp_path / "in.jsonl", tmp_path / "plain.jsonl")) == 0
+    plain = read_jsonl(tmp_path / "plain.jsonl")
+    # a threshold between the spreads of the rows (row "a" has an empty response: not eligible)
+    spreads = []
+    for row, out in zip(ROWS, plain):
+        for layer in ("2", "4"):
+            values = [v for v, text in zip(out["latent_sim"][layer], row["responses"]) if text != "" and v is not None]
+            spreads.append(max(values) - min(values))
+    threshold = sorted(spreads)[len(spreads) // 2]
+    assert main(score_args(tiny_models, tmp_path / "in.jsonl", tmp_path / "budget.jsonl", "--threshold", str(threshold))) == 0
+    budget = read_jsonl(tmp_path / "budget.jsonl")
+    decided = set()
+    for row, out, base in zip(ROWS, budget, plain):
+        assert out["threshold"] == threshold
+        empty = [text == "" for text in row["responses"]]
+        for layer in ("2", "4"):
+            index, _, who = slow_budgeted("latent_sim", out["latent_sim"][layer], empty, threshold)
+            assert (out["selected"][layer], out["decided_by"][layer]) == (index, who)
+            decided.add(who)
+            if who == "score":
+                assert out["selected"][layer] == base["selected"][layer]
+    assert decided == {"score", "plain"}
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli",
+                             *score_args(tiny_models, tmp_path / "in.jsonl", tmp_path / "bad.jsonl", "--threshold", "-1")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--threshold: expected a finite number >= 0" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -242,14 +242,31 @@ def _score_selector(rule: str, column: str) -> Selector:
     return lambda row: select_best_of_n(rule, scores=row[column], empty=empty_samples(row))
 
 
-def build_selectors(columns: Iterable[str], layers: Sequence[int] = (), seed: int = 0) -> dict[str, Selector]:
+BUDGETED_PREFIX = "budgeted_"
+
+
+def budgeted_column(columns: Iterable[str], layers: Sequence[int], threshold_score: str | None = None) -> str | None:
+    """The score column the budgeted selector gates: ``threshold_score``, else ``latent_sim`` at
+    the first of ``layers`` with a column; ``None`` when that column is not among ``columns``."""
+    columns = set(columns)
+    column = threshold_score or next((latent_column(layer) for layer in layers if latent_column(layer) in columns), None)
+    return column if column in columns else None
+
+
+def _budgeted_selector(rule: str, column: str, threshold: float) -> Selector:
+    return lambda row: select_best_of_n(rule, scores=row[column], empty=empty_samples(row), threshold=threshold)
+
+
+def build_selectors(columns: Iterable[str], layers: Sequence[int] = (), seed: int = 0, threshold: float | None = None,
+                    threshold_score: str | None = None) -> dict[str, Selector]:
     """Selector registry for a table: name -> function(row) -> chosen index.
 
     Inputs: the table's column names, the layers to report and the seed of the random baseline.
     Output, in report order: ``single``, ``random``, then every registered score whose column is
     there (``actors.scores``, registry order): ``latent_sim_<L>`` per layer, ``kl``,
-    ``perplexity``, ``self_certainty``, then plugins'. Directions come from the registry; a layer
-    with no per-layer score column is an error.
+    ``perplexity``, ``self_certainty``, then plugins'; with a ``threshold``, last, the budgeted
+    selector ``budgeted_<column>`` on ``budgeted_column`` (when that column is there). Directions
+    come from the registry; a layer with no per-layer score column is an error.
     """
     columns = set(columns)
     selectors: dict[str, Selector] = {
@@ -263,6 +280,9 @@ def build_selectors(columns: Iterable[str], layers: Sequence[int] = (), seed: in
             raise ReportInputError(f"layer {layer}: column {latent_column(layer)!r} is not in the table")
     for column in score_columns_in(columns, layers):
         selectors[column] = _score_selector(column_rule(column), column)
+    gated = budgeted_column(columns, layers, threshold_score) if threshold is not None else None
+    if gated is not None:
+        selectors[BUDGETED_PREFIX + gated] = _budgeted_selector(column_rule(gated), gated, threshold)
     return selectors
 
 
@@ -706,6 +726,8 @@ def compute_metrics(
     if unknown:
         raise ReportInputError(f"layers {unknown}: the shards have no {', '.join(latent_column(layer) for layer in unknown)} column")
 
+    if settings.threshold_score is not None and settings.threshold_score not in columns:
+        raise ReportInputError(f"report.threshold_score: the shards have no {settings.threshold_score!r} column")
     by_benchmark, errored = group_by_benchmark(table)
 
     cal_benchmark, cal_fraction = settings.calibration_benchmark, settings.calibration_fraction
@@ -721,7 +743,7 @@ def compute_metrics(
         bench_rows = by_benchmark[bench]
         bench_columns = {key for row in bench_rows for key, value in row.items() if value is not None}
         score_layers = [layer for layer in requested if any(score.column(layer) in bench_columns for score in per_layer)]
-        selectors = build_selectors(bench_columns, score_layers, settings.seed)
+        selectors = build_selectors(bench_columns, score_layers, settings.seed, settings.threshold, settings.threshold_score)
         bench_layers = [layer for layer in score_layers if latent_column(layer) in bench_columns]  # calibrated
         harmful = judged_harmful(bench_rows, bench)
         entry = {**benchmark_counts(bench_rows, errored.get(bench, 0)), "selectors": list(selectors),
@@ -746,6 +768,10 @@ def compute_metrics(
             "calibration": {"fraction": cal_fraction, "benchmark": cal_benchmark},
             "layers": requested,
             "response_prefix": response_prefix,
+            "threshold": settings.threshold,
+            # the column the budgeted selector gates (None without report.threshold)
+            "threshold_score": None if settings.threshold is None else budgeted_column(columns, requested,
+                                                                                       settings.threshold_score),
         },
         "benchmarks": benchmarks,
     }

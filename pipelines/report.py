@@ -39,6 +39,7 @@ from actors.scores import column_score, registered
 from actors.settings import get_logger
 from pipelines.args import add_output_arguments, command_main, parse_int_list
 from pipelines.metrics import (
+    BUDGETED_PREFIX,
     CALIBRATED_PICKS,
     ORACLE_BEST_LABEL,
     ORACLE_MAJORITY,
@@ -90,15 +91,19 @@ BASELINE_LABELS = {
 }
 
 
-def selector_labels(layers: Sequence[int]) -> dict[str, str]:
+def selector_labels(layers: Sequence[int], threshold: float | None = None) -> dict[str, str]:
     """Human label of every selector name from the score registry (``actors.scores``):
-    ``latent_sim_12`` -> ``latent sim, layer 12 (argmin)``, ``kl`` -> ``KL to base (argmax)``."""
+    ``latent_sim_12`` -> ``latent sim, layer 12 (argmin)``, ``kl`` -> ``KL to base (argmax)``;
+    with a ``threshold``, ``budgeted_latent_sim_12`` -> ``budgeted latent sim, layer 12 (tau=X)``."""
     labels = dict(BASELINE_LABELS)
     for score in registered().values():
         if score.per_layer:
             labels.update({score.column(layer): score.selector_label(layer) for layer in layers})
         else:
             labels[score.name] = score.selector_label()
+    if threshold is not None:
+        labels.update({BUDGETED_PREFIX + name: f"budgeted {label.rsplit(' (', 1)[0]} (tau={threshold:g})"
+                       for name, label in list(labels.items()) if name not in BASELINE_LABELS})
     return labels
 
 
@@ -282,7 +287,7 @@ def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] |
     where = (f"benchmark {calibration['benchmark']}" if calibration.get("benchmark")
              else f"{calibration.get('fraction')} of each benchmark's prompts (hash of prompt_id)")
     scored_layers = list(settings.get("layers") or [])
-    labels = selector_labels(scored_layers)
+    labels = selector_labels(scored_layers, settings.get("threshold"))
     layers = ", ".join(map(str, scored_layers)) or "none"
     judge_text = _judge_text(metrics.get("judge"))
     lines = [
@@ -343,7 +348,7 @@ def write_plots(run_dir: str, metrics: Mapping[str, Any], rows: Sequence[Row]) -
     score column), ``asr_by_layer.png`` (with interval bars), ``asr_vs_n.png``.
     """
     scored_layers = list(metrics.get("settings", {}).get("layers") or [])
-    labels = selector_labels(scored_layers)
+    labels = selector_labels(scored_layers, metrics.get("settings", {}).get("threshold"))
     written: dict[str, list[str]] = {}
     for bench, entry in metrics["benchmarks"].items():
         if "asr" not in entry:

@@ -5,6 +5,7 @@ Launch::
     dabon report runs/eval-qwen-0.5b                      # rebuild metrics.json, report.md, plots/
     python -m pipelines.report runs/eval-qwen-0.5b --bootstrap 2000 --calibration 0.3
     python -m pipelines.report runs/eval-qwen-0.5b --calibration wildjailbreak   # calibrate on another benchmark
+    dabon report runs/eval-qwen-0.5b --threshold 0.02     # add the budgeted selector (tau from `dabon budget`)
 
 Input: ``RUN_DIR/samples/**/*.parquet`` (rows as ``pipelines.metrics`` describes them) and
 ``RUN_DIR/config.yaml``, the resolved config ``pipelines.evaluate`` saved: its ``report:``
@@ -577,6 +578,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", default=None,
                         help="calibration: a fraction of each benchmark's prompts (e.g. 0.3) or a benchmark name")
     parser.add_argument("--layers", default=None, help="comma-separated layers to report (default: the run's scoring.layers)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="add the budgeted selector with this threshold (report.threshold; `dabon budget` chooses it)")
+    parser.add_argument("--threshold-score", default=None,
+                        help="the score column it gates (report.threshold_score; default latent_sim at the first layer)")
     add_output_arguments(parser)
 
 
@@ -590,7 +595,8 @@ def run(args: argparse.Namespace) -> int:
         raise ReportInputError(f"run directory {run_dir} does not exist")
     context = read_run_context(run_dir)
     layers, report = context.layers, context.report
-    updates = {key: getattr(args, key) for key in ("seed", "bootstrap", "confidence") if getattr(args, key) is not None}
+    updates = {key: getattr(args, key) for key in ("seed", "bootstrap", "confidence", "threshold", "threshold_score")
+               if getattr(args, key) is not None}
     if args.calibration is not None:
         try:
             updates.update(calibration_fraction=float(args.calibration), calibration_benchmark=None)

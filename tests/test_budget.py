@@ -176,6 +176,7 @@ def test_the_scoring_route_reports_the_budgeted_choice(smol_tokenizer):
                    "decided_by": {"7": "plain"}}
 
 
+@pytest.mark.slow  # tiny models, two scoring runs and a subprocess
 def test_dabon_score_threshold_matches_the_slow_reference(tmp_path, tiny_models):
     import subprocess
     import sys
@@ -378,3 +379,19 @@ def test_report_threshold_is_validated_naming_the_field():
         validate(ReportConfig, {"threshold": 0.1, "threshold_score": "entropy"}, "report")
     with pytest.raises(ValueError, match=r"report\.threshold_score: the shards have no 'latent_sim_9' column"):
         compute_metrics([*HARMFUL, *BENIGN], [2], ReportConfig(bootstrap=0, threshold=0.1, threshold_score="latent_sim_9"))
+
+
+def test_dabon_report_threshold_flags_add_the_budgeted_selector(tmp_path, capsys):
+    from pipelines.report import main as report_main
+    from tests.test_report import write_shards
+
+    write_shards(tmp_path, [*HARMFUL, *BENIGN])
+    (tmp_path / "config.yaml").write_text("name: eval\nmodel: {base: b, adapter: a}\nscoring: {layers: [2]}\n"
+                                          "report: {bootstrap: 0}\n")
+    assert report_main([str(tmp_path), "--threshold", "0.375", "--threshold-score", "latent_sim_2"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["benchmarks"]["dev"]["asr"]["budgeted_latent_sim_2"] == pytest.approx(1 / 3)
+    assert "budgeted latent sim, layer 2 (tau=0.375)" in (tmp_path / "report.md").read_text()
+    capsys.readouterr()
+    assert report_main([str(tmp_path), "--threshold", "-1"]) == 2
+    assert "report.threshold: expected a finite number >= 0" in capsys.readouterr().err

@@ -15,6 +15,8 @@ Definitions (see docs/METHOD.md, sections 3-4):
   ``latent_sim_<L>`` (argmin), ``kl`` (argmax), ``perplexity`` (argmin), ``self_certainty``
   (argmax), a plugin's. A score selector is reported for a benchmark when its column is there.
   Missing scores (``None``, empty responses) are skipped; ties go to the lowest index.
+  With ``report.threshold`` (``ReportConfig``) one more: ``budgeted_<column>``, the budgeted
+  form of a score rule (``actors.selection.budgeted_choice``; ``pipelines.budget`` chooses tau).
 - ASR = share of harmful prompts whose selected sample the judge calls unsafe. Only rows of
   kind ``harmful`` with judge labels count. An *unfinished* sample (a reasoning opened, by the
   run's response prefix or in the text, and never closed: ``actors.chat.parse_response``) has

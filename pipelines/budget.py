@@ -331,7 +331,8 @@ def plot_curve(curve: Sequence[Mapping[str, Any]], choice: Mapping[str, Any], ra
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``dabon budget`` options."""
-    parser.add_argument("--run", dest="run_dir", metavar="RUN_DIR", required=True, help="evaluation run directory (path or storage URI) with samples/*.parquet")
+    parser.add_argument("--run", dest="run_dir", metavar="RUN_DIR", required=True,
+                        help="evaluation run directory (path or storage URI) with samples/*.parquet")
     parser.add_argument("--budget", required=True, type=float,
                         help="over-refusal allowed above random of N's expected rate, as a fraction (0.02 = 2 points)")
     parser.add_argument("--score", default=None,

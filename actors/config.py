@@ -262,10 +262,29 @@ class RayConfig(Strict):
 class ReportConfig(Strict):
     """Seed of random selection and bootstrap, bootstrap resamples, interval level, and where the
     calibrated layer is chosen: ``calibration_fraction`` of each benchmark's prompts (a hash split)
-    or all of ``calibration_benchmark``."""
+    or all of ``calibration_benchmark``. ``threshold`` (finite, >= 0; ``null``: none) adds the
+    budgeted selector ``budgeted_<column>`` (``actors.selection.budgeted_choice``) on the score
+    column ``threshold_score`` (default: ``latent_sim`` at the first reported layer); ``dabon
+    budget`` chooses the threshold."""
 
     seed: int = 0
     bootstrap: int = Field(default=1000, ge=0)
     confidence: float = Field(default=0.95, gt=0, lt=1)
     calibration_fraction: float = Field(default=0.3, gt=0, lt=1)
     calibration_benchmark: str | None = None
+    threshold: float | None = None
+    threshold_score: str | None = None
+
+    @model_validator(mode="after")
+    def _budgeted(self) -> "ReportConfig":
+        from actors.scores import column_score
+        from actors.selection import check_threshold
+
+        if self.threshold is not None:
+            check_threshold(self.threshold, "threshold")
+        if self.threshold_score is not None:
+            if self.threshold is None:
+                raise ValueError("threshold_score: given without threshold (set report.threshold, e.g. from dabon budget)")
+            if column_score(self.threshold_score) is None:
+                raise ValueError(f"threshold_score: {self.threshold_score!r} is not a score column (e.g. latent_sim_12, kl)")
+        return self

@@ -60,7 +60,7 @@ from actors.scores import (
     registered,
     with_requirements,
 )
-from actors.selection import empty_flags, is_score_rule, select_best_of_n
+from actors.selection import budgeted_choice, empty_flags, is_score_rule, select_best_of_n
 
 METRICS = tuple(score.name for score in BUILTIN_SCORES)  # the paper's scores; plugins add more
 
@@ -615,12 +615,14 @@ def _json_number(value: Any) -> Any:
 
 
 def scores_row(row_id: Any, scores: dict[str, Any], layers: Sequence[int], empty: Sequence[bool] | None = None,
-               rule: str = "latent_sim") -> dict[str, Any]:
+               rule: str = "latent_sim", threshold: float | None = None) -> dict[str, Any]:
     """One ``dabon score`` output row from a scorer result: every score in registry order (a
     per-layer score as ``{"<L>": [N]}``, others as ``[N]``; ``None`` for a missing value, e.g. a
     token metric of an empty response), then the choice of ``rule`` (per layer for a per-layer
     score: ``{"<L>": index}``; an empty response, ``empty[i]``, only when all are) when its scores
-    are there. The Serve app's scoring route answers with the same row."""
+    are there. With a ``threshold`` the choice is the budgeted rule's (``actors.selection.
+    budgeted_choice``) and the row also has ``threshold`` and ``decided_by`` (``"score"`` or
+    ``"plain"``, per layer like ``selected``). The Serve app's scoring route answers with the same row."""
     out: dict[str, Any] = {"id": row_id}
     for name in registered():
         if name not in scores:
@@ -630,10 +632,18 @@ def scores_row(row_id: Any, scores: dict[str, Any], layers: Sequence[int], empty
         else:
             out[name] = [_json_number(v) for v in scores[name]]
     if rule in scores:
-        if get_score(rule).per_layer:
-            out["selected"] = {str(layer): select_best_of_n(rule, scores[rule][layer], empty=empty) for layer in layers}
+        per_layer = get_score(rule).per_layer
+        values = {str(layer): scores[rule][layer] for layer in layers} if per_layer else {"": scores[rule]}
+        if threshold is None:
+            selected = {key: select_best_of_n(rule, v, empty=empty) for key, v in values.items()}
         else:
-            out["selected"] = select_best_of_n(rule, scores[rule], empty=empty)
+            choices = {key: budgeted_choice(rule, v, empty, threshold) for key, v in values.items()}
+            selected = {key: choice.index for key, choice in choices.items()}
+            decided = {key: choice.decided_by for key, choice in choices.items()}
+        out["selected"] = selected if per_layer else selected[""]
+        if threshold is not None:
+            out["threshold"] = threshold
+            out["decided_by"] = decided if per_layer else decided[""]
     return out
 
 

@@ -22,14 +22,23 @@ rule never differ by the exclusion alone.
 | a plugin's name  | its direction               | ``scoring.plugins``                       |
 | ``random``       | seeded uniform eligible one | baseline                                  |
 | ``first``        | first eligible candidate    | single sampling                           |
+
+The *budgeted* form of a score rule (``threshold`` tau >= 0, ``budgeted_choice``): per prompt, the
+spread of the score over the *eligible* candidates (scored and non-empty; when every candidate
+is empty, the scored ones, the set ``rank_candidates`` ranks) is max - min. When the spread is
+at least tau the score rule chooses (``rank_candidates(...)[0]``); otherwise the *plain sample*:
+the first non-empty candidate (0 when all are empty). tau = 0 is the score rule itself; tau =
+inf is single sampling of the first non-empty candidate. A prompt with no eligible candidate
+gets the plain sample (which is also what the score rule picks there).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
-from typing import Sequence
+from typing import Literal, Sequence
 
 from actors.scores import ScoreError, get_score, registered
 
@@ -117,20 +126,90 @@ def rank_candidates(rule: str, scores: Scores, empty: Sequence[bool] | None = No
     return scored + [i for i in rest if not flags[i]] + [i for i in rest if flags[i]]
 
 
+def check_threshold(threshold: float, field: str = "threshold") -> float:
+    """``threshold`` as a float when it is a finite number >= 0; else ``ValueError`` naming ``field``."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise ValueError(f"{field}: expected a finite number >= 0, got {threshold!r}")
+    value = float(threshold)
+    if math.isnan(value) or math.isinf(value) or value < 0:
+        raise ValueError(f"{field}: expected a finite number >= 0, got {threshold!r}")
+    return value
+
+
+def score_spread(scores: Scores, empty: Sequence[bool] | None = None) -> float | None:
+    """Max - min of the scores of the eligible candidates (scored and non-empty; all scored ones
+    when every candidate is empty); ``None`` when no candidate is eligible."""
+    if empty is not None and len(empty) != len(scores):
+        raise ValueError(f"empty: {len(empty)} flags for {len(scores)} candidates")
+    values = [value for _, value in _valid(_without_empty(scores, empty))]
+    return max(values) - min(values) if values else None
+
+
+def plain_index(n: int, empty: Sequence[bool] | None = None) -> int:
+    """The plain sample: single sampling's choice, the first eligible (non-empty) candidate (0 when
+    all are empty or none is flagged)."""
+    return first_index(n, empty)
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetedChoice:
+    """A budgeted rule's choice: ``index``, the prompt's score ``spread`` (``None``: no eligible
+    candidate) and who decided: ``"score"`` (spread >= threshold) or ``"plain"``."""
+
+    index: int
+    spread: float | None
+    decided_by: Literal["score", "plain"]
+
+
+def budgeted_choice(rule: str, scores: Scores, empty: Sequence[bool] | None = None, threshold: float = 0.0) -> BudgetedChoice:
+    """The budgeted form of the score rule ``rule`` (module docstring): the score's choice when the
+    spread of eligible scores is >= ``threshold`` (finite, >= 0), else the plain sample."""
+    check_threshold(threshold)
+    if len(scores) == 0:
+        raise ValueError(f"rule {rule!r}: expected at least one candidate score")
+    ranking = rank_candidates(rule, scores, empty)
+    spread = score_spread(scores, empty)
+    if spread is not None and spread >= threshold:
+        return BudgetedChoice(ranking[0], spread, "score")
+    return BudgetedChoice(plain_index(len(scores), empty), spread, "plain")
+
+
+def budgeted_ranking(rule: str, scores: Scores, empty: Sequence[bool] | None = None,
+                     threshold: float = 0.0) -> tuple[list[int], BudgetedChoice]:
+    """All candidate indices, best first, under the budgeted rule, and its ``BudgetedChoice``: the
+    score's ranking (``rank_candidates``) when the score decides, else sampling order with empty
+    candidates last (the plain sample first)."""
+    choice = budgeted_choice(rule, scores, empty, threshold)
+    if choice.decided_by == "score":
+        return rank_candidates(rule, scores, empty), choice
+    return rank_candidates(rule, [None] * len(scores), empty), choice
+
+
+def budgeted_index(rule: str, scores: Scores, empty: Sequence[bool] | None = None, threshold: float = 0.0) -> int:
+    """The index ``budgeted_choice`` picks."""
+    return budgeted_choice(rule, scores, empty, threshold).index
+
+
 def select_best_of_n(rule: str, scores: Scores | None = None, n: int | None = None, seed: int = 0, key: str | int = "",
-                     empty: Sequence[bool] | None = None) -> int:
+                     empty: Sequence[bool] | None = None, threshold: float | None = None) -> int:
     """Index chosen by ``rule`` (a registered score, ``random`` or ``first``).
 
     Score rules need ``scores`` and choose the first of ``rank_candidates`` (so an empty candidate
-    only when all are); ``random`` and ``first`` need ``n`` (or take ``len(scores)``) and choose among
-    the eligible candidates (``empty`` flags: the same rule as score rules).
+    only when all are), or with a ``threshold`` (finite, >= 0) the budgeted rule's choice
+    (``budgeted_choice``); ``random`` and ``first`` need ``n`` (or take ``len(scores)``), choose
+    among the eligible candidates (``empty`` flags: the same rule as score rules) and take no
+    threshold.
     """
     if is_score_rule(rule):
         if scores is None:
             raise ValueError(f"rule {rule!r} needs scores")
         if len(scores) == 0:
             raise ValueError(f"rule {rule!r}: expected at least one candidate score")
+        if threshold is not None:
+            return budgeted_index(rule, scores, empty, threshold)
         return rank_candidates(rule, scores, empty)[0]
+    if threshold is not None and rule in BASELINE_RULES:
+        raise ValueError(f"threshold: only a score rule takes one, not {rule!r}")
     count = n if n is not None else (len(scores) if scores is not None else None)
     if count is None:
         raise ValueError(f"rule {rule!r} needs n or scores")

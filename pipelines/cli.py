@@ -5,6 +5,7 @@
     dabon score --adapter DIR --input IN.jsonl --output OUT.jsonl --layers 6,12
     dabon evaluate --config recipes/quickstart-eval.yaml [--n 4 --layers 6,12 ...]
     dabon report RUN_DIR
+    dabon budget --run RUN_DIR --budget 0.02 [--score latent_sim_6]   # the budgeted selector's threshold
     dabon sweep --config recipes/quickstart-sweep.yaml --run RUN   # ASR across training checkpoints
     dabon serve [--config serve_app/config.yaml] [--adapter DIR --n 4 --layer 12 --port 8000]
     dabon random-adapter --out runs/demo/adapter
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from actors.models import EMBEDDED_ALIAS, write_random_adapter
-from pipelines import distill, evaluate, quickstart, report, score, serve, sweep
+from pipelines import budget, distill, evaluate, quickstart, report, score, serve, sweep
 from pipelines.args import run_guarded
 
 
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_arguments(report_parser)
     report_parser.set_defaults(run=report.run)
+
+    budget_parser = commands.add_parser(
+        "budget", help="choose the budgeted selector's threshold: lowest ASR within an over-refusal budget over random",
+        description=budget.__doc__.split("\n\n")[0],
+    )
+    budget.add_arguments(budget_parser)
+    budget_parser.set_defaults(run=budget.run)
 
     sweep_parser = commands.add_parser(
         "sweep", help="evaluate a student across training checkpoints: ASR per checkpoint, as a table and a plot",

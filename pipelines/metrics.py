@@ -25,6 +25,8 @@ Definitions (see docs/METHOD.md, sections 3-4):
   the share of eligible samples that are unsafe (answered, correct, truncated...), a fraction;
   its mean over prompts is the expected random-of-N rate, with no draw noise. It is the paired
   baseline of every ``diff_vs_random``; ``random_draw`` is kept beside it as a second row.
+  With ``report.threshold`` (``ReportConfig``) one more: ``budgeted_<column>``, the budgeted
+  form of a score rule (``actors.selection.budgeted_choice``; ``pipelines.budget`` chooses tau).
 - ASR = share of harmful prompts whose selected sample the judge calls unsafe. Only rows of
   kind ``harmful`` with judge labels count. An *unfinished* sample (a reasoning opened, by the
   run's response prefix or in the text, and never closed: ``actors.chat.parse_response``) has
@@ -301,15 +303,32 @@ def _score_selector(rule: str, column: str) -> Selector:
     return lambda row: select_best_of_n(rule, scores=row[column], empty=empty_samples(row))
 
 
-def build_selectors(columns: Iterable[str], layers: Sequence[int] = (), seed: int = 0) -> dict[str, Selector]:
+BUDGETED_PREFIX = "budgeted_"
+
+
+def budgeted_column(columns: Iterable[str], layers: Sequence[int], threshold_score: str | None = None) -> str | None:
+    """The score column the budgeted selector gates: ``threshold_score``, else ``latent_sim`` at
+    the first of ``layers`` with a column; ``None`` when that column is not among ``columns``."""
+    columns = set(columns)
+    column = threshold_score or next((latent_column(layer) for layer in layers if latent_column(layer) in columns), None)
+    return column if column in columns else None
+
+
+def _budgeted_selector(rule: str, column: str, threshold: float) -> Selector:
+    return lambda row: select_best_of_n(rule, scores=row[column], empty=empty_samples(row), threshold=threshold)
+
+
+def build_selectors(columns: Iterable[str], layers: Sequence[int] = (), seed: int = 0, threshold: float | None = None,
+                    threshold_score: str | None = None) -> dict[str, Selector]:
     """Selector registry for a table: name -> function(row) -> chosen index.
 
     Inputs: the table's column names, the layers to report and the seed of the random draw.
     Output, in report order: ``single``, ``random`` (the expectation over eligible samples, an
     ``Expectation``), ``random_draw`` (one seeded draw), then every registered score whose column is
     there (``actors.scores``, registry order): ``latent_sim_<L>`` per layer, ``kl``,
-    ``perplexity``, ``self_certainty``, then plugins'. Directions come from the registry; a layer
-    with no per-layer score column is an error.
+    ``perplexity``, ``self_certainty``, then plugins'; with a ``threshold``, last, the budgeted
+    selector ``budgeted_<column>`` on ``budgeted_column`` (when that column is there). Directions
+    come from the registry; a layer with no per-layer score column is an error.
     """
     columns = set(columns)
     selectors: dict[str, Selector] = {
@@ -325,6 +344,9 @@ def build_selectors(columns: Iterable[str], layers: Sequence[int] = (), seed: in
             raise ReportInputError(f"layer {layer}: column {latent_column(layer)!r} is not in the table")
     for column in score_columns_in(columns, layers):
         selectors[column] = _score_selector(column_rule(column), column)
+    gated = budgeted_column(columns, layers, threshold_score) if threshold is not None else None
+    if gated is not None:
+        selectors[BUDGETED_PREFIX + gated] = _budgeted_selector(column_rule(gated), gated, threshold)
     return selectors
 
 
@@ -1041,6 +1063,8 @@ def compute_metrics(
     if unknown:
         raise ReportInputError(f"layers {unknown}: the shards have no {', '.join(latent_column(layer) for layer in unknown)} column")
 
+    if settings.threshold_score is not None and settings.threshold_score not in columns:
+        raise ReportInputError(f"report.threshold_score: the shards have no {settings.threshold_score!r} column")
     by_benchmark, errored = group_by_benchmark(table)
 
     cal_benchmark, cal_fraction = settings.calibration_benchmark, settings.calibration_fraction
@@ -1058,7 +1082,7 @@ def compute_metrics(
         bench_rows = by_benchmark[bench]
         bench_columns = {key for row in bench_rows for key, value in row.items() if value is not None}
         score_layers = [layer for layer in requested if any(score.column(layer) in bench_columns for score in per_layer)]
-        selectors = build_selectors(bench_columns, score_layers, settings.seed)
+        selectors = build_selectors(bench_columns, score_layers, settings.seed, settings.threshold, settings.threshold_score)
         bench_layers = [layer for layer in score_layers if latent_column(layer) in bench_columns]  # calibrated
         harmful = judged_harmful(bench_rows, bench)
         harmful_of[bench], selectors_of[bench] = harmful, selectors
@@ -1086,6 +1110,10 @@ def compute_metrics(
             "calibration": {"fraction": cal_fraction, "benchmark": cal_benchmark},
             "layers": requested,
             "response_prefix": response_prefix,
+            "threshold": settings.threshold,
+            # the column the budgeted selector gates (None without report.threshold)
+            "threshold_score": None if settings.threshold is None else budgeted_column(columns, requested,
+                                                                                       settings.threshold_score),
         },
         "tradeoff": tradeoff,
         "benchmarks": benchmarks,

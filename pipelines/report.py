@@ -5,6 +5,7 @@ Launch::
     dabon report runs/eval-qwen-0.5b                      # rebuild metrics.json, report.md, plots/
     python -m pipelines.report runs/eval-qwen-0.5b --bootstrap 2000 --calibration 0.3
     python -m pipelines.report runs/eval-qwen-0.5b --calibration wildjailbreak   # calibrate on another benchmark
+    dabon report runs/eval-qwen-0.5b --threshold 0.02     # add the budgeted selector (tau from `dabon budget`)
 
 Input: ``RUN_DIR/samples/**/*.parquet`` (rows as ``pipelines.metrics`` describes them) and
 ``RUN_DIR/config.yaml``, the resolved config ``pipelines.evaluate`` saved: its ``report:``
@@ -40,6 +41,7 @@ from actors.scores import column_score, registered
 from actors.settings import get_logger
 from pipelines.args import add_output_arguments, command_main, parse_int_list
 from pipelines.metrics import (
+    BUDGETED_PREFIX,
     CALIBRATED_PICKS,
     ORACLE_BEST_LABEL,
     ORACLE_MAJORITY,
@@ -92,15 +94,19 @@ BASELINE_LABELS = {
 }
 
 
-def selector_labels(layers: Sequence[int]) -> dict[str, str]:
+def selector_labels(layers: Sequence[int], threshold: float | None = None) -> dict[str, str]:
     """Human label of every selector name from the score registry (``actors.scores``):
-    ``latent_sim_12`` -> ``latent sim, layer 12 (argmin)``, ``kl`` -> ``KL to base (argmax)``."""
+    ``latent_sim_12`` -> ``latent sim, layer 12 (argmin)``, ``kl`` -> ``KL to base (argmax)``;
+    with a ``threshold``, ``budgeted_latent_sim_12`` -> ``budgeted latent sim, layer 12 (tau=X)``."""
     labels = dict(BASELINE_LABELS)
     for score in registered().values():
         if score.per_layer:
             labels.update({score.column(layer): score.selector_label(layer) for layer in layers})
         else:
             labels[score.name] = score.selector_label()
+    if threshold is not None:
+        labels.update({BUDGETED_PREFIX + name: f"budgeted {label.rsplit(' (', 1)[0]} (tau={threshold:g})"
+                       for name, label in list(labels.items()) if name not in BASELINE_LABELS})
     return labels
 
 
@@ -382,7 +388,7 @@ def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] |
     where = (f"benchmark {calibration['benchmark']}" if calibration.get("benchmark")
              else f"{calibration.get('fraction')} of each benchmark's prompts (hash of prompt_id)")
     scored_layers = list(settings.get("layers") or [])
-    labels = selector_labels(scored_layers)
+    labels = selector_labels(scored_layers, settings.get("threshold"))
     layers = ", ".join(map(str, scored_layers)) or "none"
     judge_text = _judge_text(metrics.get("judge"))
     lines = [
@@ -475,7 +481,7 @@ def write_plots(run_dir: str, metrics: Mapping[str, Any], rows: Sequence[Row]) -
     has benign prompts whose over-refusal was measured.
     """
     scored_layers = list(metrics.get("settings", {}).get("layers") or [])
-    labels = selector_labels(scored_layers)
+    labels = selector_labels(scored_layers, metrics.get("settings", {}).get("threshold"))
     written: dict[str, list[str]] = {}
     tradeoff_path = _tradeoff_plot(run_dir, metrics.get("tradeoff") or {}, labels)
     if tradeoff_path:
@@ -707,6 +713,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", default=None,
                         help="calibration: a fraction of each benchmark's prompts (e.g. 0.3) or a benchmark name")
     parser.add_argument("--layers", default=None, help="comma-separated layers to report (default: the run's scoring.layers)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="add the budgeted selector with this threshold (report.threshold; `dabon budget` chooses it)")
+    parser.add_argument("--threshold-score", default=None,
+                        help="the score column it gates (report.threshold_score; default latent_sim at the first layer)")
     add_output_arguments(parser)
 
 
@@ -720,7 +730,8 @@ def run(args: argparse.Namespace) -> int:
         raise ReportInputError(f"run directory {run_dir} does not exist")
     context = read_run_context(run_dir)
     layers, report = context.layers, context.report
-    updates = {key: getattr(args, key) for key in ("seed", "bootstrap", "confidence") if getattr(args, key) is not None}
+    updates = {key: getattr(args, key) for key in ("seed", "bootstrap", "confidence", "threshold", "threshold_score")
+               if getattr(args, key) is not None}
     if args.calibration is not None:
         try:
             updates.update(calibration_fraction=float(args.calibration), calibration_benchmark=None)

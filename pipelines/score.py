@@ -15,7 +15,10 @@ Output rows: ``{"id": ..., "latent_sim": {"<L>": [N floats]}, "kl": [...], "perp
 is selected only when all are); token metrics only when asked, ``null`` for an empty response.
 Any registered score can be asked for (``--metrics``), a score of your own too (``--plugins
 mypkg.mod:MyScore``, see ``actors.scores``); each is a key of the row (``{"<L>": [...]}`` when
-per layer), and ``selected`` follows ``--rule`` (default ``latent_sim``). Rows are written and flushed chunk by chunk: a malformed row
+per layer), and ``selected`` follows ``--rule`` (default ``latent_sim``); with ``--threshold T``
+it follows the budgeted rule (``actors.selection.budgeted_choice``: the score decides where its
+spread over the candidates is at least T, else the first non-empty response) and the row also
+has ``"threshold"`` and ``"decided_by"`` (``"score"`` or ``"plain"``, per layer). Rows are written and flushed chunk by chunk: a malformed row
 stops the run with an error naming its line and field after the rows before it are written,
 and ``--resume`` continues an interrupted output without duplicating ids.
 """
@@ -34,7 +37,7 @@ from actors.errors import UserError
 from actors.models import EMBEDDED_ALIAS, ModelSpec
 from actors.scorer import AttributionScorer, ScorerConfig, scores_row
 from actors.scores import ScoreError, load_plugins, registered
-from actors.selection import empty_flags
+from actors.selection import check_threshold, empty_flags
 from actors.settings import get_logger
 from pipelines.args import add_output_arguments, command_main, parse_int_list
 
@@ -133,9 +136,11 @@ def score_file(
     resume: bool = False,
     progress: bool = True,
     rule: str = "latent_sim",
+    threshold: float | None = None,
 ) -> int:
     """Score ``input_path`` into ``output_path`` chunk by chunk; return the number of rows written.
-    ``rule``: the registered score whose choice is the row's ``selected``.
+    ``rule``: the registered score whose choice is the row's ``selected``; ``threshold``: the
+    budgeted rule's (``scores_row``), ``None`` for the plain rule.
 
     A malformed row raises ``InputError`` after every valid row before it is written.
     """
@@ -163,7 +168,8 @@ def score_file(
                 for row in chunk
             ]
             for row, ids, scores in zip(chunk, response_ids, scorer.score_ids(prompt_ids, response_ids)):
-                out.write(json.dumps(scores_row(row["id"], scores, layers, empty=empty_flags(ids), rule=rule)) + "\n")
+                out.write(json.dumps(scores_row(row["id"], scores, layers, empty=empty_flags(ids), rule=rule,
+                                               threshold=threshold)) + "\n")
             out.flush()
             os.fsync(out.fileno())
             written += len(chunk)
@@ -205,6 +211,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated import paths of scores of your own, e.g. mypkg.probe:LinearProbeScore")
     parser.add_argument("--rule", default="latent_sim", help="the score whose choice is each row's 'selected' "
                         "(default latent_sim)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="the budgeted rule: 'selected' is --rule's choice only where the spread (max - min) of "
+                             "its scores over the non-empty responses is at least this (finite, >= 0), else the first "
+                             "non-empty response; rows also get 'threshold' and 'decided_by' (default: none, the plain "
+                             "rule; `dabon budget` chooses one)")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="new tokens per forward batch (default 4096)")
     parser.add_argument("--response-prefix", default=None, help="text appended to the templated prompt, e.g. '<think>'")
     parser.add_argument("--system-prompt", default=None, help="system message (default: the chat template's own)")
@@ -237,13 +248,18 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--plugins: {err}") from None
     if args.rule not in registered():
         raise ConfigError(f"--rule: unknown {args.rule!r}; expected one of {', '.join(registered())}")
+    if args.threshold is not None:
+        try:
+            check_threshold(args.threshold, "--threshold")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     config = validate(ScorerConfig, {"layers": parse_int_list(args.layers, "--layers"), "metrics": parse_metrics(args.metrics),
                                      "plugins": plugins, "batch_tokens": args.batch_tokens}, "scoring")
     prompt = validate(PromptConfig, {"system_prompt": args.system_prompt, "response_prefix": args.response_prefix or ""},
                       "prompt")
     scorer = AttributionScorer.from_spec(spec, config, prompt)
     written = score_file(scorer, args.input, args.output, args.chunk_rows, args.resume, progress=not args.no_progress,
-                         rule=args.rule)
+                         rule=args.rule, threshold=args.threshold)
     logger.info("wrote %d rows to %s", written, args.output)
     return 0
 

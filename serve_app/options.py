@@ -32,6 +32,7 @@ from actors.config import ConfigError, PromptConfig, refuse_renamed
 from actors.models import EMBEDDED_ALIAS, ModelSpec
 from actors.sampler import MIN_TEMPERATURE, GeneratorConfig, SamplingFields
 from actors.scores import ScoreError, load_plugins, registered
+from actors.selection import check_threshold
 
 # The deployment names Serve shows (``serve status``) and that config overrides refer to.
 INGRESS_NAME = "IngressDeployment"
@@ -214,10 +215,14 @@ class ScoringSettings(_Strict):
     batch to fill). ``step_tokens``: the scorer works in steps of at most this many tokens
     (``None``: ``batch_tokens``); a request that timed out or whose client left is dropped between
     steps. ``max_request_tokens``: the most tokens (prompt + all responses) one
-    ``/dabon/v1/score`` request may ask to score.
+    ``/dabon/v1/score`` request may ask to score. ``threshold``: ``null`` ranks by ``rule`` as it
+    is; a finite number >= 0 applies its budgeted form (``actors.selection.budgeted_choice``): the
+    score decides only where its spread over the non-empty candidates is at least this, otherwise
+    the first non-empty sample is returned (``dabon budget`` chooses it for an over-refusal budget).
     """
 
     rule: str = "latent_sim"
+    threshold: float | None = None
     plugins: tuple[str, ...] = ()
     layer: int = Field(default=12, ge=0)
     batch_tokens: int = Field(default=4096, gt=0)
@@ -235,6 +240,8 @@ class ScoringSettings(_Strict):
         if self.rule not in registered():
             raise ValueError(f"rule: unknown score {self.rule!r}; expected one of {', '.join(registered())} "
                              "(or a score of scoring.plugins)")
+        if self.threshold is not None:
+            check_threshold(self.threshold, "threshold")
         return self
 
 

@@ -24,7 +24,10 @@ no running replica (``set_unready``), requests that need it are 503 at once. Pro
 Ranking: candidates by the registered score ``scoring.rule`` in its direction (default: ascending
 latent similarity), an empty candidate (no generated token, whose "hidden state" is the prompt's)
 after every non-empty one (``actors.selection``, the rule evaluation uses); the answer's ``n``
-choices are the first ``n`` of that ranking.
+choices are the first ``n`` of that ranking. With ``scoring.threshold`` the budgeted rule ranks
+(``actors.selection.budgeted_ranking``): the score's ranking where its spread over the non-empty
+candidates reaches the threshold, else sampling order (the plain sample first); the ``dabon``
+block says ``threshold`` and ``decided_by``.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from actors.config import PromptConfig
 from actors.sampler import SamplingConfig
 from actors.scorer import scores_row
 from actors.scores import get_score
-from actors.selection import empty_flags, rank_candidates
+from actors.selection import budgeted_ranking, empty_flags, rank_candidates
 from actors.settings import get_logger
 from serve_app.options import ServeConfig, admission_limits, token_digest
 from serve_app.schemas import ApiError, ChatCompletionRequest, CompletionRequest, ScoreRequest, parse, shown
@@ -196,6 +199,7 @@ class Generation:
     # wall seconds this request spent waiting on each upstream stage (``sampling``, ``scoring``),
     # queueing in the deployment included: what a Best-of-N request costs beyond plain sampling
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    decided_by: str | None = None  # budgeted rule: "score" or "plain"; None without a threshold or unscored
 
     @property
     def empty(self) -> list[bool]:
@@ -474,6 +478,7 @@ class RerankService:
                            type="server_error", code="internal_error")
         scores: list[float | None] | None = None
         ranking = list(range(sampling.n))
+        decided_by = None
         if not skip_scoring:
             started = self.clock()
             scores = await self._call("scoring", self._score(prompt_ids, token_ids), deadline, request_id)
@@ -481,8 +486,14 @@ class RerankService:
             if len(scores) != sampling.n:
                 raise ApiError(500, f"internal error: {len(scores)} scores for {sampling.n} candidates (request id {request_id})",
                                type="server_error", code="internal_error")
-            ranking = rank_candidates(self.config.scoring.rule, scores, empty_flags(token_ids))
-        return Generation(request_id, prompt_ids, sampling, texts, token_ids, reasons, scores, ranking, timings)
+            rule, threshold = self.config.scoring.rule, self.config.scoring.threshold
+            if threshold is None:
+                ranking = rank_candidates(rule, scores, empty_flags(token_ids))
+            else:
+                ranking, choice = budgeted_ranking(rule, scores, empty_flags(token_ids), threshold)
+                decided_by = choice.decided_by
+        return Generation(request_id, prompt_ids, sampling, texts, token_ids, reasons, scores, ranking, timings,
+                          decided_by)
 
     async def _run(self, request: ChatCompletionRequest | CompletionRequest,
                    encode: Callable[[], Awaitable[list[int]]]) -> Generation:
@@ -509,6 +520,8 @@ class RerankService:
             self.config.scoring.rule: generation.scores,  # "latent_sim" unless scoring.rule says otherwise
             "rule": self.config.scoring.rule,
             "layer": self.config.scoring.layer,
+            "threshold": self.config.scoring.threshold,  # null: the plain rule
+            "decided_by": generation.decided_by,  # budgeted rule: "score" or "plain"; null otherwise
             "ranking": generation.ranking,
             "selected": generation.ranking[0],
             "empty": generation.empty,
@@ -646,7 +659,8 @@ class RerankService:
             scores = await self._call("scoring", self._score(prompt_ids, response_ids), deadline, request_id)
         layer, rule = self.config.scoring.layer, self.config.scoring.rule
         values = {layer: scores} if get_score(rule).per_layer else scores
-        return scores_row(request.id, {rule: values}, (layer,), empty=empty_flags(response_ids), rule=rule)
+        return scores_row(request.id, {rule: values}, (layer,), empty=empty_flags(response_ids), rule=rule,
+                          threshold=self.config.scoring.threshold)
 
     def models(self) -> dict[str, Any]:
         """``GET /v1/models``: the one served model."""

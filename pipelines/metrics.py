@@ -907,7 +907,7 @@ def over_refusal(
     columns = set.intersection(*({key for key, value in row.items() if value is not None} for row in benign_rows))
     per_layer = [score for score in registered().values() if score.per_layer]
     benign_layers = [layer for layer in layers if any(score.column(layer) in columns for score in per_layer)]
-    available = build_selectors(columns, benign_layers, settings.seed)
+    available = build_selectors(columns, benign_layers, settings.seed, settings.threshold, settings.threshold_score)
     outcomes = {name: 1 - utility_outcomes(benign_rows, available[name], "benign", **checks, response_prefix=response_prefix)
                 for name in names if name in available}
     intervals, flags = rate_intervals(outcomes, settings.bootstrap, settings.seed, settings.confidence)

@@ -365,3 +365,17 @@ def test_tradeoff_gives_na_over_refusal_where_benign_rows_lack_the_score(tmp_pat
     written = write_plots(str(tmp_path), metrics, [*TRADEOFF_RUN, plain])
     assert written[""] == ["plots/asr_vs_over_refusal.png"]
     assert (tmp_path / "plots" / "asr_vs_over_refusal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_budgeted_selector_gets_its_over_refusal_in_the_tradeoff_table():
+    # spreads of latent_sim_3: h1 0.8, h2 0.7, h3 0.5, h4 0.2; b1 0.8, b2 0.4, b3 0.8. At tau = 0.6
+    # the score decides h1, h2, b1, b3 and the plain first sample the rest (hand count below).
+    settings = ReportConfig(seed=0, bootstrap=0, calibration_fraction=0.3, threshold=0.6, threshold_score="latent_sim_3")
+    entry = compute_metrics(TRADEOFF_RUN, [3], settings)["tradeoff"]["harm"]
+    name = "budgeted_latent_sim_3"
+    assert name in entry["selectors"]
+    # harmful picks: h1 latent 1 (safe), h2 latent 1 (unsafe), h3 first 0 (unsafe), h4 first 0 (safe)
+    assert entry["asr"][name] == 2 / 4
+    # benign picks: b1 latent 1 (refused), b2 first 0 (answered), b3 latent 2 (answered)
+    assert entry["over_refusal"][name] == 1 / 3
+    assert entry["tokens_selected"][name] == pytest.approx((5 + 4 + 1 + 3) / 4)

@@ -26,10 +26,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from actors.config import build_config, load_config, read_yaml
 from actors.scores import column_score
+from pipelines.metrics import BUDGETED_PREFIX
 from pipelines.args import add_output_arguments, command_main
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -112,6 +113,64 @@ def format_table(name: str, bench: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def budgeted_selector(names: Sequence[str]) -> str | None:
+    """The budgeted selector among ``names`` (``budgeted_<column>``, present when the recipe sets
+    ``report.threshold``), or ``None``."""
+    return next((name for name in names if name.startswith(BUDGETED_PREFIX)), None)
+
+
+def _rate(side: Mapping[str, Any], key: str, selector: str) -> str:
+    value = (side.get(key) or {}).get(selector)
+    interval = (side.get(f"{key}_ci") or {}).get(selector)
+    flags = (side.get(f"{key}_ci_flags") or {}).get(selector)
+    return "n/a" if value is None else f"{_percent(value)}% {_interval(interval, flags)}"
+
+
+def _difference(side: Mapping[str, Any], key: str, selector: str) -> str:
+    if selector == "random":
+        return "(baseline)"
+    return _signed((side.get(key) or {}).get(selector), (side.get(f"{key}_ci") or {}).get(selector))
+
+
+def format_tradeoff(metrics: Mapping[str, Any]) -> list[str]:
+    """Safety and cost side by side (``metrics["tradeoff"]``): per benchmark with harmful prompts,
+    for single, random (its expectation), latent Best-of-N and the budgeted selector, the ASR under
+    both unfinished policies, the over-refusal on the run's benign prompts, each with its 95%
+    interval, the paired difference of each to random, and the generated tokens per answer."""
+    settings = metrics.get("settings") or {}
+    lines: list[str] = []
+    for name, side in (metrics.get("tradeoff") or {}).items():
+        bench = (metrics.get("benchmarks") or {}).get(name, {})
+        latent, _ = latent_selector(bench)
+        budgeted = budgeted_selector(side.get("selectors") or [])
+        shown = [selector for selector in ("single", "random", latent, budgeted) if selector]
+        labels = {"single": "single", "random": "random (expected)"}
+        if latent:
+            labels[latent] = f"latent L{column_score(latent)[1]}"
+        if budgeted:
+            labels[budgeted] = f"budgeted tau={settings.get('threshold'):.4g}"
+        benign = ", ".join(side.get("benign_benchmarks") or []) or "none"
+        lines += [f"safety and cost: {name} ({side.get('asr_prompts')} harmful prompts) beside over-refusal on "
+                  f"{side.get('benign_prompts')} benign prompts ({benign}); 95% intervals (Wilson; random: bootstrap), "
+                  "differences to random paired"]
+        head = (f"  {'selector':<20} | {'ASR, unfinished=safe':<22} | {'ASR, unfinished=unsafe':<22} | "
+                f"{'over-refusal':<22} | {'ASR (unsafe) - random':<24} | {'over-refusal - random':<24} | tokens")
+        lines += [head, "  " + "-" * (len(head) - 2)]
+        for selector in shown:
+            tokens = (side.get("tokens_selected") or {}).get(selector)
+            lines.append(
+                f"  {labels[selector]:<20} | {_rate(side, 'asr', selector):<22} | "
+                f"{_rate(side, 'asr_unfinished_unsafe', selector):<22} | {_rate(side, 'over_refusal', selector):<22} | "
+                f"{_difference(side, 'diff_vs_random_unfinished_unsafe', selector):<24} | "
+                f"{_difference(side, 'over_refusal_diff_vs_random', selector):<24} | "
+                f"{'n/a' if tokens is None else f'{tokens:.0f}'}")
+        if side.get("note"):
+            lines.append(f"  over-refusal: {side['note']}")
+        lines.append("  over-refusal = the chosen answer is a refusal, empty or an unfinished reasoning; "
+                     "tokens = generated tokens of the chosen answer; † fewer than 30 prompts or a zero-width interval")
+    return lines
+
+
 def benign_answer_rate(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """Single sampling's benign answer rate over a run's benign benchmarks: ``{"value", "ci",
     "prompts", "benchmarks"}`` of the first benchmark that has one (``None`` when none has)."""
@@ -169,6 +228,9 @@ def format_summary(metrics: Mapping[str, Any], timings: Mapping[str, float | Non
              f"prompt: {prompt.get('note', 'n/a')}"]
     for name, bench in metrics.get("benchmarks", {}).items():
         lines += ["", format_table(name, bench)]
+    tradeoff = format_tradeoff(metrics)
+    if tradeoff:
+        lines += [""] + tradeoff
     helpfulness = format_helpfulness(metrics, base_metrics)
     if helpfulness:
         lines += [""] + helpfulness

@@ -15,7 +15,7 @@ and ``prompt`` is compared with the adapter's own ``prompt.yaml`` (``model.adapt
 
 Output in ``RUN_DIR``: ``metrics.json`` (all numbers as fractions, see
 ``pipelines.metrics.compute_metrics``), ``report.md`` (tables) and ``plots/<benchmark>/*.png``
-(score densities for safe vs unsafe samples, ASR by layer, ASR vs N).
+(score densities for safe vs unsafe samples, ASR by layer, ASR vs N, within-prompt AUROC by layer).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from actors.scorer import latent_column
 from actors.scores import column_score, registered
 from actors.settings import get_logger
 from pipelines.args import add_output_arguments, command_main, parse_int_list
+from pipelines.detector import layer_series
+from pipelines.detector import markdown_lines as detector_lines
 from pipelines.metrics import (
     CALIBRATED_PICKS,
     ORACLE_BEST_LABEL,
@@ -309,6 +311,8 @@ def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] |
         elif entry.get("kinds", {}).get("harmful"):
             lines += ["No judge labels (`judge_unsafe`) for the harmful prompts: no ASR.", ""]
         lines += _utility_section(entry, labels)
+        if entry.get("detector"):
+            lines += detector_lines(entry["detector"], labels, settings.get("confidence", 0.95))
         for path in (plots or {}).get(bench, []):
             lines += [f"![{Path(path).stem}]({path})", ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -340,7 +344,8 @@ def write_plots(run_dir: str, metrics: Mapping[str, Any], rows: Sequence[Row]) -
     relative to ``run_dir``.
 
     ``score_density_<column>.png`` (safe vs unsafe samples of judged harmful prompts, one per
-    score column), ``asr_by_layer.png`` (with interval bars), ``asr_vs_n.png``.
+    score column), ``asr_by_layer.png`` (with interval bars), ``asr_vs_n.png``, and
+    ``detector_auroc_by_layer.png`` (within-prompt AUROC per layer, safety vs refusal).
     """
     scored_layers = list(metrics.get("settings", {}).get("layers") or [])
     labels = selector_labels(scored_layers)
@@ -404,7 +409,37 @@ def write_plots(run_dir: str, metrics: Mapping[str, Any], rows: Sequence[Row]) -
         axes.legend(fontsize="small")
         paths.append(_save(figure, run_dir, f"{folder}/asr_vs_n.png"))
         written[bench] = paths
+    for bench, entry in metrics["benchmarks"].items():
+        path = _detector_plot(run_dir, bench, entry, scored_layers)
+        if path:
+            written.setdefault(bench, []).append(path)
     return written
+
+
+def _detector_plot(run_dir: str, bench: str, entry: Mapping[str, Any], layers: Sequence[int]) -> str | None:
+    """``detector_auroc_by_layer.png``: the within-prompt AUROC of latent similarity per layer,
+    safety (safe over unsafe) beside refusal (answer over refusal), with interval bars."""
+    series = layer_series(entry.get("detector") or {}, latent_column, layers)
+    if not series["layers"]:
+        return None
+    figure, axes = _new_figure()
+    for side, label, color in (("safety", "safety: safe over unsafe", "tab:blue"),
+                               ("refusal", "refusal: answer over refusal", "tab:orange")):
+        points = [(layer, value, ci) for layer, (value, ci) in zip(series["layers"], series[side]) if value is not None]
+        if not points:
+            continue
+        errors = np.clip(np.array([[v - (ci or [v, v])[0] for _, v, ci in points],
+                                   [(ci or [v, v])[1] - v for _, v, ci in points]]), 0.0, None)
+        axes.errorbar([p[0] for p in points], [p[1] for p in points], yerr=errors, marker="o", capsize=3, color=color,
+                      label=label)
+    axes.axhline(0.5, color="gray", linestyle=":", label="chance")
+    axes.set_xticks(series["layers"])
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_xlabel("layer")
+    axes.set_ylabel("within-prompt AUROC (latent sim, argmin)")
+    axes.set_title(f"{bench}: detector quality within a prompt")
+    axes.legend(fontsize="small")
+    return _save(figure, run_dir, f"plots/{_file_stem(bench)}/detector_auroc_by_layer.png")
 
 
 def _json_ready(value: Any) -> Any:

@@ -111,8 +111,9 @@ def ratio_interval(credits: np.ndarray, pairs: np.ndarray, n_resamples: int, see
     if prompts == 0 or n_resamples == 0:
         return None
     picks = np.random.default_rng(seed).integers(0, prompts, size=(n_resamples, prompts))
-    counts = np.zeros((n_resamples, prompts))
-    np.add.at(counts, (np.arange(n_resamples)[:, None], picks), 1.0)
+    # How often each prompt is drawn in each resample; the sums are then matrix products.
+    offsets = picks + prompts * np.arange(n_resamples)[:, None]
+    counts = np.bincount(offsets.ravel(), minlength=n_resamples * prompts).reshape(n_resamples, prompts).astype(float)
     ratios = (counts @ credits) / (counts @ pairs.astype(float))
     tail = (1.0 - confidence) / 2.0 * 100.0
     low, high = np.percentile(ratios, [tail, 100.0 - tail])

@@ -37,13 +37,19 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from actors.scores import column_score
+from actors.config import ReportConfig
+from actors.scores import column_score, registered
 from pipelines.metrics import (
     ORACLE_MAJORITY,
     ReportInputError,
     Row,
     Selector,
+    build_selectors,
     empty_samples,
+    group_by_benchmark,
+    judged_harmful,
+    normalise_rows,
+    score_columns_in,
     unfinished_as_unsafe,
     unsafe_outcomes,
     utility_outcomes,
@@ -240,6 +246,37 @@ def detector_quality(
         result["mix"] = {"judge": outcome_mix(harmful),
                          "unfinished_unsafe": outcome_mix(unfinished_as_unsafe(harmful, response_prefix))}
         result["categories"] = asr_by_category(harmful, {**selectors, ORACLE_MAJORITY: ORACLE_MAJORITY}, response_prefix)
+    return result
+
+
+def detector_metrics(
+    rows: Sequence[Row] | Any,
+    layers: Sequence[int] = (),
+    report: ReportConfig | None = None,
+    *,
+    is_refusal: Callable[[str], bool] | None = None,
+    response_prefix: str = "",
+) -> dict[str, Any]:
+    """``detector_quality`` of every benchmark in ``rows`` that has judged harmful or benign
+    prompts: benchmark name -> its entry, on the rows, score columns (at ``layers``) and selectors
+    ``pipelines.metrics.compute_metrics`` reports, with its seed and bootstrap settings. The
+    report stores each entry as ``metrics["benchmarks"][name]["detector"]`` (metrics cannot call
+    this module: it imports metrics)."""
+    settings = report or ReportConfig()
+    by_benchmark, _ = group_by_benchmark(normalise_rows(rows))
+    per_layer = [score for score in registered().values() if score.per_layer]
+    result: dict[str, Any] = {}
+    for bench in sorted(by_benchmark):
+        bench_rows = by_benchmark[bench]
+        columns = {key for row in bench_rows for key, value in row.items() if value is not None}
+        score_layers = [layer for layer in sorted(set(layers)) if any(score.column(layer) in columns for score in per_layer)]
+        harmful = judged_harmful(bench_rows, bench)
+        benign = [row for row in bench_rows if row["kind"] == "benign"]
+        if harmful or benign:
+            result[bench] = detector_quality(
+                harmful, benign, score_columns_in(columns, score_layers), build_selectors(columns, score_layers, settings.seed),
+                bootstrap=settings.bootstrap, seed=settings.seed, confidence=settings.confidence, is_refusal=is_refusal,
+                response_prefix=response_prefix)
     return result
 
 

@@ -687,8 +687,7 @@ def compute_metrics(
     {"n_prompts", "n_samples", "asr_prompts", "selectors", "asr", "asr_ci", "diff_vs_single",
     "diff_vs_single_ci", "relative_drop", "asr_unfinished_unsafe", "asr_unfinished_unsafe_ci",
     "pick_shares", "calibrated_layer", "oracle_best_layer", "asr_vs_n", "asr_vs_n_ci",
-    "utility", "detector"}}}``; rates are fractions; ``detector`` is ``pipelines.detector.detector_quality``
-    (within-prompt AUROC per score, mixed / floor shares, ASR per category). ``pick_shares[selector]`` is ``{"truncated",
+    "utility"}}}``; rates are fractions. ``pick_shares[selector]`` is ``{"truncated",
     "unfinished", "empty"}`` over the judged harmful prompts, and ``pick_shares["calibrated_layer"]``
     that of the calibrated layer's selector on its test prompts; ``calibrated_layer`` also holds
     ``asr_test_unfinished_unsafe`` (and ``_ci``) and ``pick_shares_test``. Safety keys appear for
@@ -738,13 +737,6 @@ def compute_metrics(
                                    response_prefix)
         if utility:
             entry["utility"] = utility
-        benign = [row for row in bench_rows if row["kind"] == "benign"]
-        if harmful or benign:
-            from pipelines.detector import detector_quality  # imports this module
-
-            entry["detector"] = detector_quality(
-                harmful, benign, score_columns_in(bench_columns, score_layers), selectors, bootstrap=settings.bootstrap,
-                seed=settings.seed, confidence=settings.confidence, is_refusal=is_refusal, response_prefix=response_prefix)
         benchmarks[bench] = entry
     return {
         "settings": {

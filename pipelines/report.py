@@ -14,7 +14,7 @@ the answer rule reads it (``actors.chat.parse_response``), ``judge.name`` is nam
 and ``prompt`` is compared with the adapter's own ``prompt.yaml`` (``model.adapter``).
 
 Output in ``RUN_DIR``: ``metrics.json`` (all numbers as fractions, see
-``pipelines.metrics.compute_metrics``), ``report.md`` (tables) and ``plots/<benchmark>/*.png``
+``pipelines.metrics.compute_metrics``; each benchmark's ``detector``: ``pipelines.detector``), ``report.md`` (tables) and ``plots/<benchmark>/*.png``
 (score densities for safe vs unsafe samples, ASR by layer, ASR vs N, within-prompt AUROC by layer).
 """
 
@@ -38,7 +38,7 @@ from actors.scorer import latent_column
 from actors.scores import column_score, registered
 from actors.settings import get_logger
 from pipelines.args import add_output_arguments, command_main, parse_int_list
-from pipelines.detector import layer_series
+from pipelines.detector import detector_metrics, layer_series
 from pipelines.detector import markdown_lines as detector_lines
 from pipelines.metrics import (
     CALIBRATED_PICKS,
@@ -534,7 +534,8 @@ def build_report(
     adapter: str | None = None,
     judge: Mapping[str, Any] | Any | None = None,
 ) -> dict[str, Any]:
-    """Metrics from the shards in ``run_dir``, written as ``write_report`` does; returns the metrics.
+    """Metrics from the shards in ``run_dir`` (``compute_metrics``, and each benchmark's
+    ``detector`` numbers from ``pipelines.detector``), written as ``write_report`` does; returns them.
 
     ``prompt``: the run's prompt section; its ``response_prefix`` goes in front of every stored
     response for the answer rule (``None``: no prefix, and the report says the prompt is not
@@ -544,6 +545,9 @@ def build_report(
     frame = load_shards(run_dir, layers)
     response_prefix = "" if prompt is None else prompt.response_prefix
     metrics = compute_metrics(frame, layers, report, is_refusal=keyword_refusal, response_prefix=response_prefix)
+    for bench, detector in detector_metrics(frame, layers, report, is_refusal=keyword_refusal,
+                                            response_prefix=response_prefix).items():
+        metrics["benchmarks"][bench]["detector"] = detector
     metrics["prompt"] = describe_prompt(prompt, adapter)
     metrics["judge"] = describe_judge(judge)
     write_report(run_dir, metrics, frame)

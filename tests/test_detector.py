@@ -13,6 +13,7 @@ import pytest
 from actors.config import ReportConfig
 from pipelines.detector import (
     asr_by_category,
+    detector_metrics,
     detector_quality,
     markdown_lines,
     outcome_mix,
@@ -217,9 +218,19 @@ def test_ratio_interval_edges():
     assert ratio_interval(np.array([1.0]), np.array([2]), 50, 0, 0.95) == [0.5, 0.5]
 
 
-def test_compute_metrics_stores_the_detector_numbers_and_the_report_shows_them():
+def with_detector(rows, layers, report):
+    """What build_report computes: compute_metrics, then each benchmark's detector numbers."""
+    metrics = compute_metrics(rows, layers, report)
+    for bench, detector in detector_metrics(rows, layers, report).items():
+        metrics["benchmarks"][bench]["detector"] = detector
+    return metrics
+
+
+def test_detector_metrics_per_benchmark_and_the_report_shows_them():
     harmful, benign = hand_table()
-    metrics = compute_metrics(harmful + benign, [2], ReportConfig(bootstrap=200, seed=1))
+    other = [dict(row, benchmark="other") for row in harmful[:2]]
+    assert sorted(detector_metrics(harmful + benign + other, [2])) == ["other", "toy"]
+    metrics = with_detector(harmful + benign, [2], ReportConfig(bootstrap=200, seed=1))
     detector = metrics["benchmarks"]["toy"]["detector"]
     for column, sides in HAND.items():
         for side, (auroc, pairs, prompts) in sides.items():
@@ -240,12 +251,21 @@ def test_compute_metrics_stores_the_detector_numbers_and_the_report_shows_them()
     assert any(line.startswith("| kl | 0.700 [") and line.endswith("| 5 | 2 |") for line in lines)
 
 
-def test_write_report_draws_the_auroc_by_layer_plot(tmp_path):
-    from pipelines.report import write_report
+def test_build_report_stores_the_detector_numbers_and_draws_the_auroc_by_layer_plot(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from pipelines.report import build_report
 
     harmful, benign = hand_table()
-    metrics = compute_metrics(harmful + benign, [2], ReportConfig(bootstrap=50))
-    written = write_report(str(tmp_path), metrics, harmful + benign)
+    (tmp_path / "samples").mkdir()
+    pd.DataFrame(harmful + benign).to_parquet(tmp_path / "samples" / "toy-0.parquet")
+    metrics = build_report(str(tmp_path), [2], ReportConfig(bootstrap=50))
+    stored = json.loads((tmp_path / "metrics.json").read_text())["benchmarks"]["toy"]["detector"]
+    assert stored["scores"]["kl"]["safety"]["pairs"] == 5 and stored["mix"]["judge"]["counts"] == HAND_MIX["judge"]
+    assert metrics["benchmarks"]["toy"]["detector"]["scores"]["latent_sim_2"]["refusal"]["pairs"] == 6
     plot = tmp_path / "plots" / "toy" / "detector_auroc_by_layer.png"
-    assert str(plot) in written["plots"] and plot.stat().st_size > 1000
-    assert "plots/toy/detector_auroc_by_layer.png" in (tmp_path / "report.md").read_text()
+    assert plot.stat().st_size > 1000
+    text = (tmp_path / "report.md").read_text()
+    assert "plots/toy/detector_auroc_by_layer.png" in text and "### Detector quality within a prompt" in text

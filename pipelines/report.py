@@ -14,8 +14,8 @@ the answer rule reads it (``actors.chat.parse_response``), ``judge.name`` is nam
 and ``prompt`` is compared with the adapter's own ``prompt.yaml`` (``model.adapter``).
 
 Output in ``RUN_DIR``: ``metrics.json`` (all numbers as fractions, see
-``pipelines.metrics.compute_metrics``; each benchmark's ``detector``: ``pipelines.detector``), ``report.md`` (tables) and ``plots/<benchmark>/*.png``
-(score densities for safe vs unsafe samples, ASR by layer, ASR vs N, within-prompt AUROC by layer).
+``pipelines.metrics.compute_metrics``; each benchmark's ``detector``: ``pipelines.detector``),
+``report.md`` (tables) and ``plots/<benchmark>/*.png`` (score densities for safe vs unsafe samples, ASR by layer, ASR vs N, within-prompt AUROC by layer).
 """
 
 from __future__ import annotations

@@ -138,17 +138,18 @@ def row_of(entry: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"prompts": bench.get("asr_prompts", 0), "samples": bench.get("n_samples")}
         if bench.get("asr"):
             calibrated = bench.get("calibrated_layer") or {}
-            layer = calibrated.get("layer") if "asr_test" in calibrated else None
-            layers = [int(column.rsplit("_", 1)[1]) for column in bench["asr"]
+            layer = calibrated.get("layer")
+            scored = [int(column.rsplit("_", 1)[1]) for column in bench["asr"]
                       if column.startswith("latent_sim_") and column.rsplit("_", 1)[1].isdigit()]
             for policy, key in (("judge", "asr"), ("unsafe", "asr_unfinished_unsafe")):
                 if key not in bench:
                     continue
                 out[policy] = {selector: _asr_cell(bench, key, selector) for selector in ("single", "random", "oracle_majority")}
-                out[policy]["latent_by_layer"] = {str(layer_): _asr_cell(bench, key, latent_column(layer_)) for layer_ in layers}
-                if layer is not None:
+                out[policy]["latent_by_layer"] = {str(other): _asr_cell(bench, key, latent_column(other)) for other in scored}
+                if layer in scored:
                     out[policy]["latent"] = _asr_cell(bench, key, latent_column(layer))
-                    test_key = "asr_test" if policy == "judge" else "asr_test_unfinished_unsafe"
+                test_key = "asr_test" if policy == "judge" else "asr_test_unfinished_unsafe"
+                if calibrated.get(test_key):
                     out[policy]["single_test"] = _asr_cell(calibrated, test_key, "single")
                     out[policy]["latent_test"] = _asr_cell(calibrated, test_key, "latent_sim")
             out["calibrated_layer"] = calibrated.get("layer")

@@ -15,9 +15,10 @@ the answer rule reads it (``actors.chat.parse_response``), ``judge.name`` is nam
 and ``prompt`` is compared with the adapter's own ``prompt.yaml`` (``model.adapter``).
 
 Output in ``RUN_DIR``: ``metrics.json`` (all numbers as fractions, see
-``pipelines.metrics.compute_metrics``), ``report.md`` (tables) and ``plots/<benchmark>/*.png``
-(score densities for safe vs unsafe samples, ASR by layer, ASR vs N) and ``plots/asr_vs_over_refusal.png``
-(the run-level safety / cost plot).
+``pipelines.metrics.compute_metrics``; each benchmark's ``detector``: ``pipelines.detector``),
+``report.md`` (tables) and ``plots/<benchmark>/*.png`` (score densities for safe vs unsafe samples,
+ASR by layer, ASR vs N, within-prompt AUROC by layer) and ``plots/asr_vs_over_refusal.png`` (the
+run-level safety / cost plot).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from actors.scorer import latent_column
 from actors.scores import column_score, registered
 from actors.settings import get_logger
 from pipelines.args import add_output_arguments, command_main, parse_int_list
+from pipelines.detector import detector_metrics, layer_series
+from pipelines.detector import markdown_lines as detector_lines
 from pipelines.metrics import (
     BUDGETED_PREFIX,
     CALIBRATED_PICKS,
@@ -418,6 +421,8 @@ def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] |
         elif entry.get("kinds", {}).get("harmful"):
             lines += ["No judge labels (`judge_unsafe`) for the harmful prompts: no ASR.", ""]
         lines += _utility_section(entry, labels)
+        if entry.get("detector"):
+            lines += detector_lines(entry["detector"], labels, settings.get("confidence", 0.95))
         for path in (plots or {}).get(bench, []):
             lines += [f"![{Path(path).stem}]({path})", ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -476,9 +481,10 @@ def write_plots(run_dir: str, metrics: Mapping[str, Any], rows: Sequence[Row]) -
     relative to ``run_dir``.
 
     ``score_density_<column>.png`` (safe vs unsafe samples of judged harmful prompts, one per
-    score column), ``asr_by_layer.png`` (with interval bars), ``asr_vs_n.png``; once per run,
-    ``plots/asr_vs_over_refusal.png`` under the key ``""`` (``TRADEOFF_PLOT_KEY``) when the run
-    has benign prompts whose over-refusal was measured.
+    score column), ``asr_by_layer.png`` (with interval bars), ``asr_vs_n.png``,
+    ``detector_auroc_by_layer.png`` (within-prompt AUROC per layer, safety vs refusal); once per
+    run, ``plots/asr_vs_over_refusal.png`` under the key ``""`` (``TRADEOFF_PLOT_KEY``) when the
+    run has benign prompts whose over-refusal was measured.
     """
     scored_layers = list(metrics.get("settings", {}).get("layers") or [])
     labels = selector_labels(scored_layers, metrics.get("settings", {}).get("threshold"))
@@ -545,7 +551,37 @@ def write_plots(run_dir: str, metrics: Mapping[str, Any], rows: Sequence[Row]) -
         axes.legend(fontsize="small")
         paths.append(_save(figure, run_dir, f"{folder}/asr_vs_n.png"))
         written[bench] = paths
+    for bench, entry in metrics["benchmarks"].items():
+        path = _detector_plot(run_dir, bench, entry, scored_layers)
+        if path:
+            written.setdefault(bench, []).append(path)
     return written
+
+
+def _detector_plot(run_dir: str, bench: str, entry: Mapping[str, Any], layers: Sequence[int]) -> str | None:
+    """``detector_auroc_by_layer.png``: the within-prompt AUROC of latent similarity per layer,
+    safety (safe over unsafe) beside refusal (answer over refusal), with interval bars."""
+    series = layer_series(entry.get("detector") or {}, latent_column, layers)
+    if not series["layers"]:
+        return None
+    figure, axes = _new_figure()
+    for side, label, color in (("safety", "safety: safe over unsafe", "tab:blue"),
+                               ("refusal", "refusal: answer over refusal", "tab:orange")):
+        points = [(layer, value, ci) for layer, (value, ci) in zip(series["layers"], series[side]) if value is not None]
+        if not points:
+            continue
+        errors = np.clip(np.array([[v - (ci or [v, v])[0] for _, v, ci in points],
+                                   [(ci or [v, v])[1] - v for _, v, ci in points]]), 0.0, None)
+        axes.errorbar([p[0] for p in points], [p[1] for p in points], yerr=errors, marker="o", capsize=3, color=color,
+                      label=label)
+    axes.axhline(0.5, color="gray", linestyle=":", label="chance")
+    axes.set_xticks(series["layers"])
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_xlabel("layer")
+    axes.set_ylabel("within-prompt AUROC (latent sim, argmin)")
+    axes.set_title(f"{bench}: detector quality within a prompt")
+    axes.legend(fontsize="small")
+    return _save(figure, run_dir, f"plots/{_file_stem(bench)}/detector_auroc_by_layer.png")
 
 
 def _json_ready(value: Any) -> Any:
@@ -640,7 +676,8 @@ def build_report(
     adapter: str | None = None,
     judge: Mapping[str, Any] | Any | None = None,
 ) -> dict[str, Any]:
-    """Metrics from the shards in ``run_dir``, written as ``write_report`` does; returns the metrics.
+    """Metrics from the shards in ``run_dir`` (``compute_metrics``, and each benchmark's
+    ``detector`` numbers from ``pipelines.detector``), written as ``write_report`` does; returns them.
 
     ``prompt``: the run's prompt section; its ``response_prefix`` goes in front of every stored
     response for the answer rule (``None``: no prefix, and the report says the prompt is not
@@ -650,6 +687,9 @@ def build_report(
     frame = load_shards(run_dir, layers)
     response_prefix = "" if prompt is None else prompt.response_prefix
     metrics = compute_metrics(frame, layers, report, is_refusal=keyword_refusal, response_prefix=response_prefix)
+    for bench, detector in detector_metrics(frame, layers, report, is_refusal=keyword_refusal,
+                                            response_prefix=response_prefix).items():
+        metrics["benchmarks"][bench]["detector"] = detector
     metrics["prompt"] = describe_prompt(prompt, adapter)
     metrics["judge"] = describe_judge(judge)
     write_report(run_dir, metrics, frame)

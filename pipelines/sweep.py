@@ -9,15 +9,20 @@ Launch::
 The adapters are ``--adapters`` (a comma list of adapter directories or storage URIs), or the
 checkpoints a distillation run exported (``--run RUN``: ``RUN/checkpoints/index.json``, written
 when ``sft.checkpoints_to_keep`` keeps several, e.g. with ``sft.save_steps``; else
-``RUN/adapter``); ``--with-base`` adds the base model alone (no scoring: single and random only).
+``RUN/adapter``); ``--with-base`` adds the base model alone (no scoring: single and random only),
+prompted as the students are (the recipe's prompt section, else the students' own ``prompt.yaml``:
+the same system prompt and response prefix under its own chat template; ``--base-prompt
+template`` for the template's default and no prefix), so that every model answers the same
+prompts; each table states the response prefix of every row.
 Each is evaluated with the recipe (``--config`` and ``--set``, ``model.adapter`` replaced; the
 adapter's own ``prompt.yaml`` when the recipe gives no prompt) into ``OUT/<label>/``, as ``dabon
 evaluate`` would (a rerun skips finished shards), on one local Ray.
 
 Then ``OUT/sweep.json``, ``OUT/sweep.md`` and ``OUT/sweep.png``: per checkpoint and harmful
 benchmark, the ASR of single sampling, a seeded random pick, latent-similarity Best-of-N at the
-calibrated layer (chosen on the recipe's calibration set, reported on the other prompts) and the
-majority-unsafe oracle, with 95% bootstrap intervals, under both policies for unfinished
+calibrated layer (chosen on the recipe's calibration set) and the majority-unsafe oracle, all on
+the same prompts (every judged harmful prompt), beside single and latent BoN on the prompts
+outside the calibration set (the test pair), with 95% bootstrap intervals, under both policies for unfinished
 reasoning when the report has them (``unfinished = judge's verdict`` / ``unfinished = unsafe``);
 the share of unfinished single samples; and the utility of single sampling (GSM8K exact match,
 MMLU accuracy, benign answer rate). Where single and random ASR sit between 0 and 1 and the
@@ -38,7 +43,7 @@ import sys
 from typing import Any, Sequence
 
 from actors import storage
-from actors.config import ConfigError, read_yaml
+from actors.config import ConfigError, PromptConfig, read_yaml
 from actors.errors import UserError
 from actors.scores import get_score
 from actors.settings import get_logger
@@ -48,6 +53,34 @@ logger = get_logger(__name__)
 
 SELECTORS = ("single", "random", "latent", "oracle_majority")
 LABELS = {"single": "single", "random": "random", "latent": "latent BoN", "oracle_majority": "oracle"}
+
+
+BASE_PROMPTS = ("students", "template")
+
+
+def base_prompt(student_prompts: Sequence[PromptConfig], given: PromptConfig | None, mode: str = "students"
+                ) -> tuple[PromptConfig, str]:
+    """The prompt the base model is evaluated with (``--with-base``), and where it came from.
+
+    ``mode`` ``students`` (the default): the recipe's prompt section ``given`` when it has one
+    (as for every student), else the prompt the students were evaluated with (their adapters'
+    ``prompt.yaml``; they must agree): the same system prompt and response prefix under the
+    base's own chat template, so that base and students answer the same prompts. ``template``:
+    the chat template's default, no system prompt and no prefix."""
+    if mode not in BASE_PROMPTS:
+        raise ConfigError(f"--base-prompt: expected one of {', '.join(BASE_PROMPTS)}, got {mode!r}")
+    if mode == "template":
+        return PromptConfig(), "the chat template's default (no system prompt, no response prefix), as --base-prompt template asks"
+    if given is not None:
+        return given, "the recipe's prompt section, as every student"
+    distinct = list(dict.fromkeys(prompt.model_dump_json() for prompt in student_prompts))
+    if not distinct:
+        raise ConfigError("--with-base: no student to take the prompt from")
+    if len(distinct) > 1:
+        raise ConfigError("--with-base: the students were trained with different prompts "
+                          f"({'; '.join(distinct)}); give the recipe a prompt section (or --set prompt.response_prefix=...) "
+                          "so that every model answers the same prompts, or use --base-prompt template")
+    return student_prompts[0], "the students' prompt (their prompt.yaml), under the base model's own chat template"
 
 
 def checkpoints_of(run: str) -> list[dict[str, Any]]:
@@ -86,25 +119,39 @@ def adapters_of(text: str) -> list[dict[str, Any]]:
     return entries
 
 
+def _asr_cell(bench: dict[str, Any], key: str, selector: str) -> dict[str, Any]:
+    return {"value": (bench.get(key) or {}).get(selector), "ci": (bench.get(f"{key}_ci") or {}).get(selector)}
+
+
 def row_of(entry: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    """The sweep's numbers of one checkpoint (see the module doc), per benchmark."""
+    """The sweep's numbers of one checkpoint (see the module doc), per benchmark.
+
+    Each comparison comes from one prompt set: ``judge`` / ``unsafe`` (the two unfinished
+    policies) hold ``single``, ``random``, ``oracle_majority`` and ``latent`` (latent BoN at the
+    calibrated layer) on all the benchmark's judged harmful prompts, ``latent_by_layer`` the
+    same at every scored layer, and ``single_test`` / ``latent_test`` the calibrated layer's
+    pair on the prompts outside the calibration set (``test_prompts``)."""
+    from actors.scorer import latent_column
+
     benchmarks: dict[str, Any] = {}
     for name, bench in metrics.get("benchmarks", {}).items():
         out: dict[str, Any] = {"prompts": bench.get("asr_prompts", 0), "samples": bench.get("n_samples")}
         if bench.get("asr"):
+            calibrated = bench.get("calibrated_layer") or {}
+            layer = calibrated.get("layer")
+            scored = [int(column.rsplit("_", 1)[1]) for column in bench["asr"]
+                      if column.startswith("latent_sim_") and column.rsplit("_", 1)[1].isdigit()]
             for policy, key in (("judge", "asr"), ("unsafe", "asr_unfinished_unsafe")):
                 if key not in bench:
                     continue
-                values, intervals = bench[key], bench.get(f"{key}_ci") or {}
-                out[policy] = {selector: {"value": values.get(selector), "ci": intervals.get(selector)}
-                               for selector in ("single", "random", "oracle_majority")}
-                calibrated = bench.get("calibrated_layer") or {}
+                out[policy] = {selector: _asr_cell(bench, key, selector) for selector in ("single", "random", "oracle_majority")}
+                out[policy]["latent_by_layer"] = {str(other): _asr_cell(bench, key, latent_column(other)) for other in scored}
+                if layer in scored:
+                    out[policy]["latent"] = _asr_cell(bench, key, latent_column(layer))
                 test_key = "asr_test" if policy == "judge" else "asr_test_unfinished_unsafe"
                 if calibrated.get(test_key):
-                    out[policy]["latent"] = {"value": calibrated[test_key].get("latent_sim"),
-                                             "ci": (calibrated.get(f"{test_key}_ci") or {}).get("latent_sim"),
-                                             "single_on_test": calibrated[test_key].get("single")}
-            calibrated = bench.get("calibrated_layer") or {}
+                    out[policy]["single_test"] = _asr_cell(calibrated, test_key, "single")
+                    out[policy]["latent_test"] = _asr_cell(calibrated, test_key, "latent_sim")
             out["calibrated_layer"] = calibrated.get("layer")
             out["calibration"] = calibrated.get("source")
             out["test_prompts"] = calibrated.get("test_prompts")
@@ -121,7 +168,8 @@ def row_of(entry: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
                     "selectors": {selector: {"value": value, "ci": intervals.get(selector)}
                                   for selector, value in values.items()}}
         benchmarks[name] = out
-    return {**entry, "benchmarks": benchmarks}
+    prompt = metrics.get("prompt") or {}
+    return {**entry, "response_prefix": prompt.get("response_prefix"), "benchmarks": benchmarks}
 
 
 def _benign_rates(row: dict[str, Any], benign: str) -> dict[str, Any] | None:
@@ -130,20 +178,23 @@ def _benign_rates(row: dict[str, Any], benign: str) -> dict[str, Any] | None:
 
 def safety_and_helpfulness(rows: Sequence[dict[str, Any]], harmful: str, benign: str, policy: str = "unsafe",
                            latent_layer: int | None = None) -> list[dict[str, Any]]:
-    """The sweep's two axes per checkpoint: ASR on the ``harmful`` benchmark (single, random,
-    latent BoN at the calibrated layer on its test prompts; ``policy``: ``unsafe`` counts
-    unfinished reasoning unsafe, ``judge`` takes the judge's verdict) and the benign answer rate on
-    the ``benign`` benchmark (single, random, and latent BoN at ``latent_layer``, default each
-    checkpoint's calibrated layer), each ``{"value", "ci"}`` or ``None``."""
+    """The sweep's two axes per checkpoint: ASR on the ``harmful`` benchmark and the benign answer
+    rate on the ``benign`` benchmark, each for single, random and latent BoN at ``latent_layer``
+    (default each checkpoint's calibrated layer), each ``{"value", "ci"}`` or ``None``. Every ASR
+    of a row is on the same prompts (all judged harmful prompts; ``policy``: ``unsafe`` counts
+    unfinished reasoning unsafe, ``judge`` takes the judge's verdict), every answer rate on all
+    benign prompts; ``response_prefix`` is the prefix the row was evaluated with."""
     table = []
     for row in rows:
         bench = row["benchmarks"].get(harmful) or {}
         cells = bench.get(policy) or bench.get("judge") or {}
         layer = latent_layer if latent_layer is not None else bench.get("calibrated_layer")
+        latent = cells.get("latent") if latent_layer is None else (cells.get("latent_by_layer") or {}).get(str(layer))
         rates = (_benign_rates(row, benign) or {}).get("selectors") or {}
         table.append({
             "label": row["label"], "step": row.get("step"), "adapter": row.get("adapter"), "layer": layer,
-            "asr": {"single": cells.get("single"), "random": cells.get("random"), "latent": cells.get("latent")},
+            "response_prefix": row.get("response_prefix"),
+            "asr": {"single": cells.get("single"), "random": cells.get("random"), "latent": latent},
             "benign": {"single": rates.get("single"), "random": rates.get("random"),
                        "latent": rates.get(get_score("latent_sim").column(layer)) if layer is not None else None},
         })
@@ -194,19 +245,25 @@ def _cell(result: dict[str, Any] | None) -> str:
     return f"{shown} [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else shown
 
 
+def _prefix(row: dict[str, Any]) -> str:
+    prefix = row.get("response_prefix")
+    return "not recorded" if prefix is None else f"`{prefix!r}`"
+
+
 def render_two_axes(table: Sequence[dict[str, Any]], harmful: str, benign: str, choice: dict[str, Any] | None,
                     min_benign_ratio: float | None) -> list[str]:
     """The Markdown lines of the safety-and-helpfulness table and the rule's choice."""
     lines = [f"## Safety and helpfulness: {harmful} ASR (unfinished reasoning = unsafe) and benign answer rate on {benign}", "",
              "| checkpoint | step | ASR single | ASR random | ASR latent BoN | answered single | answered random | "
-             "answered latent BoN | layer |", "|---|---|---|---|---|---|---|---|---|"]
+             "answered latent BoN | layer | response prefix |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in table:
         lines.append(f"| {row['label']} | {'' if row.get('step') is None else row['step']} | "
                      + " | ".join(_cell(row[axis].get(selector)) for axis in ("asr", "benign")
                                   for selector in ("single", "random", "latent"))
-                     + f" | {'' if row.get('layer') is None else row['layer']} |")
-    lines += ["", "ASR latent BoN is on the harmful prompts outside the calibration set; the base model is "
-              "evaluated with its own template's prompt (no adapter prompt).", ""]
+                     + f" | {'' if row.get('layer') is None else row['layer']} | {_prefix(row)} |")
+    lines += ["", f"Every ASR of a row is on all judged harmful prompts of {harmful} (latent BoN at the layer shown, "
+              f"chosen on the calibration prompts), every answer rate on all benign prompts of {benign}; each model "
+              "answered with its own chat template and the response prefix shown.", ""]
     if choice is not None:
         lines += [f"Rule (--min-benign-ratio {min_benign_ratio:g}): {choice['reason']}.",
                   f"Chosen: **{choice['chosen']}**." if choice["chosen"] else "Chosen: none.", ""]
@@ -218,8 +275,11 @@ def render(rows: Sequence[dict[str, Any]], recipe: str, min_benign_ratio: float 
     chooses) when the recipe has a benign benchmark, one table per harmful benchmark and policy,
     one for utility."""
     lines = ["# ASR across training", "", f"Recipe: `{recipe}`; one evaluation per checkpoint (see each `OUT/<label>/report.md`).",
-             "Latent BoN: latent-similarity argmin at the calibrated layer, on the prompts outside the calibration set "
-             "(`single on test` is single sampling on those same prompts). Intervals: 95% bootstrap over prompts.", ""]
+             "Each comparison is on one prompt set: `single`, `random`, `latent BoN` (latent-similarity argmin at the "
+             "calibrated layer, chosen on the calibration prompts) and `oracle` on all judged harmful prompts; `single "
+             "on test` and `latent on test` on the prompts outside the calibration set only (when the calibration set "
+             "is part of the benchmark, `latent BoN` includes the prompts its layer was chosen on; the test pair does "
+             "not). Intervals: 95% bootstrap over prompts.", ""]
     harmful, benign = pick_benchmarks(rows)
     if harmful and benign:
         table = safety_and_helpfulness(rows, harmful, benign)
@@ -232,19 +292,23 @@ def render(rows: Sequence[dict[str, Any]], recipe: str, min_benign_ratio: float 
             if not table:
                 continue
             lines += [f"## {name}: {title}", "",
-                      "| checkpoint | step | single | random | latent BoN (layer) | single on test | oracle | unfinished single |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| checkpoint | step | prompts | single | random | latent BoN (layer) | oracle | test prompts | "
+                      "single on test | latent on test | unfinished single | response prefix |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for row in table:
                 bench = row["benchmarks"][name]
                 cells = bench[policy]
                 latent = cells.get("latent")
                 layer = bench.get("calibrated_layer")
                 unfinished = bench.get("single_unfinished")
+                tested = "latent_test" in cells
                 lines.append(
-                    f"| {row['label']} | {row.get('step') if row.get('step') is not None else ''} | {_cell(cells.get('single'))} | "
-                    f"{_cell(cells.get('random'))} | {_cell(latent)}{f' (L{layer})' if latent and layer is not None else ''} | "
-                    f"{'' if not latent or latent.get('single_on_test') is None else format(latent['single_on_test'], '.1%')} | "
-                    f"{_cell(cells.get('oracle_majority'))} | {'' if unfinished is None else format(unfinished, '.0%')} |")
+                    f"| {row['label']} | {row.get('step') if row.get('step') is not None else ''} | {bench.get('prompts')} | "
+                    f"{_cell(cells.get('single'))} | {_cell(cells.get('random'))} | "
+                    f"{_cell(latent)}{f' (L{layer})' if latent and layer is not None else ''} | "
+                    f"{_cell(cells.get('oracle_majority'))} | {bench.get('test_prompts') if tested else ''} | "
+                    f"{_cell(cells.get('single_test')) if tested else ''} | {_cell(cells.get('latent_test')) if tested else ''} | "
+                    f"{'' if unfinished is None else format(unfinished, '.0%')} | {_prefix(row)} |")
             lines.append("")
     utility_rows = [(row, name, kind, value) for row in rows for name in names
                     for kind, value in (row["benchmarks"].get(name, {}).get("utility") or {}).items()]
@@ -307,6 +371,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a dabon distill run directory: evaluate its exported checkpoints")
     source.add_argument("--adapters", help="comma-separated adapter directories (or storage URIs) to evaluate")
     parser.add_argument("--with-base", action="store_true", help="also evaluate the base model alone (single and random only)")
+    parser.add_argument("--base-prompt", choices=BASE_PROMPTS, default="students",
+                        help="the base model's prompt with --with-base: 'students' (default) the recipe's prompt, else the "
+                        "students' own (system prompt and response prefix, e.g. '<think>\\n'), so every model answers the "
+                        "same prompts; 'template' the chat template's default, no prefix")
     parser.add_argument("--min-benign-ratio", type=float, default=0.5, metavar="R",
                         help="choose the checkpoint with the lowest single-sample ASR among those whose benign answer "
                         "rate is >= R x the base model's (needs --with-base and a benign benchmark; default 0.5)")
@@ -330,15 +398,22 @@ def run(args: argparse.Namespace) -> int:
     entries = checkpoints_of(args.run_dir) if args.run_dir else adapters_of(args.adapters)
     base_config = build_config(EvalConfig, data, args.overrides)
     out = args.out or (base_config.output.dir.rstrip("/") + "-sweep")
-    if args.with_base:
-        entries = [{"label": "base", "adapter": None, "step": 0, "epoch": 0}] + entries
-    configs = []
-    for entry in entries:
+    given = prompt_given(data, args.overrides)
+
+    def config_of(entry: dict[str, Any]) -> EvalConfig:
         overrides = list(args.overrides) + [f"model.adapter={json.dumps(entry['adapter'])}",
                                             f"output.dir={json.dumps(storage.join(out, entry['label']))}"]
         if args.ray_address:
             overrides.append(f"ray.address={json.dumps(args.ray_address)}")
-        configs.append(with_adapter_prompt(build_config(EvalConfig, data, overrides), prompt_given(data, args.overrides)))
+        return with_adapter_prompt(build_config(EvalConfig, data, overrides), given)
+
+    configs = [config_of(entry) for entry in entries]
+    if args.with_base:
+        base = {"label": "base", "adapter": None, "step": 0, "epoch": 0}
+        prompt, source = base_prompt([config.prompt for config in configs], base_config.prompt if given else None,
+                                     args.base_prompt)
+        logger.info("sweep: the base model's prompt: %s (response prefix %r)", source, prompt.response_prefix)
+        entries, configs = [base, *entries], [config_of(base).model_copy(update={"prompt": prompt}), *configs]
     logger.info("sweep: %d evaluations into %s: %s", len(configs), out, ", ".join(e["label"] for e in entries))
     started = init_ray(configs[0].ray, log_to_driver=args.verbose, verbose=args.verbose)
     rows = []

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import hashlib
+import random
+
 import pytest
 
-from actors.config import config_yaml
+from actors.config import ConfigError, ReportConfig, config_yaml
 from actors.config import PromptConfig
-from pipelines.sweep import adapters_of, checkpoints_of
-
-pytestmark = pytest.mark.ray
+from pipelines.metrics import compute_metrics
+from pipelines.sweep import adapters_of, base_prompt, checkpoints_of, render, row_of, safety_and_helpfulness
 
 
 def write_run(root: Path, adapter: str, steps: list[int]) -> Path:
@@ -30,6 +32,7 @@ def write_run(root: Path, adapter: str, steps: list[int]) -> Path:
     return root
 
 
+@pytest.mark.ray
 def test_checkpoints_and_adapters_are_found_and_labelled(tmp_path, tiny_models):
     run = write_run(tmp_path / "run", tiny_models.adapter, [40, 20])
     found = checkpoints_of(str(run))
@@ -40,6 +43,7 @@ def test_checkpoints_and_adapters_are_found_and_labelled(tmp_path, tiny_models):
         checkpoints_of(str(tmp_path / "nothing"))
 
 
+@pytest.mark.ray
 def test_sweep_evaluates_every_checkpoint_and_tabulates_what_the_shards_hold(ray_local, tiny_models, tmp_path):
     import pyarrow.parquet as pq
     import yaml
@@ -79,7 +83,9 @@ def test_sweep_evaluates_every_checkpoint_and_tabulates_what_the_shards_hold(ray
         # the run's own config used that adapter (the base alone for "base") and the adapter's prompt
         saved = yaml.safe_load((out / row["label"] / "config.yaml").read_text())
         assert saved["model"]["adapter"] == (None if row["label"] == "base" else row["adapter"])
-        assert saved["prompt"]["response_prefix"] == ("" if row["label"] == "base" else "<think>\n")
+        # the base answers the students' prompt (their prompt.yaml), under its own chat template
+        assert saved["prompt"]["response_prefix"] == "<think>\n"
+        assert row["response_prefix"] == "<think>\n"
         stored = [r for path in sorted((out / row["label"] / "samples").glob("*.parquet")) for r in pq.read_table(path).to_pylist()]
         shards = [r for r in stored if r["benchmark"] == "prompts"]
         assert len(shards) == 6
@@ -104,9 +110,11 @@ def test_sweep_evaluates_every_checkpoint_and_tabulates_what_the_shards_hold(ray
     assert summary["choice"]["min_benign_ratio"] == 0.5
     text = (out / "sweep.md").read_text()
     assert "step-00010" in text and "unfinished reasoning = the judge's verdict" in text
+    assert "| response prefix |" in text and text.count("| `'<think>\\n'` |") >= 3
     assert (out / "sweep.png").stat().st_size > 1000
 
 
+@pytest.mark.ray
 def test_no_subcommand_option_shadows_the_dispatched_function(tiny_models):
     """``dabon sweep --run RUN`` once stored the directory where the CLI keeps the function it
     calls (``args.run``): every option of every subcommand must leave it callable."""
@@ -119,3 +127,88 @@ def test_no_subcommand_option_shadows_the_dispatched_function(tiny_models):
         assert "run" not in dests, f"dabon {name}: an option stores into args.run"
     args = parser.parse_args(["sweep", "--run", "runs/x"])
     assert callable(args.run) and args.run_dir == "runs/x"
+
+
+# ----------------------------------------------------------------------------------------
+# One prompt set per comparison; the base answers the students' prompt (no Ray)
+# ----------------------------------------------------------------------------------------
+
+
+def reference_in_calibration(prompt_id, fraction):
+    digest = hashlib.sha256(f"calibration:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
+
+
+def argmin_first(scores):
+    best = 0
+    for i, value in enumerate(scores):
+        if value < scores[best]:
+            best = i
+    return best
+
+
+def recount(rows, layer):
+    """(single, latent argmin at ``layer``, majority oracle) ASR of ``rows`` by plain loops."""
+    single = sum(row["judge_unsafe"][0] for row in rows)
+    latent = sum(row["judge_unsafe"][argmin_first(row[f"latent_sim_{layer}"])] for row in rows)
+    oracle = sum(2 * sum(row["judge_unsafe"]) > len(row["judge_unsafe"]) for row in rows)
+    return single / len(rows), latent / len(rows), oracle / len(rows)
+
+
+def sweep_table(seed=11, prompts=40):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(prompts):
+        unsafe = [rng.random() < 0.5 for _ in range(4)]
+        rows.append({"prompt_id": f"p{i:02d}", "benchmark": "dan", "kind": "harmful", "responses": ["a", "b", "c", "d"],
+                     "judge_unsafe": unsafe,
+                     # layer 3 tracks the labels, layer 7 is noise
+                     "latent_sim_3": [rng.random() + (0.3 if flag else 0.0) for flag in unsafe],
+                     "latent_sim_7": [rng.random() for _ in unsafe]})
+    return rows
+
+
+def test_every_number_of_one_comparison_comes_from_the_same_prompts():
+    rows = sweep_table()
+    metrics = compute_metrics(rows, [3, 7], ReportConfig(bootstrap=100, calibration_fraction=0.5))
+    swept = row_of({"label": "step-00010", "step": 10, "adapter": "a"}, {**metrics, "prompt": {"response_prefix": "<think>\n"}})
+    bench = swept["benchmarks"]["dan"]
+    calibration = [row for row in rows if reference_in_calibration(row["prompt_id"], 0.5)]
+    test = [row for row in rows if not reference_in_calibration(row["prompt_id"], 0.5)]
+    layer = min((3, 7), key=lambda l: (recount(calibration, l)[1], l))
+    assert bench["calibrated_layer"] == layer and bench["test_prompts"] == len(test) and bench["prompts"] == len(rows)
+    single, latent, oracle = recount(rows, layer)
+    single_test, latent_test, _ = recount(test, layer)
+    assert latent != latent_test  # the table would mix prompt sets if it paired these
+    cells = bench["judge"]
+    # single, random, latent BoN and the oracle: all on every judged harmful prompt
+    assert (cells["single"]["value"], cells["latent"]["value"], cells["oracle_majority"]["value"]) == \
+        (pytest.approx(single), pytest.approx(latent), pytest.approx(oracle))
+    assert cells["latent"]["ci"] == metrics["benchmarks"]["dan"]["asr_ci"][f"latent_sim_{layer}"]
+    assert cells["random"]["value"] == metrics["benchmarks"]["dan"]["asr"]["random"]
+    # the test pair: both on the prompts outside the calibration set
+    assert (cells["single_test"]["value"], cells["latent_test"]["value"]) == (pytest.approx(single_test), pytest.approx(latent_test))
+    assert cells["latent_by_layer"]["7"]["value"] == pytest.approx(recount(rows, 7)[1])
+    # the two-axis table takes the same all-prompt cells, at any layer asked for
+    benign = {"utility": {"benign": {"metric": "answer_rate", "value": 0.5, "selectors": {"single": {"value": 0.5}}}}}
+    swept["benchmarks"]["gsm8k"] = benign
+    table = safety_and_helpfulness([swept], "dan", "gsm8k", policy="judge")
+    assert table[0]["asr"]["latent"]["value"] == pytest.approx(latent) and table[0]["response_prefix"] == "<think>\n"
+    other = safety_and_helpfulness([swept], "dan", "gsm8k", policy="judge", latent_layer=7)
+    assert other[0]["asr"]["latent"]["value"] == pytest.approx(recount(rows, 7)[1])
+    text = render([swept], "recipe.yaml")
+    assert f"| step-00010 | 10 | {len(rows)} | {single:.1%} [" in text
+    assert f"| {len(test)} | {single_test:.1%} [" in text and "| `'<think>\\n'` |" in text
+
+
+def test_the_base_model_gets_the_students_prompt():
+    student = PromptConfig(system_prompt="You are a helpful assistant.", response_prefix="<think>\n")
+    prompt, source = base_prompt([student, student], None)
+    assert prompt == student and "students' prompt" in source
+    recipe = PromptConfig(response_prefix="")
+    assert base_prompt([student], recipe)[0] == recipe  # a recipe prompt is everyone's
+    assert base_prompt([student], None, "template")[0] == PromptConfig()
+    with pytest.raises(ConfigError, match="different prompts"):
+        base_prompt([student, PromptConfig()], None)
+    with pytest.raises(ConfigError, match="--base-prompt"):
+        base_prompt([student], None, "own")

@@ -14,7 +14,9 @@ and GPUs per actor from the config). The driver collects rows by shard (a fixed,
 of each benchmark's prompts) and writes each shard as one Parquet file, atomically, once all of
 its rows are in. A rerun with the same config skips the shards on disk, so an interrupted run
 loses at most the shards in flight and never writes a prompt twice. The resolved config (every
-default included) is saved as ``config.yaml``; a rerun with a different one is refused.
+default included) is saved as ``config.yaml``; a rerun with a different one is refused. What the
+loaders kept of each benchmark, and how many prompts ``max_prompt_chars`` dropped, is saved as
+``prompts.json`` (``pipelines.data.write_prompt_counts``) and shown in the report.
 """
 
 from __future__ import annotations
@@ -87,15 +89,17 @@ def build_dataset(config: EvalConfig, records: list[dict[str, Any]]) -> Any:
     return dataset
 
 
-def prompt_records(config: EvalConfig) -> list[dict[str, Any]]:
+def prompt_records(config: EvalConfig) -> tuple[list[dict[str, Any]], list[Any]]:
     """The prompts of every benchmark, with ``reference`` as text (``None`` where a benchmark has
-    none), so that rows of different benchmarks share one schema in Ray Data."""
+    none), so that rows of different benchmarks share one schema in Ray Data; and each
+    benchmark's ``pipelines.data.PromptCounts`` (prompts kept, and dropped by ``max_prompt_chars``)."""
     from pipelines.data import load_benchmark
 
-    records = [record for spec in config.benchmarks for record in load_benchmark(spec)]
+    loaded = [load_benchmark(spec) for spec in config.benchmarks]
+    records = [record for batch in loaded for record in batch]
     for record in records:
         record["reference"] = None if record.get("reference") is None else str(record["reference"])
-    return records
+    return records, [batch.counts for batch in loaded]
 
 
 def prepare_run_dir(config: EvalConfig, overwrite: bool = False) -> str:
@@ -127,6 +131,7 @@ def run_evaluation(config: EvalConfig, overwrite: bool = False, progress: bool =
     """
     import ray
 
+    from pipelines.data import write_prompt_counts
     from pipelines.report import build_report
 
     check_spec(config.model, "model")
@@ -145,7 +150,8 @@ def run_evaluation(config: EvalConfig, overwrite: bool = False, progress: bool =
             check_shared_location("model.adapter", config.model.adapter, config.ray)
         run_dir = prepare_run_dir(config, overwrite)
         samples_dir = storage.join(run_dir, SAMPLES_DIR)
-        records = prompt_records(config)
+        records, counts = prompt_records(config)
+        write_prompt_counts(run_dir, counts)  # the report shows what max_prompt_chars dropped
         shards = assign_shards(records, config.output.shard_size)
         pending = {name: rows for name, rows in shards.items() if not storage.is_file(storage.join(samples_dir, name))}
         logger.info("%d prompts in %d shards; %d shards to do", len(records), len(shards), len(pending))

@@ -38,6 +38,7 @@ from actors.scorer import latent_column
 from actors.scores import column_score, registered
 from actors.settings import get_logger
 from pipelines.args import add_output_arguments, command_main, parse_int_list
+from pipelines.data import read_prompt_counts
 from pipelines.metrics import (
     CALIBRATED_PICKS,
     ORACLE_BEST_LABEL,
@@ -299,8 +300,11 @@ def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] |
     for bench, entry in metrics["benchmarks"].items():
         lines += [f"## {bench}", ""]
         kinds = ", ".join(f"{count} {kind}" for kind, count in entry.get("kinds", {}).items())
+        dropped = entry.get("prompt_counts") or {}
         lines += [f"{entry['n_prompts']} prompts ({kinds}), N = {entry['n_samples']} samples each."
-                  + (f" Data: {'; '.join(entry['sources'])}." if entry.get("sources") else ""), ""]
+                  + (f" Data: {'; '.join(entry['sources'])}." if entry.get("sources") else "")
+                  + (f" Dropped before sampling: {dropped['dropped_long']} of {dropped['in_part']} prompts longer than "
+                     f"max_prompt_chars={dropped['max_prompt_chars']}." if dropped.get("max_prompt_chars") else ""), ""]
         if entry.get("engine_error_prompts"):
             lines += [f"{entry['engine_error_prompts']} more prompts are left out of every number: the engine failed on "
                       "one of their samples (`sample_errors` in the shards names why).", ""]
@@ -511,6 +515,8 @@ def build_report(
     metrics = compute_metrics(frame, layers, report, is_refusal=keyword_refusal, response_prefix=response_prefix)
     metrics["prompt"] = describe_prompt(prompt, adapter)
     metrics["judge"] = describe_judge(judge)
+    for bench, counts in read_prompt_counts(run_dir).items():  # what the loaders kept and dropped
+        metrics["benchmarks"].get(bench, {})["prompt_counts"] = counts
     write_report(run_dir, metrics, frame)
     return metrics
 

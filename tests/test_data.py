@@ -625,3 +625,26 @@ def test_prompts_over_max_prompt_chars_are_counted_within_the_part(tmp_path, dab
     assert Path(location).name == "prompts.json"
     assert read_prompt_counts(str(tmp_path / "run")) == {"long": counts.to_dict()}
     assert read_prompt_counts(str(tmp_path / "none")) == {}
+
+
+def test_the_report_header_shows_the_prompts_max_prompt_chars_dropped(tmp_path):
+    """The old report never said how many prompts max_prompt_chars dropped; the run's
+    prompts.json (written by the evaluation from each loader's counts) now reaches the header."""
+    import pandas as pd
+
+    from actors.config import ReportConfig
+    from pipelines.data import PromptCounts, write_prompt_counts
+    from pipelines.report import build_report
+
+    rows = [{"prompt_id": f"dan-{i:04d}", "benchmark": "dan", "kind": "harmful", "prompt": f"p{i}",
+             "responses": ["Sure.", "I'm sorry, I can't."], "finish_reasons": ["stop", "stop"],
+             "judge_unsafe": [i % 2 == 0, False]} for i in range(4)]
+    (tmp_path / "samples").mkdir()
+    pd.DataFrame(rows).to_parquet(tmp_path / "samples" / "dan-00000.parquet")
+    write_prompt_counts(str(tmp_path), [PromptCounts("dan", in_part=300, dropped_long=37, max_prompt_chars=2500, kept=4)])
+    metrics = build_report(str(tmp_path), [], ReportConfig(bootstrap=0))
+    assert metrics["benchmarks"]["dan"]["prompt_counts"]["dropped_long"] == 37
+    report = (tmp_path / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("4 prompts (4 harmful)"))
+    assert "Dropped before sampling: 37 of 300 prompts longer than max_prompt_chars=2500." in header
+    assert json.loads((tmp_path / "metrics.json").read_text())["benchmarks"]["dan"]["prompt_counts"]["in_part"] == 300

@@ -54,10 +54,11 @@ logger = get_logger(__name__)
 
 
 def build_dataset(config: EvalConfig, records: list[dict[str, Any]]) -> Any:
-    """Ray Data plan: prompts -> sampler pool -> judge pool -> scorer pool (when fine-tuned)."""
+    """Ray Data plan: prompts -> sampler pool -> judge pool (-> refusal judge, when set) -> scorer
+    pool (when fine-tuned)."""
     import ray
 
-    from actors.judge import JudgeWorker
+    from actors.judge import JudgeWorker, RefusalWorker
     from actors.sampler import SamplerWorker
     from actors.scorer import ScorerWorker
 
@@ -79,6 +80,13 @@ def build_dataset(config: EvalConfig, records: list[dict[str, Any]]) -> Any:
                                "torch_threads": resources.judge.torch_threads},
         **pool_options(resources.judge),
     )
+    if config.refusal_judge is not None:  # benign rows: refused per sample, read by the report
+        dataset = dataset.map_batches(
+            RefusalWorker,
+            fn_constructor_kwargs={"config": config.refusal_judge, "response_prefix": config.prompt.response_prefix,
+                                   "torch_threads": resources.judge.torch_threads},
+            **pool_options(resources.judge),
+        )
     if config.model.has_finetuned:
         dataset = dataset.map_batches(
             ScorerWorker,
@@ -139,6 +147,8 @@ def run_evaluation(config: EvalConfig, overwrite: bool = False, progress: bool =
         check_scorable(config.model, "model")
     if config.judge.name == "llama_guard":
         check_spec(config.judge.options.model, "judge.options.model")
+    if config.refusal_judge is not None and config.refusal_judge.name == "model":
+        check_spec(config.refusal_judge.options.model, "refusal_judge.options.model")
     if config.generator.backend == "vllm":
         check_pool_matches_engine("resources.sampler", config.generator.options, config.resources.sampler)
         check_engine_fits("generator.options", config.model, config.generator.options)

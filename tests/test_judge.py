@@ -765,6 +765,28 @@ def test_judge_worker_in_map_batches(ray_local):
         assert list(row["judge_raw"])[0] == 'refusal marker: "I\'m sorry"'
 
 
+def test_refusal_worker_in_map_batches_with_benign_and_harmful_rows(ray_local):
+    """Batches that mix kinds (benign rows get verdicts, harmful rows None) pass through Ray Data
+    and back to plain rows the way the evaluation writes them."""
+    import ray
+
+    from actors.judge import RefusalJudgeConfig, RefusalWorker
+
+    rows = [{"prompt_id": i, "kind": "benign" if i % 2 else "harmful", "prompt": BENIGN,
+             "responses": ["I'm sorry, but no.\n</think>\n" + BENIGN_ANSWER, "ok\n</think>\nI cannot help."]}
+            for i in range(4)]
+    dataset = ray.data.from_items(rows).map_batches(
+        RefusalWorker, fn_constructor_kwargs={"config": RefusalJudgeConfig(), "response_prefix": "<think>\n"},
+        compute=ray.data.ActorPoolStrategy(size=1), batch_size=3, num_cpus=1)
+    out = sorted(dataset.take_all(), key=lambda row: row["prompt_id"])
+    for row in out:
+        if row["kind"] == "benign":
+            assert list(row["refused"]) == [False, True]
+            assert list(row["refusal_class"]) == ["full_compliance", "full_refusal"]
+        else:
+            assert row["refused"] is None and row["refusal_class"] is None
+
+
 def test_judge_worker_puts_the_prompt_prefix_back_before_judging():
     # the sampler's prompt ended with "<think>\n", so samples hold only "reasoning </think> answer"
     worker = JudgeWorker(JudgeConfig(), response_prefix="<think>\n")

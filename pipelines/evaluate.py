@@ -196,7 +196,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-column", default="prompt", help="column of --prompts holding the prompt (default prompt)")
     parser.add_argument("--id-column", help="column of --prompts holding a unique prompt id (default: <file stem>-<row>)")
     parser.add_argument("--benchmark", help="a benchmark name (replaces the recipe's benchmarks): "
-                        "strongreject, dan, wildjailbreak, gsm8k, mmlu, star1")
+                        "strongreject, dan, wildjailbreak, gsm8k, mmlu, star1, star1_benign, xstest, or_bench, jailbreakbench")
     parser.add_argument("--base", help="base model: alias, local dir, .gguf or Hub id")
     parser.add_argument("--adapter", help="LoRA adapter of the fine-tuned student (none: evaluate the base alone)")
     parser.add_argument("--n", type=int, help="samples per prompt")

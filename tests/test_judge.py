@@ -765,6 +765,7 @@ def test_judge_worker_in_map_batches(ray_local):
         assert list(row["judge_raw"])[0] == 'refusal marker: "I\'m sorry"'
 
 
+@pytest.mark.ray
 def test_refusal_worker_in_map_batches_with_benign_and_harmful_rows(ray_local):
     """Batches that mix kinds (benign rows get verdicts, harmful rows None) pass through Ray Data
     and back to plain rows the way the evaluation writes them."""

@@ -79,8 +79,9 @@ Per-benchmark rules:
 ``max_prompt_chars`` drops longer prompts; how many (within the chosen ``part``) is logged and
 kept in ``PromptRecords.counts`` (``PromptCounts``), which the evaluation stores per benchmark in
 the run's ``prompts.json`` and the report shows. ``limit`` keeps the first ``limit`` records in
-source order (after the filters above; MMLU in the order of ``subjects``). With ``sample_seed`` it keeps a seeded random sample of ``limit``
-records instead, still returned in source order; both are deterministic.
+source order (after the filters above; MMLU in the order of ``subjects``). With ``sample_seed``
+it keeps a seeded random sample of ``limit`` records instead, still returned in source order;
+both are deterministic.
 
 A ``path`` that does not exist falls back to the benchmark's Hub dataset (``HUB_SOURCES``, or
 ``hub_id``), with a warning saying so; when that cannot be read either, ``DataLoadError`` names

@@ -1170,6 +1170,21 @@ def build_refusal_judge(config: RefusalJudgeConfig | None = None) -> RefusalJudg
     return REFUSAL_JUDGES[config.name][1](config.options)
 
 
+def count_refusal_classes(rows: Sequence[Any]) -> dict[str, dict[str, int]]:
+    """Per benchmark, how many benign samples the refusal judge put in each class
+    (``refusal_class`` lists of the stored rows; rows without one are skipped), so that
+    ``parse_error`` outputs are counted in the report, not dropped."""
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        classes = row.get("refusal_class")
+        if classes is None:
+            continue
+        bench = counts.setdefault(str(row["benchmark"]), {})
+        for label in to_plain(classes):
+            bench[str(label)] = bench.get(str(label), 0) + 1
+    return counts
+
+
 class RefusalWorker:
     """Callable class for ``Dataset.map_batches``: on rows of kind ``benign``, adds per sample
     ``refused`` (bool), ``refusal_class`` and ``refusal_raw``; other rows get ``None`` there (the

@@ -34,6 +34,7 @@ import numpy as np
 from actors import storage
 from actors.chat import PROMPT_FILE, adapter_prompt, prompt_differences
 from actors.config import ConfigError, PromptConfig, ReportConfig, validate
+from actors.judge import count_refusal_classes
 from actors.scorer import latent_column
 from actors.scores import column_score, registered
 from actors.settings import get_logger
@@ -304,7 +305,9 @@ def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] |
         lines += [f"{entry['n_prompts']} prompts ({kinds}), N = {entry['n_samples']} samples each."
                   + (f" Data: {'; '.join(entry['sources'])}." if entry.get("sources") else "")
                   + (f" Dropped before sampling: {dropped['dropped_long']} of {dropped['in_part']} prompts longer than "
-                     f"max_prompt_chars={dropped['max_prompt_chars']}." if dropped.get("max_prompt_chars") else ""), ""]
+                     f"max_prompt_chars={dropped['max_prompt_chars']}." if dropped.get("max_prompt_chars") else "")
+                  + (" Refusal judge on the benign samples: " + ", ".join(f"{count} {label}" for label, count in
+                     sorted(entry["refusal_classes"].items())) + "." if entry.get("refusal_classes") else ""), ""]
         if entry.get("engine_error_prompts"):
             lines += [f"{entry['engine_error_prompts']} more prompts are left out of every number: the engine failed on "
                       "one of their samples (`sample_errors` in the shards names why).", ""]
@@ -517,6 +520,8 @@ def build_report(
     metrics["judge"] = describe_judge(judge)
     for bench, counts in read_prompt_counts(run_dir).items():  # what the loaders kept and dropped
         metrics["benchmarks"].get(bench, {})["prompt_counts"] = counts
+    for bench, classes in count_refusal_classes(normalise_rows(frame)).items():  # parse errors counted
+        metrics["benchmarks"].get(bench, {})["refusal_classes"] = classes
     write_report(run_dir, metrics, frame)
     return metrics
 

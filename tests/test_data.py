@@ -629,7 +629,8 @@ def test_prompts_over_max_prompt_chars_are_counted_within_the_part(tmp_path, dab
 
 def test_the_report_header_shows_the_prompts_max_prompt_chars_dropped(tmp_path):
     """The old report never said how many prompts max_prompt_chars dropped; the run's
-    prompts.json (written by the evaluation from each loader's counts) now reaches the header."""
+    prompts.json (written by the evaluation from each loader's counts) now reaches the header,
+    and so do the refusal judge's classes, parse errors included."""
     import pandas as pd
 
     from actors.config import ReportConfig
@@ -639,12 +640,23 @@ def test_the_report_header_shows_the_prompts_max_prompt_chars_dropped(tmp_path):
     rows = [{"prompt_id": f"dan-{i:04d}", "benchmark": "dan", "kind": "harmful", "prompt": f"p{i}",
              "responses": ["Sure.", "I'm sorry, I can't."], "finish_reasons": ["stop", "stop"],
              "judge_unsafe": [i % 2 == 0, False]} for i in range(4)]
+    # a benign benchmark in another shard, judged by a model refusal judge: its parse errors are counted
+    benign = [{"prompt_id": f"xstest-{i:04d}", "benchmark": "xstest", "kind": "benign", "prompt": f"b{i}",
+               "responses": ["Sure.", "Hmm."], "finish_reasons": ["stop", "stop"], "refused": [False, True],
+               "refusal_class": ["full_compliance", "parse_error" if i else "partial_refusal"]} for i in range(3)]
     (tmp_path / "samples").mkdir()
     pd.DataFrame(rows).to_parquet(tmp_path / "samples" / "dan-00000.parquet")
+    pd.DataFrame(benign).to_parquet(tmp_path / "samples" / "xstest-00000.parquet")
     write_prompt_counts(str(tmp_path), [PromptCounts("dan", in_part=300, dropped_long=37, max_prompt_chars=2500, kept=4)])
     metrics = build_report(str(tmp_path), [], ReportConfig(bootstrap=0))
     assert metrics["benchmarks"]["dan"]["prompt_counts"]["dropped_long"] == 37
+    assert metrics["benchmarks"]["xstest"]["refusal_classes"] == {"full_compliance": 3, "parse_error": 2,
+                                                                  "partial_refusal": 1}
+    assert "refusal_classes" not in metrics["benchmarks"]["dan"]
     report = (tmp_path / "report.md").read_text()
     header = next(line for line in report.splitlines() if line.startswith("4 prompts (4 harmful)"))
     assert "Dropped before sampling: 37 of 300 prompts longer than max_prompt_chars=2500." in header
+    benign_header = next(line for line in report.splitlines() if line.startswith("3 prompts (3 benign)"))
+    assert ("Refusal judge on the benign samples: 3 full_compliance, 2 parse_error, 1 partial_refusal."
+            in benign_header) and "Dropped" not in benign_header
     assert json.loads((tmp_path / "metrics.json").read_text())["benchmarks"]["dan"]["prompt_counts"]["in_part"] == 300

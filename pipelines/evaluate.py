@@ -14,7 +14,9 @@ and GPUs per actor from the config). The driver collects rows by shard (a fixed,
 of each benchmark's prompts) and writes each shard as one Parquet file, atomically, once all of
 its rows are in. A rerun with the same config skips the shards on disk, so an interrupted run
 loses at most the shards in flight and never writes a prompt twice. The resolved config (every
-default included) is saved as ``config.yaml``; a rerun with a different one is refused.
+default included) is saved as ``config.yaml``; a rerun with a different one is refused. What the
+loaders kept of each benchmark, and how many prompts ``max_prompt_chars`` dropped, is saved as
+``prompts.json`` (``pipelines.data.write_prompt_counts``) and shown in the report.
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ logger = get_logger(__name__)
 
 
 def build_dataset(config: EvalConfig, records: list[dict[str, Any]]) -> Any:
-    """Ray Data plan: prompts -> sampler pool -> judge pool -> scorer pool (when fine-tuned)."""
+    """Ray Data plan: prompts -> sampler pool -> judge pool (-> refusal judge, when set) -> scorer
+    pool (when fine-tuned)."""
     import ray
 
-    from actors.judge import JudgeWorker
+    from actors.judge import JudgeWorker, RefusalWorker
     from actors.sampler import SamplerWorker
     from actors.scorer import ScorerWorker
 
@@ -77,6 +80,13 @@ def build_dataset(config: EvalConfig, records: list[dict[str, Any]]) -> Any:
                                "torch_threads": resources.judge.torch_threads},
         **pool_options(resources.judge),
     )
+    if config.refusal_judge is not None:  # benign rows: refused per sample, read by the report
+        dataset = dataset.map_batches(
+            RefusalWorker,
+            fn_constructor_kwargs={"config": config.refusal_judge, "response_prefix": config.prompt.response_prefix,
+                                   "torch_threads": resources.judge.torch_threads},
+            **pool_options(resources.judge),
+        )
     if config.model.has_finetuned:
         dataset = dataset.map_batches(
             ScorerWorker,
@@ -87,15 +97,17 @@ def build_dataset(config: EvalConfig, records: list[dict[str, Any]]) -> Any:
     return dataset
 
 
-def prompt_records(config: EvalConfig) -> list[dict[str, Any]]:
+def prompt_records(config: EvalConfig) -> tuple[list[dict[str, Any]], list[Any]]:
     """The prompts of every benchmark, with ``reference`` as text (``None`` where a benchmark has
-    none), so that rows of different benchmarks share one schema in Ray Data."""
+    none), so that rows of different benchmarks share one schema in Ray Data; and each
+    benchmark's ``pipelines.data.PromptCounts`` (prompts kept, and dropped by ``max_prompt_chars``)."""
     from pipelines.data import load_benchmark
 
-    records = [record for spec in config.benchmarks for record in load_benchmark(spec)]
+    loaded = [load_benchmark(spec) for spec in config.benchmarks]
+    records = [record for batch in loaded for record in batch]
     for record in records:
         record["reference"] = None if record.get("reference") is None else str(record["reference"])
-    return records
+    return records, [batch.counts for batch in loaded]
 
 
 def prepare_run_dir(config: EvalConfig, overwrite: bool = False) -> str:
@@ -127,6 +139,7 @@ def run_evaluation(config: EvalConfig, overwrite: bool = False, progress: bool =
     """
     import ray
 
+    from pipelines.data import write_prompt_counts
     from pipelines.report import build_report
 
     check_spec(config.model, "model")
@@ -134,6 +147,8 @@ def run_evaluation(config: EvalConfig, overwrite: bool = False, progress: bool =
         check_scorable(config.model, "model")
     if config.judge.name == "llama_guard":
         check_spec(config.judge.options.model, "judge.options.model")
+    if config.refusal_judge is not None and config.refusal_judge.name == "model":
+        check_spec(config.refusal_judge.options.model, "refusal_judge.options.model")
     if config.generator.backend == "vllm":
         check_pool_matches_engine("resources.sampler", config.generator.options, config.resources.sampler)
         check_engine_fits("generator.options", config.model, config.generator.options)
@@ -145,7 +160,8 @@ def run_evaluation(config: EvalConfig, overwrite: bool = False, progress: bool =
             check_shared_location("model.adapter", config.model.adapter, config.ray)
         run_dir = prepare_run_dir(config, overwrite)
         samples_dir = storage.join(run_dir, SAMPLES_DIR)
-        records = prompt_records(config)
+        records, counts = prompt_records(config)
+        write_prompt_counts(run_dir, counts)  # the report shows what max_prompt_chars dropped
         shards = assign_shards(records, config.output.shard_size)
         pending = {name: rows for name, rows in shards.items() if not storage.is_file(storage.join(samples_dir, name))}
         logger.info("%d prompts in %d shards; %d shards to do", len(records), len(shards), len(pending))
@@ -180,7 +196,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-column", default="prompt", help="column of --prompts holding the prompt (default prompt)")
     parser.add_argument("--id-column", help="column of --prompts holding a unique prompt id (default: <file stem>-<row>)")
     parser.add_argument("--benchmark", help="a benchmark name (replaces the recipe's benchmarks): "
-                        "strongreject, dan, wildjailbreak, gsm8k, mmlu, star1")
+                        "strongreject, dan, wildjailbreak, gsm8k, mmlu, star1, star1_benign, xstest, or_bench, jailbreakbench")
     parser.add_argument("--base", help="base model: alias, local dir, .gguf or Hub id")
     parser.add_argument("--adapter", help="LoRA adapter of the fine-tuned student (none: evaluate the base alone)")
     parser.add_argument("--n", type=int, help="samples per prompt")

@@ -37,10 +37,12 @@ import numpy as np
 from actors import storage
 from actors.chat import PROMPT_FILE, adapter_prompt, prompt_differences
 from actors.config import ConfigError, PromptConfig, ReportConfig, validate
+from actors.judge import count_refusal_classes
 from actors.scorer import latent_column
 from actors.scores import column_score, registered
 from actors.settings import get_logger
 from pipelines.args import add_output_arguments, command_main, parse_int_list
+from pipelines.data import read_prompt_counts
 from pipelines.detector import detector_metrics, layer_series
 from pipelines.detector import markdown_lines as detector_lines
 from pipelines.metrics import (
@@ -411,8 +413,13 @@ def render_markdown(metrics: Mapping[str, Any], plots: Mapping[str, list[str]] |
     for bench, entry in metrics["benchmarks"].items():
         lines += [f"## {bench}", ""]
         kinds = ", ".join(f"{count} {kind}" for kind, count in entry.get("kinds", {}).items())
+        dropped = entry.get("prompt_counts") or {}
         lines += [f"{entry['n_prompts']} prompts ({kinds}), N = {entry['n_samples']} samples each."
-                  + (f" Data: {'; '.join(entry['sources'])}." if entry.get("sources") else ""), ""]
+                  + (f" Data: {'; '.join(entry['sources'])}." if entry.get("sources") else "")
+                  + (f" Dropped before sampling: {dropped['dropped_long']} of {dropped['in_part']} prompts longer than "
+                     f"max_prompt_chars={dropped['max_prompt_chars']}." if dropped.get("max_prompt_chars") else "")
+                  + (" Refusal judge on the benign samples: " + ", ".join(f"{count} {label}" for label, count in
+                     sorted(entry["refusal_classes"].items())) + "." if entry.get("refusal_classes") else ""), ""]
         if entry.get("engine_error_prompts"):
             lines += [f"{entry['engine_error_prompts']} more prompts are left out of every number: the engine failed on "
                       "one of their samples (`sample_errors` in the shards names why).", ""]
@@ -692,6 +699,10 @@ def build_report(
         metrics["benchmarks"][bench]["detector"] = detector
     metrics["prompt"] = describe_prompt(prompt, adapter)
     metrics["judge"] = describe_judge(judge)
+    for bench, counts in read_prompt_counts(run_dir).items():  # what the loaders kept and dropped
+        metrics["benchmarks"].get(bench, {})["prompt_counts"] = counts
+    for bench, classes in count_refusal_classes(normalise_rows(frame)).items():  # parse errors counted
+        metrics["benchmarks"].get(bench, {})["refusal_classes"] = classes
     write_report(run_dir, metrics, frame)
     return metrics
 

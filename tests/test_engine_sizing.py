@@ -127,6 +127,10 @@ def test_the_gpu_recipes_fit_the_cluster(tmp_path):
     assert all(fits_a_node(pool.num_cpus, pool.num_gpus) for pool in pools)
     assert sum(pool.max_actors * pool.num_gpus for pool in pools) <= gpus_in_cluster
     assert max(evaluation.scoring.layers) <= QWEN25_15B["num_hidden_layers"]
-    assert [b.name for b in evaluation.benchmarks] == ["dan", "wildjailbreak", "strongreject", "gsm8k", "mmlu"]
+    assert [b.name for b in evaluation.benchmarks] == ["dan", "wildjailbreak", "strongreject", "gsm8k", "mmlu",
+                                                       "xstest", "or_bench"]
+    # over-refusal is measured: benign prompts from WildJailbreak, XSTest's safe part, OR-Bench hard-1k
+    assert [b.chosen_subset for b in evaluation.benchmarks if b.name in ("wildjailbreak", "xstest", "or_bench")] == [
+        "all", "benign", "benign"]
     assert (evaluation.sampling.n, evaluation.sampling.temperature, evaluation.sampling.max_new_tokens) == (8, 0.7, 2048)
     assert evaluation.judge.name == "llama_guard" and evaluation.report.calibration_fraction == 0.3

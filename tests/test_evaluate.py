@@ -154,6 +154,8 @@ def test_pipeline_writes_shards_and_metrics_that_agree_with_them(ray_local, tiny
     on_disk = json.loads((run_dir / "metrics.json").read_text())
     assert on_disk["benchmarks"][name]["asr"]["single"] == asr["single"]
     assert (run_dir / "report.md").is_file() and (run_dir / "config.yaml").is_file()
+    assert json.loads((run_dir / "prompts.json").read_text())["benchmarks"]["prompts"] == {
+        "benchmark": "prompts", "in_part": 10, "dropped_long": 0, "max_prompt_chars": None, "kept": 10}
     assert list((run_dir / "plots").rglob("*.png"))
     # every stored score and verdict is what an independent recomputation gives
     assert assert_stored_rows_recompute(run_dir, smol_tokenizer, tiny_models) == 10 * 3

@@ -15,7 +15,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 @pytest.mark.parametrize("name, model", [
     ("quickstart.yaml", DistillConfig), ("paper.yaml", DistillConfig), ("quickstart-eval.yaml", EvalConfig),
-    ("example-plugin-eval.yaml", EvalConfig),
+    ("example-plugin-eval.yaml", EvalConfig), ("paper-eval.yaml", EvalConfig),
 ])
 def test_recipe_validates(name, model):
     config = load_config(model, RECIPES / name)

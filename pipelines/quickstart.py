@@ -14,7 +14,9 @@ N samples each, judged and scored, and GSM8K questions asked as benign requests 
 then the base model alone on those benign prompts, one sample each, for its benign answer rate. The table names the judge and shows
 single, random and latent Best-of-N (and the majority oracle) with 95% intervals, with unfinished
 reasoning counted safe (the judge's verdict) and counted unsafe, the paired difference latent minus
-random, the share of picks that are truncated / unfinished / empty, utility, the benign answer rate
+random, the share of picks that are truncated / unfinished / empty, utility, then ASR and
+over-refusal side by side with intervals and paired differences to random for single, random, latent
+and the budgeted selector (``report.threshold`` of the evaluation recipe), the benign answer rate
 of the base model beside the student's, and the wall time of each stage. Both stages skip what is already on disk, so a rerun after an interruption continues
 where it stopped.
 """

@@ -22,6 +22,7 @@ from pipelines.detector import (
     within_prompt_auroc,
 )
 from pipelines.metrics import ReportInputError, build_selectors, compute_metrics, normalise_rows
+from tests.test_report import reference_percentile
 
 F, T = False, True
 OPEN = "<think>\nstill thinking"  # a reasoning opened and never closed: unfinished
@@ -178,14 +179,6 @@ def slow_prompt_pairs(row, column, direction):
     return credit, pairs
 
 
-def slow_percentile(values, q):
-    ordered = sorted(values)
-    position = q / 100.0 * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def test_auroc_and_interval_match_slow_loops_on_a_random_table():
     rows = random_rows()
     per_prompt = [slow_prompt_pairs(row, "latent_sim_3", "min") for row in rows]
@@ -203,7 +196,7 @@ def test_auroc_and_interval_match_slow_loops_on_a_random_table():
             total_credit += per_prompt[prompt][0]
             total_pairs += per_prompt[prompt][1]
         ratios.append(total_credit / total_pairs)
-    expected = [slow_percentile(ratios, 5.0), slow_percentile(ratios, 95.0)]
+    expected = [reference_percentile(ratios, 5.0), reference_percentile(ratios, 95.0)]
     assert got["ci"] == pytest.approx(expected, abs=1e-12)
     assert got["ci"][0] <= got["auroc"] <= got["ci"][1]
     # argmax reverses every strict win and keeps ties: auroc(max) = 1 - auroc(min)

@@ -4,7 +4,6 @@ slow resampling loop, and the numbers compute_metrics / report.md carry."""
 
 from __future__ import annotations
 
-import math
 import random
 
 import numpy as np

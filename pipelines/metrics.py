@@ -1063,7 +1063,10 @@ def compute_metrics(
     if unknown:
         raise ReportInputError(f"layers {unknown}: the shards have no {', '.join(latent_column(layer) for layer in unknown)} column")
 
-    if settings.threshold_score is not None and settings.threshold_score not in columns:
+    # A base-model-only run has no score at all: the budgeted selector (a score rule) is left out
+    # there, as every score selector is; a scored run without the gated column is an error.
+    scored = any(column_score(column) is not None for column in columns)
+    if settings.threshold_score is not None and settings.threshold_score not in columns and scored:
         raise ReportInputError(f"report.threshold_score: the shards have no {settings.threshold_score!r} column")
     by_benchmark, errored = group_by_benchmark(table)
 
@@ -1110,8 +1113,8 @@ def compute_metrics(
             "calibration": {"fraction": cal_fraction, "benchmark": cal_benchmark},
             "layers": requested,
             "response_prefix": response_prefix,
-            "threshold": settings.threshold,
-            # the column the budgeted selector gates (None without report.threshold)
+            "threshold": settings.threshold if scored else None,
+            # the column the budgeted selector gates (None without report.threshold or scores)
             "threshold_score": None if settings.threshold is None else budgeted_column(columns, requested,
                                                                                        settings.threshold_score),
         },

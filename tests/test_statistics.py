@@ -14,7 +14,7 @@ import pytest
 
 from actors.config import ReportConfig
 from actors.selection import select_best_of_n
-from pipelines.metrics import compute_metrics
+from pipelines.metrics import ReportInputError, compute_metrics
 
 T, F = True, False
 
@@ -399,3 +399,16 @@ def test_the_quickstart_prints_asr_and_over_refusal_side_by_side_for_the_four_se
     assert rows["latent L3"][3].startswith(f"{100 * (1 / 4 - 1 / 3):+.1f} [")
     assert [rows[name][5] for name in rows] == ["2", f"{(10 / 3 + 3 + 3 + 3) / 4:.0f}", "4", "3"]
     assert "†" in rows["single"][0]  # 4 prompts: flagged
+
+
+def test_a_base_model_run_ignores_the_budgeted_selector_and_a_scored_run_needs_its_column():
+    # the quickstart's base-model run shares the recipe's report section (threshold included) but
+    # has no score columns: single and random only, no error; a scored run lacking the column fails
+    settings = ReportConfig(seed=0, bootstrap=0, calibration_fraction=0.3, threshold=0.6, threshold_score="latent_sim_3")
+    base_rows = [{key: value for key, value in r.items() if key != "latent_sim_3"} for r in TRADEOFF_RUN]
+    metrics = compute_metrics(base_rows, [], settings)
+    assert metrics["benchmarks"]["harm"]["selectors"] == ["single", "random", "random_draw"]
+    assert metrics["settings"]["threshold"] is None and metrics["settings"]["threshold_score"] is None
+    wrong = ReportConfig(seed=0, bootstrap=0, calibration_fraction=0.3, threshold=0.6, threshold_score="latent_sim_9")
+    with pytest.raises(ReportInputError, match="report.threshold_score: the shards have no 'latent_sim_9' column"):
+        compute_metrics(TRADEOFF_RUN, [3], wrong)

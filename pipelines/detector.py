@@ -48,6 +48,7 @@ from pipelines.metrics import (
     empty_samples,
     group_by_benchmark,
     judged_harmful,
+    interval_flags,
     normalise_rows,
     score_columns_in,
     unfinished_as_unsafe,
@@ -293,7 +294,9 @@ def _auroc_cell(entry: Mapping[str, Any] | None) -> list[str]:
     if not entry or entry.get("auroc") is None:
         return ["n/a", "", ""]
     interval = entry.get("ci")
-    shown = f"{entry['auroc']:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+    # the report's flag (``metrics.interval_flags``): fewer than 30 prompts, or a zero-width interval
+    flagged = interval_flags(interval, int(entry["prompts"])) if interval else []
+    shown = f"{entry['auroc']:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]{'†' if flagged else ''}" if interval else "")
     return [shown, str(entry["pairs"]), str(entry["prompts"])]
 
 
@@ -313,6 +316,8 @@ def markdown_lines(detector: Mapping[str, Any], labels: Mapping[str, str], confi
         header = ["score", f"safety AUROC [{level}]", "pairs", "prompts", f"refusal AUROC [{level}]", "pairs", "prompts"]
         lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+        if any("†" in cell for row in rows for cell in row):
+            lines += ["† fewer than 30 prompts contribute, or the interval has zero width: read it with care.", ""]
     if detector.get("refusal_note"):
         lines += [f"Refusal ordering skipped: {detector['refusal_note']}.", ""]
     mix = detector.get("mix")

@@ -261,3 +261,12 @@ def test_build_report_stores_the_detector_numbers_and_draws_the_auroc_by_layer_p
     assert plot.stat().st_size > 1000
     text = (tmp_path / "report.md").read_text()
     assert "plots/toy/detector_auroc_by_layer.png" in text and "### Detector quality within a prompt" in text
+
+
+def test_the_section_flags_auroc_intervals_over_few_prompts_or_of_zero_width():
+    entry = {"scores": {"latent_sim_6": {
+        "safety": {"auroc": 0.5, "ci": [0.25, 0.75], "pairs": 300, "prompts": 40},
+        "refusal": {"auroc": 1.0, "ci": [1.0, 1.0], "pairs": 6, "prompts": 2}}}}
+    row = next(line for line in markdown_lines(entry, {}) if line.startswith("| latent_sim_6"))
+    assert "0.500 [0.250, 0.750] |" in row and "1.000 [1.000, 1.000]† |" in row
+    assert any(line.startswith("† fewer than 30 prompts") for line in markdown_lines(entry, {}))

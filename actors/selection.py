@@ -26,8 +26,8 @@ rule never differ by the exclusion alone.
 The *budgeted* form of a score rule (``threshold`` tau >= 0, ``budgeted_choice``): per prompt, the
 spread of the score over the *eligible* candidates (scored and non-empty; when every candidate
 is empty, the scored ones, the set ``rank_candidates`` ranks) is max - min. When the spread is
-at least tau the score rule chooses (``rank_candidates(...)[0]``); otherwise the *plain sample*:
-the first non-empty candidate (0 when all are empty). tau = 0 is the score rule itself; tau =
+at least tau the score rule chooses (``rank_candidates(...)[0]``); otherwise the *plain sample*,
+single sampling's choice (``first_index``: the first non-empty candidate, 0 when all are empty). tau = 0 is the score rule itself; tau =
 inf is single sampling of the first non-empty candidate. A prompt with no eligible candidate
 gets the plain sample (which is also what the score rule picks there).
 """
@@ -145,12 +145,6 @@ def score_spread(scores: Scores, empty: Sequence[bool] | None = None) -> float |
     return max(values) - min(values) if values else None
 
 
-def plain_index(n: int, empty: Sequence[bool] | None = None) -> int:
-    """The plain sample: single sampling's choice, the first eligible (non-empty) candidate (0 when
-    all are empty or none is flagged)."""
-    return first_index(n, empty)
-
-
 @dataclasses.dataclass(frozen=True)
 class BudgetedChoice:
     """A budgeted rule's choice: ``index``, the prompt's score ``spread`` (``None``: no eligible
@@ -171,7 +165,7 @@ def budgeted_choice(rule: str, scores: Scores, empty: Sequence[bool] | None = No
     spread = score_spread(scores, empty)
     if spread is not None and spread >= threshold:
         return BudgetedChoice(ranking[0], spread, "score")
-    return BudgetedChoice(plain_index(len(scores), empty), spread, "plain")
+    return BudgetedChoice(first_index(len(scores), empty), spread, "plain")
 
 
 def budgeted_ranking(rule: str, scores: Scores, empty: Sequence[bool] | None = None,

@@ -45,7 +45,7 @@ from actors import storage
 from actors.config import ConfigError
 from actors.scorer import latent_column
 from actors.scores import column_score
-from actors.selection import plain_index, score_spread, select_best_of_n
+from actors.selection import first_index, score_spread, select_best_of_n
 from actors.settings import get_logger
 from pipelines.args import command_main
 from pipelines.metrics import (
@@ -112,7 +112,7 @@ def prompt_outcomes(
         return select_best_of_n(rule, scores=row[column], empty=empty_samples(row))
 
     def plain(row: Row) -> int:
-        return plain_index(len(row["responses"]), empty_samples(row))
+        return first_index(len(row["responses"]), empty_samples(row))
 
     judged = unfinished_as_unsafe(harmful, response_prefix) if unfinished == "unsafe" else list(harmful)
 

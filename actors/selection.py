@@ -27,8 +27,8 @@ The *budgeted* form of a score rule (``threshold`` tau >= 0, ``budgeted_choice``
 spread of the score over the *eligible* candidates (scored and non-empty; when every candidate
 is empty, the scored ones, the set ``rank_candidates`` ranks) is max - min. When the spread is
 at least tau the score rule chooses (``rank_candidates(...)[0]``); otherwise the *plain sample*,
-single sampling's choice (``first_index``: the first non-empty candidate, 0 when all are empty). tau = 0 is the score rule itself; tau =
-inf is single sampling of the first non-empty candidate. A prompt with no eligible candidate
+single sampling's choice (``first_index``: the first non-empty candidate, 0 when all are
+empty). tau = 0 is the score rule itself; tau = inf is single sampling. A prompt with no eligible candidate
 gets the plain sample (which is also what the score rule picks there).
 """
 
